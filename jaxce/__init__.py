@@ -1,0 +1,8 @@
+"""jaxce: PyTorch-exact, memory-lean cross-entropy losses for JAX."""
+
+from jaxce._cross_entropy import CrossEntropyLoss as CrossEntropyLoss
+from jaxce._cross_entropy import cross_entropy as cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = ["CrossEntropyLoss", "__version__", "cross_entropy"]

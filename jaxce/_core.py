@@ -1,0 +1,325 @@
+"""Per-element cross-entropy with memory-lean custom VJPs.
+
+Both cores return the *unreduced* per-element loss (the class axis removed) in the
+compute dtype; reductions live in ``_reduction.py`` and are differentiated by plain
+autodiff (they only touch element-sized arrays).
+
+The forward passes keep, besides the inputs themselves, only per-element statistics
+(the log-sum-exp, and for probability targets Σ_c w_c t'_c). The backward passes
+recompute ``softmax = exp(x - lse)`` on the fly inside one fused elementwise
+expression: no softmax, log-softmax, one-hot or upcast copy of the logits is saved.
+
+Notation (see ``shared/SEMANTICS.md``): logits ``x``, class axis ``axis`` with ``C``
+classes, weight ``w`` (all ones when absent), smoothing ``eps``, ``lse`` the per-element
+log-sum-exp, ``m`` the per-element max (0 for all ``-inf`` rows).
+
+Numerics: sums of ``lse - x_c`` are computed as ``Σ_c w_c (m - x_c) + (lse - m) Σ_c w_c``,
+two non-negative terms (no cancellation), in the same pass as the log-sum-exp. Non-finite
+logits propagate as in PyTorch: a ``+inf`` or NaN logit makes its row NaN, an all
+``-inf`` row is NaN, a ``-inf`` logit in a non-target class is harmless without
+smoothing and makes the smoothed loss ``+inf`` (its gradient stays finite).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxce._validate import compute_dtype, promote_float_dtypes
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _class_shape(ndim: int, axis: int, num_classes: int) -> tuple[int, ...]:
+    return tuple(num_classes if i == axis else 1 for i in range(ndim))
+
+
+def _weight_along(weight: Any, ndim: int, axis: int, dtype: Any) -> Any:
+    """``weight`` reshaped to broadcast along ``axis`` (None stays None)."""
+    if weight is None:
+        return None
+    return weight.astype(dtype).reshape(_class_shape(ndim, axis, weight.shape[0]))
+
+
+def _sum_weight(weight: Any, num_classes: int, dtype: Any) -> Any:
+    return jnp.asarray(num_classes, dtype) if weight is None else jnp.sum(weight.astype(dtype))
+
+
+def _max_and_lse(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
+    """Per-element shift ``m`` and log-sum-exp in ``dtype``, both with ``keepdims``.
+
+    ``m`` is the row max, except 0 for an all ``-inf`` row (so that row's lse is -inf
+    and its loss NaN, as in PyTorch); a ``+inf``/NaN max is kept so the row turns NaN.
+    The max is taken in the input dtype (exact) so that no upcast copy of a bf16/f16
+    input is shared between reductions: XLA then fuses the upcast into the sum.
+    """
+    m = jnp.max(x, axis=axis, keepdims=True).astype(dtype)
+    xc = x.astype(dtype)
+    m = jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
+    m = lax.stop_gradient(m)
+    lse = m + jnp.log(jnp.sum(jnp.exp(xc - m), axis=axis, keepdims=True))
+    return m, lse
+
+
+def _take_class(x: Any, idx: Any, axis: int) -> Any:
+    """``x`` at class ``idx`` along ``axis`` (keepdims), in ``x``'s dtype.
+
+    16-bit inputs are gathered through a same-width integer bitcast. A plain gather lets
+    XLA rewrite ``convert(gather(x))`` into ``gather(convert(x))``; on CPU that upcast copy
+    is then shared with the log-sum-exp reduction and materialised: +8 GiB of float32
+    temporaries at 16,384 x 131,072 bf16 (measured with ``memory_analysis()``).
+    """
+    idx = jnp.expand_dims(idx, axis)
+    if x.dtype.itemsize != 2:
+        return jnp.take_along_axis(x, idx, axis=axis)
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    return lax.bitcast_convert_type(jnp.take_along_axis(bits, idx, axis=axis), x.dtype)
+
+
+def _upcast_for_backward(x: Any, dtype: Any) -> Any:
+    """``x.astype(dtype)``, spelled so XLA does not merge it with the forward's upcast.
+
+    XLA CPU otherwise CSEs the forward and backward ``convert``s into one instruction with
+    two consumers, which it then materialises as a full float32 copy of the logits. For
+    bfloat16 the exact upcast is a 16-bit shift of the bit pattern.
+    """
+    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
+        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+        return lax.bitcast_convert_type(bits, jnp.float32)
+    return x.astype(dtype)
+
+
+def _weighted_gap_sum(xc: Any, m: Any, lse: Any, w: Any, sum_w: Any, axis: int) -> Any:
+    """``Σ_c w_c (lse - x_c)`` per element (keepdims), cancellation-free."""
+    gap = m - xc
+    if w is not None:
+        gap = w * gap
+    return jnp.sum(gap, axis=axis, keepdims=True) + (lse - m) * sum_w
+
+
+def target_info(target: Any, num_classes: int, ignore_index: int) -> tuple[Any, Any, Any]:
+    """Returns ``(valid, in_range, idx)`` for class-index targets.
+
+    ``valid``: the element counts (target != ignore_index). ``in_range``: the target is a
+    class in [0, C). ``idx``: a safe int32 gather index (the target when in range, else 0).
+    Comparisons are made without casting the target, so uint8 targets work with the
+    default ignore_index=-100 and int64 targets are not wrapped.
+    """
+    info = jnp.iinfo(target.dtype)
+    if info.min <= ignore_index <= info.max:
+        valid = target != jnp.asarray(ignore_index, target.dtype)
+    else:  # ignore_index cannot occur in this dtype
+        valid = jnp.ones(target.shape, bool)
+    in_range = (
+        target >= jnp.asarray(0, target.dtype) if info.min < 0 else jnp.ones(target.shape, bool)
+    )
+    if num_classes <= info.max:
+        in_range = in_range & (target < jnp.asarray(num_classes, target.dtype))
+    idx = jnp.where(in_range, target, jnp.zeros_like(target)).astype(jnp.int32)
+    return valid, in_range, idx
+
+
+def target_weight(weight: Any, idx: Any, valid: Any, in_range: Any, dtype: Any) -> Any:
+    """``w[y]`` per element; NaN where a counted target is out of range, so that its loss
+    and gradient are NaN (never a plausible finite value). Ignored elements get a finite
+    placeholder: they are masked out everywhere."""
+    w_y = jnp.ones(idx.shape, dtype) if weight is None else weight.astype(dtype)[idx]
+    return jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
+
+
+def _reduce_to_classes(v: Any, axis: int) -> Any:
+    """Sums a logits-shaped array over every axis but the class axis -> ``[C]``."""
+    return jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != axis))
+
+
+# ---------------------------------------------------------------------------------------
+# Class-index targets
+# ---------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def index_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int, ignore_index: int) -> Any:
+    """Per-element loss for class-index targets; 0 at ignored elements.
+
+    ``l_n = (1 - eps) w[y_n] (lse_n - x_{n,y_n}) + (eps / C) Σ_c w_c (lse_n - x_{n,c})``
+    for non-ignored ``n`` (``eps`` None: no smoothing term). Shape: ``target.shape``.
+    """
+    return _index_fwd(x, target, weight, eps, axis, ignore_index)[0]
+
+
+def _index_stats(x, target, weight, eps, axis, ignore_index):
+    dtype = compute_dtype(x.dtype)
+    num_classes = x.shape[axis]
+    valid, in_range, idx = target_info(target, num_classes, ignore_index)
+    m, lse = _max_and_lse(x, axis, dtype)
+    x_y = _take_class(x, idx, axis).astype(dtype)
+    nll = jnp.squeeze(lse - x_y, axis)
+    lse = jnp.squeeze(lse, axis)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
+    smooth = None
+    if eps is not None:
+        w = _weight_along(weight, x.ndim, axis, dtype)
+        sum_w = _sum_weight(weight, num_classes, dtype)
+        smooth = jnp.squeeze(
+            _weighted_gap_sum(x.astype(dtype), m, jnp.expand_dims(lse, axis), w, sum_w, axis),
+            axis,
+        )
+    return valid, idx, w_y, lse, nll, smooth
+
+
+def _index_combine(valid, w_y, nll, smooth, eps, num_classes):
+    loss = w_y * nll
+    if eps is not None:
+        eps = eps.astype(loss.dtype)
+        # torch takes the smoothing path only for eps > 0: at eps == 0 an infinite
+        # smoothing sum (a -inf logit) must not turn the loss into 0 * inf = NaN.
+        smooth_term = jnp.where(eps > 0, (eps / num_classes) * smooth, jnp.zeros_like(smooth))
+        loss = (1 - eps) * loss + smooth_term
+    return jnp.where(valid, loss, jnp.zeros_like(loss))
+
+
+def _index_fwd(x, target, weight, eps, axis, ignore_index):
+    eps = _checked_eps(eps)
+    valid, _, w_y, lse, nll, smooth = _index_stats(x, target, weight, eps, axis, ignore_index)
+    loss = _index_combine(valid, w_y, nll, smooth, eps, x.shape[axis])
+    # Residuals: the inputs, plus element-sized statistics only.
+    return loss, (x, target, weight, eps, lse, nll, smooth)
+
+
+def _index_bwd(axis, ignore_index, res, g):
+    # The barrier keeps XLA from fusing the forward reductions into the backward's
+    # elementwise pass (on CPU that fusion materialised logits-sized broadcasts).
+    x, target, weight, eps, lse, nll, smooth = lax.optimization_barrier(res)
+    dtype = compute_dtype(x.dtype)
+    num_classes = x.shape[axis]
+    valid, in_range, idx = target_info(target, num_classes, ignore_index)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
+    zero = jnp.zeros_like(lse)
+    g = jnp.where(valid, g.astype(dtype), zero)  # `where`, not `*`: g may be inf (mean, W=0)
+    keep = 1 if eps is None else 1 - eps.astype(dtype)
+    a = g * w_y * keep  # coefficient of (p - onehot)
+    b = None if eps is None else g * (eps.astype(dtype) / num_classes)  # of (p Σw - w_c)
+
+    w = _weight_along(weight, x.ndim, axis, dtype)
+    coef = a if b is None else a + b * _sum_weight(weight, num_classes, dtype)
+    xc = _upcast_for_backward(x, dtype)
+    lse_k = jnp.expand_dims(lse, axis)
+    p = jnp.exp(xc - lse_k)
+    is_target = lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(idx, axis)
+    a_k = jnp.expand_dims(a, axis)
+    dx = p * jnp.expand_dims(coef, axis) - jnp.where(is_target, a_k, jnp.zeros_like(a_k))
+    if b is not None:
+        b_k = jnp.expand_dims(b, axis)
+        dx = dx - (b_k if w is None else b_k * w)
+    dx = dx.astype(x.dtype)
+
+    dweight = None
+    if weight is not None:
+        # d l_n / d w_k = (1 - eps) nll_n [y_n = k] + (eps / C) (lse_n - x_{n,k}), valid n only.
+        nll_term = jnp.where(valid, g * keep * nll, zero)
+        dweight = jnp.zeros((num_classes,), dtype).at[idx.reshape(-1)].add(nll_term.reshape(-1))
+        if b is not None:
+            b_k = jnp.expand_dims(b, axis)
+            gap = jnp.where(jnp.expand_dims(valid, axis), b_k * (lse_k - xc), jnp.zeros_like(xc))
+            dweight = dweight + _reduce_to_classes(gap, axis)
+        dweight = dweight.astype(weight.dtype)
+
+    deps = None
+    if eps is not None:
+        # d l_n / d eps = -w[y_n] nll_n + smooth_n / C, valid n only.
+        per = jnp.where(valid, g * (smooth / num_classes - w_y * nll), zero)
+        deps = jnp.sum(per).astype(eps.dtype)
+    return dx, None, dweight, deps
+
+
+index_loss.defvjp(_index_fwd, _index_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# Class-probability targets
+# ---------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def prob_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int) -> Any:
+    """Per-element loss for class-probability targets.
+
+    ``l_n = Σ_c w_c t'_{n,c} (lse_n - x_{n,c})`` with ``t' = (1 - eps) t + eps / C``
+    (``t' = t`` when ``eps`` is None). Shape: the input's shape without ``axis``.
+    """
+    return _prob_fwd(x, target, weight, eps, axis)[0]
+
+
+def _smoothed_target(t, eps, num_classes):
+    if eps is None:
+        return t
+    eps = eps.astype(t.dtype)
+    return t * (1 - eps) + eps / num_classes
+
+
+def _prob_fwd(x, target, weight, eps, axis):
+    eps = _checked_eps(eps)
+    dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
+    num_classes = x.shape[axis]
+    xc = x.astype(dtype)
+    m, lse = _max_and_lse(x, axis, dtype)
+    wt = _smoothed_target(target.astype(dtype), eps, num_classes)
+    w = _weight_along(weight, x.ndim, axis, dtype)
+    if w is not None:
+        wt = w * wt
+    q = jnp.sum(wt, axis=axis, keepdims=True)  # Σ_c w_c t'_c
+    # Σ_c w_c t'_c (lse - x_c), as Σ wt (m - x) + (lse - m) q: 0 * inf stays NaN as in torch.
+    loss = jnp.sum(wt * (m - xc), axis=axis) + jnp.squeeze((lse - m) * q, axis)
+    return loss, (x, target, weight, eps, jnp.squeeze(lse, axis), jnp.squeeze(q, axis))
+
+
+def _prob_bwd(axis, res, g):
+    x, target, weight, eps, lse, q = lax.optimization_barrier(res)  # see _index_bwd
+    dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
+    num_classes = x.shape[axis]
+    xc = _upcast_for_backward(x, dtype)
+    tc = target.astype(dtype)
+    g = g.astype(dtype)
+    g_k = jnp.expand_dims(g, axis)
+    lse_k = jnp.expand_dims(lse, axis)
+    w = _weight_along(weight, x.ndim, axis, dtype)
+    tp = _smoothed_target(tc, eps, num_classes)
+    wt = tp if w is None else w * tp
+    p = jnp.exp(xc - lse_k)
+    dx = (g_k * (p * jnp.expand_dims(q, axis) - wt)).astype(x.dtype)
+
+    gap = lse_k - xc  # -log_softmax, recomputed elementwise
+    keep = 1 if eps is None else 1 - eps.astype(dtype)
+    dt = g_k * keep * gap
+    if w is not None:
+        dt = w * dt
+    dt = dt.astype(target.dtype)
+
+    dweight = None
+    if weight is not None:
+        dweight = _reduce_to_classes(g_k * tp * gap, axis).astype(weight.dtype)
+    deps = None
+    if eps is not None:
+        d_tp = 1 / num_classes - tc  # d t' / d eps
+        if w is not None:
+            d_tp = w * d_tp
+        deps = jnp.sum(g_k * d_tp * gap).astype(eps.dtype)
+    return dx, dt, dweight, deps
+
+
+prob_loss.defvjp(_prob_fwd, _prob_bwd)
+
+
+def _checked_eps(eps: Any) -> Any:
+    """A traced eps outside [0, 1] (or NaN) becomes NaN, so the loss is NaN, never finite."""
+    if eps is None:
+        return None
+    eps = jnp.asarray(eps)
+    ok = (eps >= 0) & (eps <= 1)
+    return jnp.where(ok, eps, jnp.full_like(eps, jnp.nan))

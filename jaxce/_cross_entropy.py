@@ -1,0 +1,200 @@
+"""Public ``cross_entropy`` and ``CrossEntropyLoss``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _validate
+from jaxce._core import index_loss, prob_loss, target_info, target_weight
+from jaxce._reduction import index_denominator, prob_denominator, reduce_loss
+from jaxce._validate import compute_dtype, promote_float_dtypes
+
+
+def cross_entropy(
+    input: jax.typing.ArrayLike,
+    target: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float | jax.typing.ArrayLike = 0.0,
+    *,
+    axis: int = -1,
+) -> jax.Array:
+    r"""Cross-entropy between logits and targets, exactly as PyTorch defines it.
+
+    For class-index targets ``y`` (ignoring ``ignore_index``), per element ``n``:
+
+    .. math::
+        \ell_n = (1-\varepsilon)\, w_{y_n} (\operatorname{lse}(x_n) - x_{n,y_n})
+                 + \frac{\varepsilon}{C} \sum_c w_c (\operatorname{lse}(x_n) - x_{n,c})
+
+    and ``'mean'`` divides the sum by ``Σ_n w_{y_n}`` over non-ignored elements (both terms,
+    PyTorch's weighted mean). For class-probability targets ``t`` (same shape as
+    ``input``), ``ℓ_n = Σ_c w_c t'_{n,c} (lse(x_n) - x_{n,c})`` with
+    ``t' = (1-ε) t + ε/C``, and ``'mean'`` divides by the number of elements.
+
+    Gradients come from a custom VJP that keeps only the per-element log-sum-exp (and,
+    for probability targets, ``Σ_c w_c t'_c``) besides the inputs: no softmax, one-hot
+    or float32 copy of the logits is saved for the backward pass.
+
+    Args:
+      input: logits ``[..., C, ...]`` of dtype float16, bfloat16, float32 or float64,
+        classes along ``axis``. A 1-D ``[C]`` input is one unbatched sample.
+      target: class indices of any integer dtype, shaped like ``input`` without the class
+        axis; or class probabilities (floating) of exactly ``input``'s shape — the shape
+        decides, as in PyTorch. Probabilities are not checked (any real values work).
+      weight: optional ``[C]`` per-class weights (any float dtype).
+      ignore_index: class-index targets equal to it are skipped: their loss is exactly 0,
+        they add nothing to the 'mean' denominator and get zero gradient. May be negative,
+        out of range, or a valid class. Must be negative for probability targets.
+      reduction: ``'none'`` (per-element losses, the target's shape), ``'mean'`` or
+        ``'sum'`` (scalars).
+      label_smoothing: ε in [0, 1]; a Python float or a scalar array (traced values do not
+        recompile; a traced ε outside [0, 1] gives NaN).
+      axis: the class axis of ``input``. Default -1 (JAX convention); ``axis=1`` is
+        PyTorch's ``(N, C, d1, ..., dk)`` layout.
+
+    Returns:
+      The loss: shape ``target.shape`` (index targets) or ``input.shape`` without ``axis``
+      (probabilities) for ``'none'``, else a scalar. dtype: ``input.dtype`` for index
+      targets; PyTorch's promotion of input, target and weight for probabilities. Math is
+      done in float32 (float64 for float64 inputs).
+
+    Raises:
+      TypeError: a non-float ``input``/``weight``, a non-integer index target, a
+        non-float probability target, or an option of the wrong type.
+      ValueError: wrong shapes, an unknown ``reduction``, ``axis`` out of bounds,
+        ``label_smoothing`` outside [0, 1] (PyTorch silently ignores negative values),
+        ``ignore_index >= 0`` with probability targets, or — when ``target`` is concrete
+        (outside jit) — a class index outside ``[0, C)`` that is not ``ignore_index``.
+        Under ``jax.jit`` such an index cannot be checked; the loss and gradient are then
+        NaN (never a plausible finite number).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+      >>> labels = jnp.array([0, 1])
+      >>> print(f"{jaxce.cross_entropy(logits, labels):.4f}")
+      0.3778
+
+    PyTorch equivalent:
+      ``torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
+      reduction=reduction, label_smoothing=label_smoothing)`` with ``axis=1`` (or any
+      input of rank ≤ 2 with the default ``axis=-1``).
+    """
+    input = _validate.check_input(input)
+    reduction = _validate.check_reduction(reduction)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    eps = _validate.check_label_smoothing(label_smoothing)
+    axis = _validate.normalize_axis(axis, input.ndim)
+    target, spec = _validate.check_target(input, target, axis, ignore_index)
+    weight = _validate.check_weight(weight, spec.num_classes)
+    if spec.kind == "index":
+        _validate.check_target_values(target, spec.num_classes, ignore_index)
+        out_dtype = input.dtype
+    else:
+        dtypes = [input.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
+        out_dtype = promote_float_dtypes(*dtypes)
+    return _cross_entropy(
+        input,
+        target,
+        weight,
+        eps,
+        axis=axis,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        kind=spec.kind,
+        out_dtype=out_dtype,
+    )
+
+
+@partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "kind", "out_dtype"))
+def _cross_entropy(input, target, weight, eps, *, axis, ignore_index, reduction, kind, out_dtype):
+    if kind == "prob":
+        loss = prob_loss(input, target, weight, eps, axis)
+        denominator = prob_denominator(loss) if reduction == "mean" else None
+    else:
+        loss = index_loss(input, target, weight, eps, axis, ignore_index)
+        denominator = None
+        if reduction == "mean":
+            valid, in_range, idx = target_info(target, input.shape[axis], ignore_index)
+            dtype = compute_dtype(input.dtype)
+            denominator = index_denominator(
+                valid, target_weight(weight, idx, valid, in_range, dtype)
+            )
+    return reduce_loss(loss, reduction, denominator).astype(out_dtype)
+
+
+class CrossEntropyLoss:
+    """Callable module form of :func:`cross_entropy`, like ``torch.nn.CrossEntropyLoss``.
+
+    Options are validated when the object is built; ``loss(input, target)`` then calls
+    :func:`cross_entropy` with them.
+
+    Args:
+      weight: optional ``[C]`` per-class weights.
+      ignore_index: see :func:`cross_entropy`.
+      reduction: ``'none'``, ``'mean'`` or ``'sum'``.
+      label_smoothing: ε in [0, 1].
+      axis: the class axis of the input (default -1; ``axis=1`` is PyTorch's layout).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> loss_fn = jaxce.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+      >>> print(f"{loss_fn(jnp.zeros((2, 4)), jnp.array([1, 3])):.4f}")
+      2.7726
+
+    PyTorch equivalent:
+      ``torch.nn.CrossEntropyLoss(weight, ignore_index=..., reduction=...,
+      label_smoothing=...)``.
+    """
+
+    def __init__(
+        self,
+        weight: jax.typing.ArrayLike | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float | jax.typing.ArrayLike = 0.0,
+        *,
+        axis: int = -1,
+    ) -> None:
+        _validate.check_reduction(reduction)
+        _validate.check_ignore_index(ignore_index)
+        _validate.check_label_smoothing(label_smoothing)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int; got {type(axis).__name__} {axis!r}")
+        if weight is not None:
+            weight = jnp.asarray(weight)
+            if weight.ndim != 1:
+                raise ValueError(
+                    f"weight must be 1-D, one entry per class; got shape {tuple(weight.shape)}"
+                )
+        self.weight = weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.axis = axis
+
+    def __call__(self, input: jax.typing.ArrayLike, target: jax.typing.ArrayLike) -> jax.Array:
+        return cross_entropy(
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            axis=self.axis,
+        )
+
+    def __repr__(self) -> str:
+        weight = None if self.weight is None else f"<{self.weight.shape[0]} classes>"
+        return (
+            f"CrossEntropyLoss(weight={weight}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"axis={self.axis})"
+        )

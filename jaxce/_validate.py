@@ -1,0 +1,233 @@
+"""Trace-time argument checks and their error messages.
+
+Everything here runs in Python before any array computation is staged, so a bad
+argument raises eagerly *and* under ``jax.jit`` (at trace time). Messages name the
+argument, what was expected and what arrived. The only value-dependent check,
+:func:`check_target_values`, runs only when the target is concrete (outside jit).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("none", "mean", "sum")
+TargetKind = Literal["index", "prob"]
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _is_int_dtype(dtype: Any) -> bool:
+    # bool is not an integer here: a boolean target is almost always a mask by mistake.
+    return jnp.issubdtype(dtype, jnp.integer)
+
+
+def _as_array(value: Any, name: str) -> Any:
+    """Returns ``value`` as something with ``.shape``/``.dtype`` (arrays pass through)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be an array; got {type(value).__name__} {value!r}")
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array; got {type(value).__name__}") from e
+
+
+def _dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def promote_float_dtypes(*dtypes: Any) -> np.dtype:
+    """PyTorch's promotion among float dtypes: f16 + bf16 -> f32, anything + f64 -> f64."""
+    names = {_dtype_name(d) for d in dtypes}
+    if "float64" in names:
+        return np.dtype(jnp.float64)
+    if "float32" in names or names == {"float16", "bfloat16"}:
+        return np.dtype(jnp.float32)
+    return np.dtype(dtypes[0])
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype the loss is computed in: at least float32, float64 stays float64."""
+    return np.dtype(jnp.float64) if _dtype_name(dtype) == "float64" else np.dtype(jnp.float32)
+
+
+def check_input(input: Any) -> Any:
+    """Checks the logits: a floating array of rank >= 1."""
+    input = _as_array(input, "input")
+    if not _is_float_dtype(input.dtype):
+        raise TypeError(
+            "input (the logits) must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64); got {_dtype_name(input.dtype)}"
+        )
+    if input.ndim == 0:
+        raise ValueError(
+            "input (the logits) must have at least 1 dimension, the class axis; got a 0-d array"
+        )
+    return input
+
+
+def normalize_axis(axis: Any, ndim: int) -> int:
+    """Returns ``axis`` in ``[0, ndim)`` or raises."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {type(axis).__name__} {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of bounds for input of rank {ndim}: expected an int in "
+            f"[{-ndim}, {ndim})"
+        )
+    return axis % ndim
+
+
+def check_reduction(reduction: Any) -> str:
+    if not isinstance(reduction, str):
+        raise TypeError(
+            f"reduction must be one of {REDUCTIONS}; got {type(reduction).__name__} {reduction!r}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    return reduction
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(
+            f"ignore_index must be an int; got {type(ignore_index).__name__} {ignore_index!r}"
+        )
+    return int(ignore_index)
+
+
+def check_label_smoothing(label_smoothing: Any) -> Any:
+    """Validates ε and returns None (no smoothing), a Python float, or a scalar array.
+
+    A Python number 0 means "no smoothing" and returns None, so the smoothing term is not
+    even traced. Any other Python number, and any array, is passed on as a traced value:
+    changing it does not recompile. Concrete values are checked against [0, 1]; a traced
+    value cannot be, so the loss makes an out-of-range traced ε give NaN instead.
+    """
+    if isinstance(label_smoothing, (bool, str, bytes)):
+        raise TypeError(
+            "label_smoothing must be a float in [0, 1]; got "
+            f"{type(label_smoothing).__name__} {label_smoothing!r}"
+        )
+    if isinstance(label_smoothing, numbers.Real):
+        value = float(label_smoothing)
+        _check_smoothing_range(value)
+        return None if value == 0.0 else value
+    if not (hasattr(label_smoothing, "shape") and hasattr(label_smoothing, "dtype")):
+        raise TypeError(
+            "label_smoothing must be a float in [0, 1] or a scalar array; got "
+            f"{type(label_smoothing).__name__}"
+        )
+    if label_smoothing.shape != ():
+        raise ValueError(
+            f"label_smoothing must be a scalar; got an array of shape {label_smoothing.shape}"
+        )
+    if not (_is_float_dtype(label_smoothing.dtype) or _is_int_dtype(label_smoothing.dtype)):
+        raise TypeError(
+            "label_smoothing must have a real dtype; got " + _dtype_name(label_smoothing.dtype)
+        )
+    try:
+        value = float(label_smoothing)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return label_smoothing  # traced: range enforced in the computation (NaN if outside)
+    _check_smoothing_range(value)
+    return label_smoothing
+
+
+def _check_smoothing_range(value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"label_smoothing must be in [0, 1]; got {value}")
+
+
+class TargetSpec(NamedTuple):
+    kind: TargetKind
+    num_classes: int
+
+
+def check_target(input: Any, target: Any, axis: int, ignore_index: int) -> tuple[Any, TargetSpec]:
+    """Decides index vs probability targets (PyTorch: by shape equality) and checks them."""
+    target = _as_array(target, "target")
+    num_classes = input.shape[axis]
+    if tuple(target.shape) == tuple(input.shape):
+        if not _is_float_dtype(target.dtype):
+            raise TypeError(
+                f"target has the input's shape {tuple(input.shape)}, so it is read as class "
+                "probabilities and must have a floating dtype; got "
+                f"{_dtype_name(target.dtype)} (class indices have the input's shape without "
+                f"the class axis: {_without_axis(input.shape, axis)})"
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                "ignore_index is not supported for class-probability targets: it must be "
+                f"negative (default -100); got ignore_index={ignore_index}"
+            )
+        return target, TargetSpec("prob", num_classes)
+    expected = _without_axis(input.shape, axis)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target must have shape {expected} (input's shape {tuple(input.shape)} without "
+            f"the class axis {axis}) for class indices, or {tuple(input.shape)} for class "
+            f"probabilities; got {tuple(target.shape)}"
+        )
+    if not _is_int_dtype(target.dtype):
+        raise TypeError(
+            "target holds class indices and must have an integer dtype; got "
+            f"{_dtype_name(target.dtype)}"
+            + (
+                f" (class probabilities must have the input's shape {tuple(input.shape)})"
+                if _is_float_dtype(target.dtype)
+                else ""
+            )
+        )
+    return target, TargetSpec("index", num_classes)
+
+
+def _without_axis(shape: Any, axis: int) -> tuple[int, ...]:
+    return tuple(d for i, d in enumerate(shape) if i != axis)
+
+
+def check_weight(weight: Any, num_classes: int) -> Any:
+    if weight is None:
+        return None
+    weight = _as_array(weight, "weight")
+    if not _is_float_dtype(weight.dtype):
+        raise TypeError(f"weight must have a floating dtype; got {_dtype_name(weight.dtype)}")
+    if tuple(weight.shape) != (num_classes,):
+        raise ValueError(
+            f"weight must have shape ({num_classes},), one entry per class; got "
+            f"{tuple(weight.shape)}"
+        )
+    return weight
+
+
+def check_target_values(target: Any, num_classes: int, ignore_index: int) -> None:
+    """Raises if a concrete target holds an index outside [0, C) that is not ignore_index.
+
+    Does nothing for traced targets (under jit/vmap), where the loss is NaN instead.
+    """
+    try:
+        values = np.asarray(target)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    if values.size == 0:
+        return
+    # Compare in a wide signed type so that uint8 targets and ignore_index=-100 mix safely.
+    wide = values.astype(np.int64) if values.dtype != np.uint64 else values
+    bad = ((wide < 0) | (wide >= num_classes)) & (wide != ignore_index)
+    if bad.any():
+        first = wide[bad].flat[0]
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"target holds class index {int(first)} at position {position}, outside the "
+            f"valid range [0, {num_classes}) and not ignore_index ({ignore_index}); "
+            f"{int(bad.sum())} such entries in all"
+        )
