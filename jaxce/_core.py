@@ -51,29 +51,86 @@ def _sum_weight(weight: Any, num_classes: int, dtype: Any) -> Any:
     return jnp.asarray(num_classes, dtype) if weight is None else jnp.sum(weight.astype(dtype))
 
 
-def _max_and_lse(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
-    """Per-element shift ``m`` and log-sum-exp in ``dtype``, both with ``keepdims``.
+# ---------------------------------------------------------------------------------------
+# How the arithmetic is spelled, and why (XLA CPU fusion)
+#
+# The lean residuals only pay off if XLA also keeps its *temporaries* small. On CPU
+# (jaxlib 0.10) two fusion behaviours materialise logits-sized float32 arrays unless the
+# code is spelled carefully; `tests/test_memory.py` pins the result compile-only:
+#
+# 1. CSE merges identical upcasts ``convert(x)`` of a bf16/f16 input into one instruction.
+#    When its consumers land in different fusions, the f32 copy is materialised. So each
+#    pass upcasts with its own spelling: a plain convert (only in the log-sum-exp sum),
+#    a bit shift (backward), an integer multiply (the forward's multi-output reduce).
+# 2. The YNNPACK fusion starts at reductions and absorbs supported elementwise producers
+#    and single-user consumers, turning anything it cannot absorb (selects, compares,
+#    integer ops, shared broadcasts) into full-size inputs. So a second reduction over the
+#    same input goes into one classic multi-output ``lax.reduce`` (YNN takes single-operand
+#    reduces only), and every per-row vector entering the backward's dense pass ends in a
+#    ``where`` (YNN cannot absorb a select), which keeps reductions from growing into it.
+#
+# None of this changes a value: every spelling is exact.
+# ---------------------------------------------------------------------------------------
 
-    ``m`` is the row max, except 0 for an all ``-inf`` row (so that row's lse is -inf
-    and its loss NaN, as in PyTorch); a ``+inf``/NaN max is kept so the row turns NaN.
-    The max is taken in the input dtype (exact) so that no upcast copy of a bf16/f16
-    input is shared between reductions: XLA then fuses the upcast into the sum.
+
+def _upcast_shift(x: Any, dtype: Any) -> Any:
+    """Exact upcast, spelled as a bit shift for bf16 (used by the backward pass)."""
+    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
+        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+        return lax.bitcast_convert_type(bits, jnp.float32)
+    return x.astype(dtype)
+
+
+def _upcast_mul(x: Any, dtype: Any) -> Any:
+    """Exact upcast, spelled as an integer multiply for bf16 (used by multi-output reduces)."""
+    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
+        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.int32) * jnp.int32(65536)
+        return lax.bitcast_convert_type(bits, jnp.float32)
+    return x.astype(dtype)
+
+
+def _row_max(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
+    """``(mx, m)``: the row max (in the input dtype, exact) and the shift ``m``.
+
+    ``m`` is the max except 0 for an all ``-inf`` row (so that row's lse is -inf and its
+    loss NaN, as in PyTorch); a ``+inf``/NaN max is kept so the row turns NaN.
     """
-    m = jnp.max(x, axis=axis, keepdims=True).astype(dtype)
-    xc = x.astype(dtype)
-    m = jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
-    m = lax.stop_gradient(m)
-    lse = m + jnp.log(jnp.sum(jnp.exp(xc - m), axis=axis, keepdims=True))
-    return m, lse
+    mx = jnp.max(x, axis=axis, keepdims=True).astype(dtype)
+    m = lax.stop_gradient(jnp.where(jnp.isneginf(mx), jnp.zeros_like(mx), mx))
+    return mx, m
+
+
+def _sum_exp(x: Any, m: Any, axis: int, dtype: Any) -> Any:
+    """``Σ_c exp(x_c - m)`` (keepdims): the one pass that upcasts with a plain convert."""
+    return jnp.sum(jnp.exp(x.astype(dtype) - m), axis=axis, keepdims=True)
+
+
+def _add_reduce(operands: tuple[Any, ...], axis: int) -> tuple[Any, ...]:
+    """Sums several same-shaped arrays over ``axis`` in one multi-output reduce (keepdims)."""
+    zeros = tuple(jnp.zeros((), op.dtype) for op in operands)
+    sums = lax.reduce(
+        operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (axis,)
+    )
+    return tuple(jnp.expand_dims(v, axis) for v in sums)
+
+
+def _keep_alive(value: Any, other: Any) -> Any:
+    """``value``, but data-dependent on ``other`` (NaN iff ``other`` is NaN).
+
+    Stops XLA from dropping an output of a multi-output reduce that only the forward's
+    value needs: under ``jax.grad`` the reduce would otherwise shrink to one output and
+    be re-fused (see 2. above). Used only where ``value`` is NaN whenever ``other`` is.
+    """
+    return jnp.where(other <= jnp.inf, value, jnp.full_like(value, jnp.nan))
 
 
 def _take_class(x: Any, idx: Any, axis: int) -> Any:
     """``x`` at class ``idx`` along ``axis`` (keepdims), in ``x``'s dtype.
 
     16-bit inputs are gathered through a same-width integer bitcast. A plain gather lets
-    XLA rewrite ``convert(gather(x))`` into ``gather(convert(x))``; on CPU that upcast copy
-    is then shared with the log-sum-exp reduction and materialised: +8 GiB of float32
-    temporaries at 16,384 x 131,072 bf16 (measured with ``memory_analysis()``).
+    XLA rewrite ``convert(gather(x))`` into ``gather(convert(x))``, whose upcast copy is
+    then shared with the log-sum-exp reduction and materialised (+8 GiB at 16,384 x
+    131,072 bf16, measured with ``memory_analysis()``).
     """
     idx = jnp.expand_dims(idx, axis)
     if x.dtype.itemsize != 2:
@@ -82,25 +139,20 @@ def _take_class(x: Any, idx: Any, axis: int) -> Any:
     return lax.bitcast_convert_type(jnp.take_along_axis(bits, idx, axis=axis), x.dtype)
 
 
-def _upcast_for_backward(x: Any, dtype: Any) -> Any:
-    """``x.astype(dtype)``, spelled so XLA does not merge it with the forward's upcast.
+def _put_class(dx: Any, idx: Any, value: Any, axis: int) -> Any:
+    """``dx`` with ``value`` (keepdims) written at class ``idx`` along ``axis``, in place.
 
-    XLA CPU otherwise CSEs the forward and backward ``convert``s into one instruction with
-    two consumers, which it then materialises as a full float32 copy of the logits. For
-    bfloat16 the exact upcast is a 16-bit shift of the bit pattern.
+    One unique-index scatter: cheaper on CPU than an ``iota == target`` select over the
+    whole dense pass. ``idx`` is always in range (out-of-range targets map to class 0).
     """
-    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
-        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
-        return lax.bitcast_convert_type(bits, jnp.float32)
-    return x.astype(dtype)
-
-
-def _weighted_gap_sum(xc: Any, m: Any, lse: Any, w: Any, sum_w: Any, axis: int) -> Any:
-    """``Σ_c w_c (lse - x_c)`` per element (keepdims), cancellation-free."""
-    gap = m - xc
-    if w is not None:
-        gap = w * gap
-    return jnp.sum(gap, axis=axis, keepdims=True) + (lse - m) * sum_w
+    index = []
+    for i in range(dx.ndim):
+        if i == axis:
+            index.append(jnp.expand_dims(idx, axis))
+        else:
+            shape = tuple(dx.shape[i] if j == i else 1 for j in range(dx.ndim))
+            index.append(lax.broadcasted_iota(jnp.int32, shape, i))
+    return dx.at[tuple(index)].set(value, unique_indices=True, mode="promise_in_bounds")
 
 
 def target_info(target: Any, num_classes: int, ignore_index: int) -> tuple[Any, Any, Any]:
@@ -157,20 +209,42 @@ def _index_stats(x, target, weight, eps, axis, ignore_index):
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[axis]
     valid, in_range, idx = target_info(target, num_classes, ignore_index)
-    m, lse = _max_and_lse(x, axis, dtype)
+    mx, m = _row_max(x, axis, dtype)
     x_y = _take_class(x, idx, axis).astype(dtype)
+    smooth_gap = None
+    w = _weight_along(weight, x.ndim, axis, dtype)
+    if eps is None and x.dtype == jnp.float16:
+        # float16 has no exact bit-trick upcast, so the backward's convert is CSE'd with
+        # this one: keep this pass out of YNN (a multi-output reduce) so both fuse it.
+        xf = x.astype(dtype)
+        sum_exp, shifted = _add_reduce((jnp.exp(xf - m), xf - m), axis)
+        sum_exp = _keep_alive(sum_exp, shifted)
+    elif eps is None:
+        sum_exp = _sum_exp(x, m, axis, dtype)
+    elif x.dtype.itemsize == 2:
+        # Σ exp(x - m) and Σ w (m - x) in one multi-output reduce over a distinct upcast.
+        xf = _upcast_mul(x, dtype)
+        gap = m - xf if w is None else w * (m - xf)
+        sum_exp, smooth_gap = _add_reduce((jnp.exp(xf - m), gap), axis)
+        sum_exp = _keep_alive(sum_exp, smooth_gap)
+    else:
+        sum_exp = _sum_exp(x, m, axis, dtype)
+        neg_m = lax.stop_gradient(jnp.where(jnp.isneginf(mx), jnp.zeros_like(mx), -mx))
+        gap = (-x).astype(dtype) - neg_m  # m - x, spelled apart from the sum_exp pass
+        if w is None:
+            smooth_gap = jnp.sum(gap, axis=axis, keepdims=True)
+        else:
+            smooth_gap = -jnp.sum(-w * gap, axis=axis, keepdims=True)
+    lse = m + jnp.log(sum_exp)
     nll = jnp.squeeze(lse - x_y, axis)
-    lse = jnp.squeeze(lse, axis)
     w_y = target_weight(weight, idx, valid, in_range, dtype)
     smooth = None
     if eps is not None:
-        w = _weight_along(weight, x.ndim, axis, dtype)
+        # Σ_c w_c (lse - x_c) = Σ_c w_c (m - x_c) + (lse - m) Σ_c w_c: two non-negative
+        # terms, no cancellation.
         sum_w = _sum_weight(weight, num_classes, dtype)
-        smooth = jnp.squeeze(
-            _weighted_gap_sum(x.astype(dtype), m, jnp.expand_dims(lse, axis), w, sum_w, axis),
-            axis,
-        )
-    return valid, idx, w_y, lse, nll, smooth
+        smooth = jnp.squeeze(smooth_gap + (lse - m) * sum_w, axis)
+    return valid, w_y, jnp.squeeze(lse, axis), nll, smooth
 
 
 def _index_combine(valid, w_y, nll, smooth, eps, num_classes):
@@ -186,38 +260,51 @@ def _index_combine(valid, w_y, nll, smooth, eps, num_classes):
 
 def _index_fwd(x, target, weight, eps, axis, ignore_index):
     eps = _checked_eps(eps)
-    valid, _, w_y, lse, nll, smooth = _index_stats(x, target, weight, eps, axis, ignore_index)
+    valid, w_y, lse, nll, smooth = _index_stats(x, target, weight, eps, axis, ignore_index)
     loss = _index_combine(valid, w_y, nll, smooth, eps, x.shape[axis])
     # Residuals: the inputs, plus element-sized statistics only.
     return loss, (x, target, weight, eps, lse, nll, smooth)
 
 
 def _index_bwd(axis, ignore_index, res, g):
-    # The barrier keeps XLA from fusing the forward reductions into the backward's
-    # elementwise pass (on CPU that fusion materialised logits-sized broadcasts).
-    x, target, weight, eps, lse, nll, smooth = lax.optimization_barrier(res)
+    x, target, weight, eps, lse, nll, smooth = res
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[axis]
     valid, in_range, idx = target_info(target, num_classes, ignore_index)
     w_y = target_weight(weight, idx, valid, in_range, dtype)
+    g = g.astype(dtype)
     zero = jnp.zeros_like(lse)
-    g = jnp.where(valid, g.astype(dtype), zero)  # `where`, not `*`: g may be inf (mean, W=0)
     keep = 1 if eps is None else 1 - eps.astype(dtype)
-    a = g * w_y * keep  # coefficient of (p - onehot)
-    b = None if eps is None else g * (eps.astype(dtype) / num_classes)  # of (p Σw - w_c)
-
-    w = _weight_along(weight, x.ndim, axis, dtype)
-    coef = a if b is None else a + b * _sum_weight(weight, num_classes, dtype)
-    xc = _upcast_for_backward(x, dtype)
-    lse_k = jnp.expand_dims(lse, axis)
-    p = jnp.exp(xc - lse_k)
-    is_target = lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(idx, axis)
+    sum_w = _sum_weight(weight, num_classes, dtype)
+    # dx = a (p - onehot) + b (p Σw - w_c) = p coef - a onehot - b w_c, zero for ignored
+    # elements. `where`, not `*`: g may be inf (a 'mean' with W = 0).
+    a = jnp.where(valid, g * w_y * keep, zero)
+    b = None if eps is None else jnp.where(valid, g * (eps.astype(dtype) / num_classes), zero)
+    if eps is None:
+        coef = a
+    else:
+        coef = jnp.where(valid, g * (w_y * keep + (eps.astype(dtype) / num_classes) * sum_w), zero)
+    # Ignored rows: p = exp(x - inf) = 0 for finite logits; non-finite rows stay NaN.
+    lse_k = jnp.expand_dims(jnp.where(valid, lse, lse + jnp.inf), axis)
+    coef_k = jnp.expand_dims(coef, axis)
     a_k = jnp.expand_dims(a, axis)
-    dx = p * jnp.expand_dims(coef, axis) - jnp.where(is_target, a_k, jnp.zeros_like(a_k))
+    w = _weight_along(weight, x.ndim, axis, dtype)
+    dx = jnp.exp(_upcast_shift(x, dtype) - lse_k) * coef_k
     if b is not None:
         b_k = jnp.expand_dims(b, axis)
         dx = dx - (b_k if w is None else b_k * w)
-    dx = dx.astype(x.dtype)
+    if x.dtype.itemsize == 2:
+        # A 16-bit scatter is upcast to f32 by XLA CPU: subtract the one-hot term densely.
+        is_target = lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(idx, axis)
+        dx = (dx - jnp.where(is_target, a_k, jnp.zeros_like(a_k))).astype(x.dtype)
+    else:
+        # The target column, recomputed in the compute dtype and rounded once.
+        x_y = _take_class(x, idx, axis).astype(dtype)
+        value = jnp.exp(x_y - lse_k) * coef_k - a_k
+        if b is not None:
+            b_y = b if weight is None else b * w_y
+            value = value - jnp.expand_dims(b_y, axis)
+        dx = _put_class(dx.astype(x.dtype), idx, value.astype(x.dtype), axis)
 
     dweight = None
     if weight is not None:
@@ -225,8 +312,8 @@ def _index_bwd(axis, ignore_index, res, g):
         nll_term = jnp.where(valid, g * keep * nll, zero)
         dweight = jnp.zeros((num_classes,), dtype).at[idx.reshape(-1)].add(nll_term.reshape(-1))
         if b is not None:
-            b_k = jnp.expand_dims(b, axis)
-            gap = jnp.where(jnp.expand_dims(valid, axis), b_k * (lse_k - xc), jnp.zeros_like(xc))
+            gap = jnp.expand_dims(b, axis) * (jnp.expand_dims(lse, axis) - x.astype(dtype))
+            gap = jnp.where(jnp.expand_dims(valid, axis), gap, jnp.zeros_like(gap))
             dweight = dweight + _reduce_to_classes(gap, axis)
         dweight = dweight.astype(weight.dtype)
 
@@ -267,26 +354,27 @@ def _prob_fwd(x, target, weight, eps, axis):
     eps = _checked_eps(eps)
     dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
     num_classes = x.shape[axis]
-    xc = x.astype(dtype)
-    m, lse = _max_and_lse(x, axis, dtype)
-    wt = _smoothed_target(target.astype(dtype), eps, num_classes)
+    _, m = _row_max(x, axis, dtype)
+    xf = _upcast_mul(x, dtype)
+    wt = _smoothed_target(_upcast_mul(target, dtype), eps, num_classes)
     w = _weight_along(weight, x.ndim, axis, dtype)
     if w is not None:
         wt = w * wt
-    q = jnp.sum(wt, axis=axis, keepdims=True)  # Σ_c w_c t'_c
-    # Σ_c w_c t'_c (lse - x_c), as Σ wt (m - x) + (lse - m) q: 0 * inf stays NaN as in torch.
-    loss = jnp.sum(wt * (m - xc), axis=axis) + jnp.squeeze((lse - m) * q, axis)
+    # One multi-output pass: Σ exp(x - m), Σ w t' (m - x) and q = Σ w t'.
+    # Σ w t' (lse - x) = Σ w t' (m - x) + (lse - m) q; 0 * inf stays NaN as in torch.
+    sum_exp, gap, q = _add_reduce((jnp.exp(xf - m), wt * (m - xf), wt), axis)
+    lse = m + jnp.log(sum_exp)
+    loss = jnp.squeeze(gap + (lse - m) * q, axis)
     return loss, (x, target, weight, eps, jnp.squeeze(lse, axis), jnp.squeeze(q, axis))
 
 
 def _prob_bwd(axis, res, g):
-    x, target, weight, eps, lse, q = lax.optimization_barrier(res)  # see _index_bwd
+    x, target, weight, eps, lse, q = res
     dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
     num_classes = x.shape[axis]
-    xc = _upcast_for_backward(x, dtype)
-    tc = target.astype(dtype)
-    g = g.astype(dtype)
-    g_k = jnp.expand_dims(g, axis)
+    xc = _upcast_shift(x, dtype)
+    tc = _upcast_shift(target, dtype)
+    g_k = jnp.expand_dims(g.astype(dtype), axis)
     lse_k = jnp.expand_dims(lse, axis)
     w = _weight_along(weight, x.ndim, axis, dtype)
     tp = _smoothed_target(tc, eps, num_classes)

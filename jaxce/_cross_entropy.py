@@ -79,7 +79,7 @@ def cross_entropy(
       >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
       >>> labels = jnp.array([0, 1])
       >>> print(f"{jaxce.cross_entropy(logits, labels):.4f}")
-      0.3778
+      0.3964
 
     PyTorch equivalent:
       ``torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,

@@ -1,0 +1,210 @@
+"""Degenerate inputs and the behaviours PyTorch defines for them (SEMANTICS.md §2–§9)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import REDUCTIONS, rng_for
+from reference import numpy_cross_entropy
+
+import jaxce
+
+
+def _maybe_jit(fn, use_jit):
+    return jax.jit(fn) if use_jit else fn
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3), (3,)], ids=["batched", "unbatched"])
+def test_all_ignored_mean_is_nan_with_zero_gradient(shape, weighted, eps, use_jit):
+    x = jnp.asarray(rng_for("allign", shape).standard_normal(shape))
+    target = jnp.full(shape[:-1], -100)
+    weight = jnp.asarray([1.0, 2.0, 3.0]) if weighted else None
+
+    def loss(x):
+        return jaxce.cross_entropy(x, target, weight, label_smoothing=eps)
+
+    value, grad = _maybe_jit(jax.value_and_grad(loss), use_jit)(x)
+    assert np.isnan(value)
+    assert np.all(np.asarray(grad) == 0.0)
+    grad_sum = _maybe_jit(
+        jax.grad(lambda x: jaxce.cross_entropy(x, target, reduction="sum")), use_jit
+    )(x)
+    assert np.all(np.asarray(grad_sum) == 0.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((0, 4), -1), ((2, 4, 0), 1), ((0, 3, 2), -1)], ids=["N0", "d0", "N0_kdim"]
+)
+def test_empty_batch(shape, axis, eps):
+    x = jnp.zeros(shape)
+    target = jnp.zeros(tuple(d for i, d in enumerate(shape) if i != axis % len(shape)), jnp.int32)
+    assert np.isnan(jaxce.cross_entropy(x, target, axis=axis, label_smoothing=eps))
+    assert float(jaxce.cross_entropy(x, target, axis=axis, reduction="sum")) == 0.0
+    none = jaxce.cross_entropy(x, target, axis=axis, reduction="none")
+    assert none.shape == target.shape
+    grad = jax.grad(lambda x: jaxce.cross_entropy(x, target, axis=axis, reduction="sum"))(x)
+    assert grad.shape == shape
+    probs = jnp.zeros(shape)
+    assert np.isnan(jaxce.cross_entropy(x, probs, axis=axis))
+    assert float(jaxce.cross_entropy(x, probs, axis=axis, reduction="sum")) == 0.0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_single_class_loss_and_gradient_are_zero(reduction):
+    x = jnp.asarray(rng_for("c1").standard_normal((5, 1)))
+    target = jnp.zeros((5,), jnp.int32)
+    value, grad = jax.value_and_grad(
+        lambda x: jnp.sum(jaxce.cross_entropy(x, target, reduction=reduction))
+    )(x)
+    assert float(value) == 0.0
+    assert np.all(np.asarray(grad) == 0.0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bad", [3, -1, 1000])
+def test_out_of_range_target_under_jit_is_nan_never_finite(bad, reduction, eps, weighted):
+    x = jnp.asarray(rng_for("oor").standard_normal((4, 3)))
+    target = jnp.array([0, bad, 1, 2])
+    weight = jnp.asarray([1.0, 2.0, 3.0]) if weighted else None
+
+    @jax.jit
+    def loss_and_grad(x, target):
+        def f(x):
+            return jnp.sum(
+                jaxce.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=eps)
+            )
+
+        return jaxce.cross_entropy(
+            x, target, weight, reduction=reduction, label_smoothing=eps
+        ), jax.grad(f)(x)
+
+    value, grad = loss_and_grad(x, target)
+    value, grad = np.asarray(value), np.asarray(grad)
+    if reduction == "none":
+        assert np.isnan(value[1])
+        assert np.all(np.isfinite(np.delete(value, 1)))
+        assert np.all(np.isnan(grad[1]))
+        assert np.all(np.isfinite(np.delete(grad, 1, axis=0)))
+    else:
+        assert np.isnan(value)
+        assert np.all(np.isnan(grad[1]))
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.int8, jnp.int16, jnp.int32, jnp.int64, jnp.uint8, jnp.uint16]
+)
+def test_any_integer_target_dtype(dtype):
+    rng = rng_for("dtypes")
+    x = jnp.asarray(rng.standard_normal((6, 4)))
+    y = np.array([0, 3, 2, 1, 3, 0])
+    want = jaxce.cross_entropy(x, jnp.asarray(y, jnp.int32), reduction="none")
+    got = jaxce.cross_entropy(x, jnp.asarray(y, dtype), reduction="none")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_uint8_targets_default_ignore_index_never_matches_and_255_does():
+    x = jnp.asarray(rng_for("u8").standard_normal((3, 4)))
+    y = jnp.asarray([0, 255, 1], jnp.uint8)
+    with pytest.raises(ValueError, match="class index 255"):
+        jaxce.cross_entropy(x, y)  # -100 cannot be a uint8: 255 is a real (bad) index
+    got = jaxce.cross_entropy(x, y, ignore_index=255, reduction="none")
+    want = numpy_cross_entropy(
+        np.asarray(x), np.array([0, 255, 1]), ignore_index=255, reduction="none"
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_class_count_above_target_dtype_range():
+    # uint8 targets with C = 300: every uint8 value is a valid class.
+    x = jnp.asarray(rng_for("c300").standard_normal((2, 300)))
+    y = np.array([255, 7])
+    got = jaxce.cross_entropy(x, jnp.asarray(y, jnp.uint8), reduction="none")
+    np.testing.assert_allclose(
+        got, numpy_cross_entropy(np.asarray(x), y, reduction="none"), rtol=1e-12
+    )
+
+
+def test_traced_label_smoothing_out_of_range_gives_nan():
+    x = jnp.asarray(rng_for("eps").standard_normal((3, 4)))
+    y = jnp.array([0, 1, 2])
+    f = jax.jit(lambda e: jaxce.cross_entropy(x, y, label_smoothing=e))
+    assert np.isfinite(f(0.5))
+    assert np.isnan(f(-0.1))
+    assert np.isnan(f(1.5))
+    assert np.isnan(f(jnp.nan))
+
+
+def test_unnormalised_and_negative_probability_targets_are_accepted():
+    rng = rng_for("probs")
+    x = rng.standard_normal((3, 4))
+    t = rng.standard_normal((3, 4)) * 3
+    got = jaxce.cross_entropy(jnp.asarray(x), jnp.asarray(t), reduction="none", label_smoothing=0.2)
+    want = numpy_cross_entropy(x, t, reduction="none", label_smoothing=0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_large_magnitude_logits_float32(eps):
+    rng = rng_for("big")
+    x = (rng.standard_normal((8, 16)) * 1e4).astype(np.float32)
+    y = rng.integers(0, 16, 8)
+    got = jaxce.cross_entropy(jnp.asarray(x), jnp.asarray(y), reduction="none", label_smoothing=eps)
+    want = numpy_cross_entropy(x.astype(np.float64), y, reduction="none", label_smoothing=eps)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    grad = jax.grad(lambda x: jaxce.cross_entropy(x, jnp.asarray(y), label_smoothing=eps))(
+        jnp.asarray(x)
+    )
+    assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("row", [[-np.inf] * 4, [0.0, np.inf, 1.0, 2.0], [0.0, np.nan, 1.0, 2.0]])
+def test_non_finite_rows_are_nan_like_torch(row):
+    x = jnp.asarray([row, [0.0, 1.0, 2.0, 3.0]])
+    y = jnp.array([0, 1])
+    out = jaxce.cross_entropy(x, y, reduction="none")
+    assert np.isnan(out[0])
+    assert np.isfinite(out[1])
+    want = numpy_cross_entropy(np.asarray(x), np.asarray(y), reduction="none")
+    np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 2, 255])
+def test_ignore_index_variants_drop_exactly_those_elements(ignore_index):
+    rng = rng_for("ii", ignore_index)
+    x = rng.standard_normal((6, 4))
+    y = (
+        np.array([0, ignore_index, 1, 2, ignore_index, 3])
+        if ignore_index != 255
+        else np.array([0, 1, 2, 3, 1, 0])
+    )
+    got = jaxce.cross_entropy(
+        jnp.asarray(x), jnp.asarray(y), ignore_index=ignore_index, reduction="none"
+    )
+    np.testing.assert_array_equal(np.asarray(got)[y == ignore_index], 0.0)
+    want = numpy_cross_entropy(x, y, ignore_index=ignore_index, reduction="mean")
+    np.testing.assert_allclose(
+        jaxce.cross_entropy(jnp.asarray(x), jnp.asarray(y), ignore_index=ignore_index),
+        want,
+        rtol=1e-12,
+    )
+
+
+def test_float32_without_x64():
+    with jax.enable_x64(False):
+        x = jnp.asarray(rng_for("x32").standard_normal((5, 7)), jnp.float32)
+        y = jnp.asarray([0, 6, 3, 2, 1])
+        value, grad = jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1))(
+            x
+        )
+        assert value.dtype == jnp.float32
+        assert grad.dtype == jnp.float32
+        want = numpy_cross_entropy(np.asarray(x, np.float64), np.asarray(y), label_smoothing=0.1)
+        np.testing.assert_allclose(value, want, rtol=1e-6)

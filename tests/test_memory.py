@@ -1,0 +1,112 @@
+"""What the backward pass keeps: no logits-sized residual besides the input itself."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.ad_checkpoint import print_saved_residuals
+
+import jaxce
+
+N, C = 16, 1000
+
+
+def _residuals(fn, *args):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(fn, *args)
+    return buf.getvalue().strip().splitlines()
+
+
+def _shape(line):
+    m = re.match(r"\w+\[([\d,]*)\]", line)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else None
+
+
+CASES = {
+    "plain_mean": lambda x, t, w: jaxce.cross_entropy(x, t),
+    "weighted_smoothed_mean": lambda x, t, w: jaxce.cross_entropy(x, t, w, label_smoothing=0.1),
+    "none": lambda x, t, w: jnp.sum(jaxce.cross_entropy(x, t, reduction="none")),
+    "weighted_smoothed_none": lambda x, t, w: jnp.sum(
+        jaxce.cross_entropy(x, t, w, reduction="none", label_smoothing=0.1)
+    ),
+    "ignore_sum": lambda x, t, w: jaxce.cross_entropy(x, t, ignore_index=3, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_logits_sized_residual_index_targets(name, dtype):
+    x = jnp.ones((N, C), dtype)
+    t = jnp.zeros((N,), jnp.int32)
+    w = jnp.ones((C,), jnp.float32)
+    lines = _residuals(lambda x: CASES[name](x, t, w), x)
+    big = [line for line in lines if _shape(line) == (N, C)]
+    # Exactly one: the logits themselves, in their own dtype (no float32 upcast copy).
+    assert len(big) == 1, lines
+    assert "from the argument" in big[0]
+    assert big[0].startswith(jnp.dtype(dtype).name.replace("float", "f").replace("bf16", "bf16"))
+    assert all(_shape(line) is None or len(_shape(line)) <= 1 for line in lines if line not in big)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_logits_sized_residual_probability_targets(reduction):
+    x = jnp.ones((N, C), jnp.float32)
+    t = jnp.full((N, C), 1.0 / C, jnp.float32)
+    w = jnp.ones((C,), jnp.float32)
+
+    def f(x, t):
+        return jnp.sum(jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1))
+
+    lines = _residuals(f, x, t)
+    big = [line for line in lines if _shape(line) == (N, C)]
+    assert len(big) == 2, lines  # the logits and the target: both arguments
+    assert all("from the argument" in line for line in big)
+
+
+def test_kdim_axis1_keeps_no_transposed_copy():
+    x = jnp.ones((2, 50, 3, 4), jnp.float32)
+    t = jnp.zeros((2, 3, 4), jnp.int32)
+    lines = _residuals(lambda x: jaxce.cross_entropy(x, t, axis=1, label_smoothing=0.2), x)
+    big = [line for line in lines if _shape(line) is not None and len(_shape(line)) == 4]
+    assert len(big) == 1, lines
+    assert "from the argument" in big[0]
+
+
+# Compile-only (nothing is allocated): XLA's temporaries for a training-size loss. Guards
+# the fusion-friendly spelling in jaxce/_core.py against regressions; the full table is
+# printed by `python benchmarks/core.py`.
+BIG = (4096, 32768)
+TEMP_CASES = {
+    "plain": lambda x, t, w: jaxce.cross_entropy(x, t),
+    "weight_smoothing": lambda x, t, w: jaxce.cross_entropy(x, t, w, label_smoothing=0.1),
+    "none_sum": lambda x, t, w: jnp.sum(jaxce.cross_entropy(x, t, reduction="none")),
+    "probabilities": lambda x, t, w: jaxce.cross_entropy(x, jax.nn.softmax(x)),
+}
+
+
+@pytest.mark.parametrize("transform", ["grad", "value_and_grad"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", list(TEMP_CASES))
+def test_compiled_temporaries_are_far_below_logits_size(name, dtype, transform):
+    if name == "probabilities":
+        # The softmax target is built inside the function: keep it out of the measurement.
+        x = jax.ShapeDtypeStruct(BIG, dtype)
+        t = jax.ShapeDtypeStruct(BIG, dtype)
+
+        def fn(x, t, w):
+            return jaxce.cross_entropy(x, t)
+    else:
+        x = jax.ShapeDtypeStruct(BIG, dtype)
+        t = jax.ShapeDtypeStruct(BIG[:1], jnp.int32)
+        fn = TEMP_CASES[name]
+    w = jax.ShapeDtypeStruct(BIG[1:], jnp.float32)
+    compiled = jax.jit(getattr(jax, transform)(fn)).lower(x, t, w).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    f32_logits = BIG[0] * BIG[1] * 4
+    assert temp < 0.02 * f32_logits, f"{temp / 2**20:.1f} MiB of temporaries"
