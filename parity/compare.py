@@ -1,0 +1,319 @@
+"""Reusable JAX-vs-PyTorch comparison: values, gradients, shapes, dtypes, NaN/inf placement.
+
+Usable for any pair of functions, not only jaxce::
+
+    import numpy as np, jax.numpy as jnp, torch
+    from parity import compare
+
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    result = compare(
+        jax_fn=lambda x: jnp.tanh(x).sum(),
+        torch_fn=lambda x: torch.tanh(x).sum(),
+        inputs={"x": x},
+        grad_wrt=("x",),
+        dtype="float32",
+    )
+    assert result.passed, result.message
+
+How a case is judged:
+
+* both functions get the same inputs, floating ones cast to ``dtype`` (integers as they
+  are); gradients come from torch autograd and ``jax.vjp`` with the same random cotangent;
+* the output shape and dtype must match, and NaN/±inf must sit in the same places;
+* float64 / float32 compare with ``rtol``/``atol`` keyed by dtype;
+* bfloat16 / float16 use the three-way rule: a float64 truth (torch at float64 on the same,
+  already-rounded inputs); our error against it must be no worse than torch's own error at
+  that dtype plus ``margin × unit roundoff × scale``;
+* if torch raises, JAX must raise too (an *error-parity* case), and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (2e-5, 2e-6)}  # (rtol, atol)
+ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+@dataclasses.dataclass
+class Check:
+    """One compared quantity (the output, or a gradient)."""
+
+    name: str
+    passed: bool
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    torch_err: float | None = None  # three-way rule: torch's own error vs float64 truth
+    message: str = ""
+
+
+@dataclasses.dataclass
+class Result:
+    passed: bool
+    checks: list[Check]
+    error_parity: bool = False  # both sides raised
+    message: str = ""
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.checks), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((c.max_rel for c in self.checks), default=0.0)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _torch_dtype(name: str):
+    return getattr(_torch(), name)
+
+
+def _as_inputs(inputs: Mapping[str, Any], dtype: str) -> dict[str, np.ndarray]:
+    """Floating inputs rounded to ``dtype`` once, kept as float64 NumPy (exact)."""
+    out = {}
+    for name, value in inputs.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            value = value.astype(jnp.dtype(dtype)).astype(np.float64)
+        out[name] = value
+    return out
+
+
+def _cotangent(shape: tuple[int, ...], seed: int, dtype: str) -> np.ndarray:
+    """A seeded random cotangent, rounded to ``dtype`` (so the float64 truth uses the
+    very same values as the low-precision runs)."""
+    ct = np.random.default_rng(seed).standard_normal(shape)
+    return ct.astype(jnp.dtype(dtype)).astype(np.float64)
+
+
+def run_torch(
+    torch_fn: Callable[..., Any],
+    inputs: Mapping[str, np.ndarray],
+    grad_wrt: Sequence[str],
+    dtype: str,
+    seed: int,
+    batched: Sequence[str] = (),
+    cotangent_dtype: str | None = None,
+) -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
+    """Runs ``torch_fn``; returns (output as float64, output dtype name, gradients).
+
+    With ``batched`` names, the inputs carry an extra leading axis and torch is run once
+    per slice (the reference for ``jax.vmap``), results stacked.
+    """
+    torch = _torch()
+    tensors = {}
+    for name, value in inputs.items():
+        if np.issubdtype(value.dtype, np.floating):
+            t = torch.tensor(value, dtype=_torch_dtype(dtype), requires_grad=name in grad_wrt)
+        else:
+            t = torch.tensor(value)
+        tensors[name] = t
+    if batched:
+        size = next(iter(inputs[n] for n in batched)).shape[0]
+        outs = [
+            torch_fn(**{n: (t[i] if n in batched else t) for n, t in tensors.items()})
+            for i in range(size)
+        ]
+        out = torch.stack(outs)
+    else:
+        out = torch_fn(**tensors)
+    out_dtype = str(out.dtype).removeprefix("torch.")
+    grads = {}
+    if grad_wrt:
+        ct_dtype = cotangent_dtype or out_dtype
+        ct = torch.tensor(_cotangent(tuple(out.shape), seed, ct_dtype), dtype=out.dtype)
+        out.backward(ct)
+        for name in grad_wrt:
+            g = tensors[name].grad
+            grads[name] = np.zeros(inputs[name].shape) if g is None else g.double().numpy()
+    return out.detach().double().numpy(), out_dtype, grads
+
+
+def run_jax(
+    jax_fn: Callable[..., Any],
+    inputs: Mapping[str, np.ndarray],
+    grad_wrt: Sequence[str],
+    dtype: str,
+    seed: int,
+    transform: str = "eager",
+    batched: Sequence[str] = (),
+) -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
+    """Runs ``jax_fn`` under ``transform`` ('eager', 'jit' or 'vmap' over ``batched``)."""
+    arrays = {
+        n: jnp.asarray(v, dtype) if np.issubdtype(v.dtype, np.floating) else jnp.asarray(v)
+        for n, v in inputs.items()
+    }
+    diff_names = list(grad_wrt)
+    fixed = {n: a for n, a in arrays.items() if n not in diff_names}
+
+    def fn(*diff):
+        return jax_fn(**fixed, **dict(zip(diff_names, diff, strict=True)))
+
+    if transform == "vmap":
+        in_axes_fixed = {n: (0 if n in batched else None) for n in fixed}
+
+        def fn(*diff):
+            def one(fixed_args, *d):
+                return jax_fn(**fixed_args, **dict(zip(diff_names, d, strict=True)))
+
+            diff_axes = tuple(0 if n in batched else None for n in diff_names)
+            return jax.vmap(one, in_axes=(in_axes_fixed, *diff_axes))(fixed, *diff)
+
+    elif transform == "jit":
+        fn = jax.jit(fn)
+    elif transform != "eager":
+        raise ValueError(f"transform must be 'eager', 'jit' or 'vmap'; got {transform!r}")
+    primals = [arrays[n] for n in diff_names]
+    out, vjp = jax.vjp(fn, *primals)
+    out_dtype = jnp.dtype(out.dtype).name
+    grads = {}
+    if diff_names:
+        ct = jnp.asarray(_cotangent(tuple(out.shape), seed, out_dtype), out.dtype)
+        for name, g in zip(diff_names, vjp(ct), strict=True):
+            grads[name] = np.asarray(g).astype(np.float64)
+    return np.asarray(out).astype(np.float64), out_dtype, grads
+
+
+def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    finite = np.isfinite(ref) & np.isfinite(ours)
+    if not finite.any():
+        return 0.0, 0.0
+    diff = np.abs(ours[finite] - ref[finite])
+    rel = diff / np.maximum(np.abs(ref[finite]), np.finfo(np.float64).tiny)
+    return float(diff.max()), float(np.where(diff == 0, 0.0, rel).max())
+
+
+def _placement(name: str, ours: np.ndarray, ref: np.ndarray) -> str:
+    if ours.shape != ref.shape:
+        return f"{name}: shape {ours.shape} != torch's {ref.shape}"
+    for label, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        if not np.array_equal(test(ours), test(ref)):
+            return f"{name}: {label} placement differs from torch"
+    return ""
+
+
+def judge(
+    name: str,
+    ours: np.ndarray,
+    theirs: np.ndarray,
+    dtype: str,
+    truth: np.ndarray | None = None,
+    margin: float = 2.0,
+) -> Check:
+    """Compares one quantity; ``truth`` (float64) is required for bfloat16/float16."""
+    problem = _placement(name, ours, theirs)
+    if problem:
+        return Check(name, False, message=problem)
+    if dtype in ROUNDOFF:
+        if truth is None:
+            raise ValueError(f"judging {dtype} needs a float64 truth")
+        problem = _placement(name, ours, truth)
+        if problem:
+            return Check(name, False, message=problem + " (float64 truth)")
+        max_abs, max_rel = _errors(ours, truth)
+        torch_err, _ = _errors(theirs, truth)
+        finite = truth[np.isfinite(truth)]
+        scale = max(1.0, float(np.max(np.abs(finite), initial=0.0)))
+        bound = torch_err + margin * ROUNDOFF[dtype] * scale
+        passed = max_abs <= bound
+        msg = "" if passed else f"{name}: error {max_abs:.3g} > torch's {torch_err:.3g} + margin"
+        return Check(name, passed, max_abs, max_rel, torch_err, msg)
+    rtol, atol = TOLERANCES[dtype]
+    max_abs, max_rel = _errors(ours, theirs)
+    finite = np.isfinite(theirs)
+    ok = np.all(np.abs(ours[finite] - theirs[finite]) <= atol + rtol * np.abs(theirs[finite]))
+    msg = "" if ok else f"{name}: max abs error {max_abs:.3g} (rtol {rtol}, atol {atol})"
+    return Check(name, bool(ok), max_abs, max_rel, None, msg)
+
+
+def compare(
+    jax_fn: Callable[..., Any],
+    torch_fn: Callable[..., Any],
+    inputs: Mapping[str, Any],
+    grad_wrt: Sequence[str] = (),
+    dtype: str = "float32",
+    transform: str = "eager",
+    batched: Sequence[str] = (),
+    seed: int = 0,
+    margin: float = 2.0,
+) -> Result:
+    """Runs both functions on the same inputs and judges outputs and gradients.
+
+    Args:
+      jax_fn: called with the inputs as keyword arguments (JAX arrays).
+      torch_fn: called with the same keywords (torch tensors).
+      inputs: name -> NumPy array. Floating arrays are cast to ``dtype`` for both sides.
+      grad_wrt: names of floating inputs to differentiate with respect to.
+      dtype: one of ``DTYPES``.
+      transform: 'eager', 'jit' (``jax.jit``) or 'vmap' (``jax.vmap`` over the leading
+        axis of the ``batched`` inputs; torch loops over it).
+      batched: with ``transform='vmap'``, the inputs that carry the extra leading axis.
+      seed: seeds the cotangent used for the gradients.
+      margin: the three-way rule's margin, in units of the dtype's unit roundoff.
+
+    Returns:
+      A :class:`Result`; ``result.passed`` and ``result.message`` say what happened.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype='float64' needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
+            "before creating arrays"
+        )
+    inputs = _as_inputs(inputs, dtype)
+    torch_batched = batched if transform == "vmap" else ()
+    try:
+        t_out, t_dtype, t_grads = run_torch(torch_fn, inputs, grad_wrt, dtype, seed, torch_batched)
+        torch_error = None
+    except Exception as e:
+        torch_error = e
+    try:
+        j_out, j_dtype, j_grads = run_jax(jax_fn, inputs, grad_wrt, dtype, seed, transform, batched)
+        jax_error = None
+    except (TypeError, ValueError, IndexError) as e:
+        jax_error = e
+    if torch_error is not None or jax_error is not None:
+        both = torch_error is not None and jax_error is not None
+        if both:
+            msg = f"both raise: torch {type(torch_error).__name__}, jax {type(jax_error).__name__}: {jax_error}"
+        elif torch_error is not None:
+            msg = f"torch raises {type(torch_error).__name__}: {torch_error}; jax returns a value"
+        else:
+            msg = f"jax raises {type(jax_error).__name__}: {jax_error}; torch returns a value"
+        return Result(both, [], error_parity=both, message=msg)
+
+    checks = []
+    if j_dtype != t_dtype:
+        checks.append(Check("dtype", False, message=f"output dtype {j_dtype} != torch's {t_dtype}"))
+    truth_out, truth_grads = None, {}
+    if dtype in ROUNDOFF:
+        truth_out, _, truth_grads = run_torch(
+            torch_fn, inputs, grad_wrt, "float64", seed, torch_batched, cotangent_dtype=t_dtype
+        )
+    checks.append(judge("output", j_out, t_out, dtype, truth_out, margin))
+    for name in grad_wrt:
+        checks.append(
+            judge(f"d/d{name}", j_grads[name], t_grads[name], dtype, truth_grads.get(name), margin)
+        )
+    passed = all(c.passed for c in checks)
+    message = "; ".join(c.message for c in checks if c.message)
+    return Result(passed, checks, message=message)
+
+
+def worst(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite, default=0.0)

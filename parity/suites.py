@@ -1,0 +1,357 @@
+"""The built-in case grids. A suite is a function returning a list of :class:`Case`.
+
+Adding a function to the harness takes a few lines: write a generator of cases (a JAX
+callable, its torch counterpart and NumPy inputs) and register it in ``SUITES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import jaxce
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    category: str
+    dtype: str
+    jax_fn: Callable[..., Any]
+    torch_fn: Callable[..., Any]
+    inputs: dict[str, np.ndarray]
+    grad_wrt: Sequence[str] = ()
+    transform: str = "eager"
+    batched: Sequence[str] = ()
+
+
+def _rng(*key: Any) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+# --------------------------------------------------------------------------------------
+# jaxce.cross_entropy vs torch.nn.functional.cross_entropy
+# --------------------------------------------------------------------------------------
+
+# (name, input shape in jaxce's layout, class axis)
+LAYOUTS = {
+    "(C,)": ((7,), -1),
+    "(N,C)": ((6, 7), -1),
+    "(N,C,d1)": ((3, 7, 4), 1),
+    "(N,C,d1,d2)": ((2, 7, 3, 2), 1),
+    "channels-last": ((3, 2, 4, 7), -1),
+}
+WEIGHTS = ("none", "random", "some-zero")
+IGNORES = ("absent", "present", "valid-class", "out-of-range", "all")
+REDUCTIONS = ("none", "mean", "sum")
+SMOOTHINGS = (0.0, 0.05, 1.0)
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def _torch_ce(axis: int, ndim: int, **options: Any) -> Callable[..., Any]:
+    """torch's cross_entropy on jaxce's layout: the class axis moved to dim 1 (0 if 1-D)."""
+    import torch
+
+    torch_axis = 0 if ndim == 1 else 1
+
+    def fn(input, target, weight=None):
+        x = torch.movedim(input, axis, torch_axis)
+        if target.dtype.is_floating_point:
+            target = torch.movedim(target, axis, torch_axis)
+        return torch.nn.functional.cross_entropy(x, target, weight, **options)
+
+    return fn
+
+
+def _jax_ce(axis: int, **options: Any) -> Callable[..., Any]:
+    def fn(input, target, weight=None):
+        return jaxce.cross_entropy(input, target, weight, axis=axis, **options)
+
+    return fn
+
+
+def _weight(rng: np.random.Generator, mode: str, num_classes: int) -> np.ndarray | None:
+    if mode == "none":
+        return None
+    w = rng.uniform(0.25, 3.0, num_classes)
+    if mode == "some-zero":
+        w[::2] = 0.0
+    return w
+
+
+def _index_target(rng, shape, axis, mode):
+    num_classes = shape[axis]
+    tshape = tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
+    y = rng.integers(0, num_classes, tshape)
+    if mode == "absent":
+        return y, -100
+    if mode == "present":
+        mask = rng.random(tshape) < 0.3
+        mask.flat[0] = True
+        if y.size > 1:
+            mask.flat[-1] = False
+        return np.where(mask, -100, y), -100
+    if mode == "valid-class":
+        y.flat[0] = 2
+        return y, 2
+    if mode == "out-of-range":
+        return y, 255
+    return np.full(tshape, -1), -1  # "all"
+
+
+def _prob_target(rng, shape, axis):
+    t = rng.random(shape)
+    return t / t.sum(axis=axis, keepdims=True)
+
+
+def ce_case(
+    *,
+    kind: str,
+    layout: str,
+    weight: str,
+    ignore: str,
+    reduction: str,
+    smoothing: float,
+    dtype: str,
+    transform: str = "eager",
+    category: str | None = None,
+) -> Case:
+    shape, axis = LAYOUTS[layout]
+    rng = _rng(kind, layout, weight, ignore, reduction, smoothing)
+    x = rng.standard_normal(shape) * 2
+    w = _weight(rng, weight, shape[axis])
+    if kind == "index":
+        target, ii = _index_target(rng, shape, axis, ignore)
+        grad_wrt = ("input",)
+    else:
+        target, ii = _prob_target(rng, shape, axis), -100
+        grad_wrt = ("input", "target")
+    options = dict(ignore_index=ii, reduction=reduction, label_smoothing=smoothing)
+    inputs = {"input": x, "target": target}
+    if w is not None:
+        inputs["weight"] = w
+    batched: tuple[str, ...] = ()
+    if transform == "vmap":
+        # An extra leading axis of 2 on input and target; the weight is shared.
+        inputs["input"] = np.stack([x, _rng("vmap", layout).standard_normal(shape) * 2])
+        other = (
+            _index_target(_rng("vmap-t", layout), shape, axis, ignore)[0]
+            if kind == "index"
+            else _prob_target(_rng("vmap-t", layout), shape, axis)
+        )
+        inputs["target"] = np.stack([target, other])
+        batched = ("input", "target")
+    ident = (
+        f"{kind}|{layout}|w={weight}|"
+        + (f"ii={ignore}|" if kind == "index" else "")
+        + f"{reduction}|ls={smoothing}|{dtype}|{transform}"
+    )
+    return Case(
+        id=ident,
+        category=category or f"{kind} targets",
+        dtype=dtype,
+        jax_fn=_jax_ce(axis, **options),
+        torch_fn=_torch_ce(axis, len(shape), **options),
+        inputs=inputs,
+        grad_wrt=grad_wrt,
+        transform=transform,
+        batched=batched,
+    )
+
+
+def cross_entropy_suite() -> list[Case]:
+    cases = []
+    # A. Every option combination, every layout, in float64 (eager).
+    for layout, weight, ignore, reduction, eps in itertools.product(
+        LAYOUTS, WEIGHTS, IGNORES, REDUCTIONS, SMOOTHINGS
+    ):
+        cases.append(
+            ce_case(kind="index", layout=layout, weight=weight, ignore=ignore,
+                    reduction=reduction, smoothing=eps, dtype="float64")
+        )  # fmt: skip
+    for layout, weight, reduction, eps in itertools.product(
+        LAYOUTS, WEIGHTS, REDUCTIONS, SMOOTHINGS
+    ):
+        cases.append(
+            ce_case(kind="prob", layout=layout, weight=weight, ignore="absent",
+                    reduction=reduction, smoothing=eps, dtype="float64")
+        )  # fmt: skip
+    # B. The other dtypes on a slice of the options (every layout and reduction).
+    for dtype, layout, weight, ignore, reduction, eps in itertools.product(
+        DTYPES[1:], LAYOUTS, ("none", "random"), ("absent", "present"), REDUCTIONS, (0.0, 0.05)
+    ):
+        cases.append(
+            ce_case(kind="index", layout=layout, weight=weight, ignore=ignore,
+                    reduction=reduction, smoothing=eps, dtype=dtype)
+        )  # fmt: skip
+    for dtype, layout, weight, reduction, eps in itertools.product(
+        DTYPES[1:], LAYOUTS, ("none", "random"), REDUCTIONS, (0.0, 0.05)
+    ):
+        cases.append(
+            ce_case(kind="prob", layout=layout, weight=weight, ignore="absent",
+                    reduction=reduction, smoothing=eps, dtype=dtype)
+        )  # fmt: skip
+    # C. Transforms: jit and vmap over an extra leading axis.
+    for transform, dtype, layout, weight, ignore, reduction, eps in itertools.product(
+        ("jit", "vmap"), ("float64", "float32"), LAYOUTS, ("none", "random"),
+        ("present", "all"), REDUCTIONS, (0.0, 0.05),
+    ):  # fmt: skip
+        cases.append(
+            ce_case(kind="index", layout=layout, weight=weight, ignore=ignore,
+                    reduction=reduction, smoothing=eps, dtype=dtype, transform=transform,
+                    category=f"transform: {transform}")
+        )  # fmt: skip
+    for transform, dtype, layout, reduction in itertools.product(
+        ("jit", "vmap"), ("float64", "float32"), LAYOUTS, REDUCTIONS
+    ):
+        cases.append(
+            ce_case(kind="prob", layout=layout, weight="random", ignore="absent",
+                    reduction=reduction, smoothing=0.05, dtype=dtype, transform=transform,
+                    category=f"transform: {transform}")
+        )  # fmt: skip
+    cases += edge_cases()
+    cases += error_cases()
+    cases += module_cases()
+    return cases
+
+
+def _simple(ident, category, dtype, x, target, axis=-1, weight=None, **options) -> Case:
+    inputs = {"input": x, "target": target}
+    if weight is not None:
+        inputs["weight"] = weight
+    prob = np.issubdtype(np.asarray(target).dtype, np.floating)
+    return Case(
+        id=f"{ident}|{dtype}",
+        category=category,
+        dtype=dtype,
+        jax_fn=_jax_ce(axis, **options),
+        torch_fn=_torch_ce(axis, np.ndim(x), **options),
+        inputs=inputs,
+        grad_wrt=("input", "target") if prob else ("input",),
+    )
+
+
+def edge_cases() -> list[Case]:
+    cases = []
+    for dtype, reduction, eps in itertools.product(DTYPES, REDUCTIONS, (0.0, 0.3)):
+        rng = _rng("edge", dtype, reduction, eps)
+        opts = dict(reduction=reduction, label_smoothing=eps)
+        x = rng.standard_normal((5, 6))
+        y = rng.integers(0, 6, 5)
+        x_inf = x.copy()
+        x_inf[np.arange(5), (y + 1) % 6] = -np.inf  # -inf in non-target classes
+        cases.append(
+            _simple(f"-inf non-target|{reduction}|ls={eps}", "edge inputs", dtype, x_inf, y, **opts)
+        )
+        big = rng.standard_normal((5, 6)) * 1e4
+        if dtype in ("float64", "float32"):
+            cases.append(
+                _simple(f"±1e4 logits|{reduction}|ls={eps}", "edge inputs", dtype, big, y, **opts)
+            )
+        cases.append(
+            _simple(
+                f"C=1|{reduction}|ls={eps}",
+                "edge inputs",
+                dtype,
+                x[:, :1],
+                np.zeros(5, np.int64),
+                **opts,
+            )
+        )
+        cases.append(
+            _simple(
+                f"N=0|{reduction}|ls={eps}",
+                "edge inputs",
+                dtype,
+                np.zeros((0, 6)),
+                np.zeros(0, np.int64),
+                **opts,
+            )
+        )
+        odd_x = rng.standard_normal((3, 423))
+        odd_y = rng.integers(0, 423, 3)
+        cases.append(
+            _simple(f"(3,423)|{reduction}|ls={eps}", "edge inputs", dtype, odd_x, odd_y, **opts)
+        )
+        probs = _prob_target(rng, (3, 423), -1)
+        cases.append(
+            _simple(
+                f"(3,423) prob|{reduction}|ls={eps}", "edge inputs", dtype, odd_x, probs, **opts
+            )
+        )
+    return cases  # fmt: skip
+
+
+def error_cases() -> list[Case]:
+    """Combinations torch rejects: jaxce must reject them too."""
+    rng = _rng("errors")
+    x = rng.standard_normal((4, 3))
+    y = np.array([0, 1, 2, 0])
+    p = _prob_target(rng, (4, 3), -1)
+    bad = [
+        ("prob target with ignore_index>=0", dict(target=p, ignore_index=0)),
+        ("label_smoothing>1 (index)", dict(target=y, label_smoothing=1.5)),
+        ("label_smoothing>1 (prob)", dict(target=p, label_smoothing=1.5)),
+        ("reduction='avg'", dict(target=y, reduction="avg")),
+        ("weight of length 2", dict(target=y, weight=np.ones(2))),
+        ("weight of shape (1,3)", dict(target=y, weight=np.ones((1, 3)))),
+        ("batch size mismatch", dict(target=y[:3])),
+        ("multi-target (N,2)", dict(target=np.zeros((4, 2), np.int64))),
+        ("index target out of range", dict(target=np.array([0, 3, 1, 0]))),
+        ("negative index target", dict(target=np.array([0, -2, 1, 0]))),
+        ("integer target of input's shape", dict(target=np.zeros((4, 3), np.int64))),
+    ]
+    cases = []
+    for ident, kw in bad:
+        target = kw.pop("target")
+        weight = kw.pop("weight", None)
+        case = _simple(ident, "error parity", "float64", x, target, weight=weight, **kw)
+        case.grad_wrt = ()
+        cases.append(case)
+    return cases
+
+
+def module_cases() -> list[Case]:
+    """jaxce.CrossEntropyLoss vs torch.nn.CrossEntropyLoss."""
+    import torch
+
+    cases = []
+    for reduction, eps, weighted in itertools.product(REDUCTIONS, (0.0, 0.1), (False, True)):
+        rng = _rng("module", reduction, eps, weighted)
+        x = rng.standard_normal((2, 5, 3))
+        y = rng.integers(0, 5, (2, 3))
+        y[0, 0] = -100
+        w = rng.uniform(0.5, 2.0, 5) if weighted else None
+
+        def jax_fn(input, target, weight=None, reduction=reduction, eps=eps):
+            return jaxce.CrossEntropyLoss(weight, reduction=reduction, label_smoothing=eps, axis=1)(
+                input, target
+            )
+
+        def torch_fn(input, target, weight=None, reduction=reduction, eps=eps):
+            return torch.nn.CrossEntropyLoss(weight, reduction=reduction, label_smoothing=eps)(
+                input, target
+            )
+
+        inputs = {"input": x, "target": y} | ({"weight": w} if weighted else {})
+        for dtype in ("float64", "float32"):
+            cases.append(
+                Case(
+                    id=f"CrossEntropyLoss|{reduction}|ls={eps}|weighted={weighted}|{dtype}",
+                    category="module",
+                    dtype=dtype,
+                    jax_fn=jax_fn,
+                    torch_fn=torch_fn,
+                    inputs=inputs,
+                    grad_wrt=("input",),
+                )
+            )
+    return cases  # fmt: skip
+
+
+SUITES: dict[str, Callable[[], list[Case]]] = {"cross_entropy": cross_entropy_suite}
