@@ -354,4 +354,71 @@ def module_cases() -> list[Case]:
     return cases  # fmt: skip
 
 
-SUITES: dict[str, Callable[[], list[Case]]] = {"cross_entropy": cross_entropy_suite}
+def linear_cross_entropy_suite() -> list[Case]:
+    """jaxce.linear_cross_entropy vs torch.nn.functional.linear_cross_entropy."""
+    import torch
+
+    cases = []
+    grid = itertools.product(
+        REDUCTIONS,
+        (0.0, 0.1),
+        ("none", "random"),
+        (False, True),
+        ("float64", "float32", "bfloat16"),
+    )
+    for reduction, eps, weight, with_bias, dtype in grid:
+        rng = _rng("linear", reduction, eps, weight, with_bias)
+        n, d, v = 9, 16, 517  # v spans several chunks and a remainder
+        hidden = rng.standard_normal((n, d))
+        kernel = rng.standard_normal((d, v)) * d**-0.5
+        y = rng.integers(0, v, n)
+        y[2] = -100
+        inputs = {"hidden": hidden, "kernel": kernel, "target": y}
+        if with_bias:
+            inputs["bias"] = rng.standard_normal(v) * 0.1
+        if weight == "random":
+            inputs["weight"] = rng.uniform(0.25, 3.0, v)
+
+        def jax_fn(hidden, kernel, target, bias=None, weight=None, reduction=reduction, eps=eps):
+            return jaxce.linear_cross_entropy(
+                hidden,
+                kernel,
+                target,
+                weight,
+                reduction=reduction,
+                label_smoothing=eps,
+                bias=bias,
+                chunk_size=128,
+            )
+
+        def torch_fn(hidden, kernel, target, bias=None, weight=None, reduction=reduction, eps=eps):
+            return torch.nn.functional.linear_cross_entropy(
+                hidden,
+                kernel.T,
+                target,
+                linear_bias=bias,
+                weight=weight,
+                reduction=reduction,
+                ignore_index=-100,
+                label_smoothing=eps,
+            )
+
+        grad_wrt = ("hidden", "kernel") + (("bias",) if with_bias else ())
+        cases.append(
+            Case(
+                id=f"linear|{reduction}|ls={eps}|w={weight}|bias={with_bias}|{dtype}",
+                category="linear_cross_entropy",
+                dtype=dtype,
+                jax_fn=jax_fn,
+                torch_fn=torch_fn,
+                inputs=inputs,
+                grad_wrt=grad_wrt,
+            )
+        )
+    return cases  # fmt: skip
+
+
+SUITES: dict[str, Callable[[], list[Case]]] = {
+    "cross_entropy": cross_entropy_suite,
+    "linear_cross_entropy": linear_cross_entropy_suite,
+}

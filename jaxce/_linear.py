@@ -1,0 +1,311 @@
+"""Fused linear + cross-entropy that never materialises the ``[tokens, vocab]`` logits.
+
+``linear_cross_entropy(hidden, kernel, target)`` equals
+``cross_entropy(hidden @ kernel + bias, target)`` but walks the vocabulary in chunks:
+
+* forward: one pass over vocabulary chunks with an online log-sum-exp (running max and
+  rescaled sum), also picking the target logit and, with smoothing, ``Σ_c w_c z_c``;
+  only per-token statistics are kept;
+* backward: a second pass recomputes each chunk's logits, forms its logit gradient
+  ``dz = p coef - a onehot - b w`` in float32, writes the finished ``dkernel`` (and
+  ``dbias``/``dweight``) slice for that chunk, and accumulates ``dhidden`` in float32.
+
+Live memory is a few ``[tokens, chunk]`` float32 blocks plus a float32 ``[tokens, D]``
+accumulator: no ``[tokens, vocab]`` array and no float32 copy of the kernel. Matmuls run
+in the input dtype with float32 accumulation (``preferred_element_type``); softmax math is
+float32; gradients come back in the inputs' dtypes. The cost is one extra matmul (the
+recomputed logits): four instead of three.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxce import _validate
+from jaxce._core import _checked_eps, target_info, target_weight
+from jaxce._reduction import index_denominator, reduce_loss
+from jaxce._validate import compute_dtype
+
+# Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _auto_chunk(num_tokens: int, vocab: int) -> int:
+    chunk = _CHUNK_BYTES // (4 * max(num_tokens, 1))
+    chunk = max(128, (chunk // 128) * 128)
+    return int(min(chunk, vocab))
+
+
+def _chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
+    """Static (start, size) list: full chunks, then the remainder."""
+    starts = list(range(0, vocab, chunk))
+    return [(s, min(chunk, vocab - s)) for s in starts]
+
+
+def _kernel_chunk(kernel, start, size):
+    """``kernel[:, start:start+size]``; 16-bit kernels are sliced as integer bits.
+
+    XLA CPU computes 16-bit dots in float32: with a plain slice it rewrites
+    ``convert(slice(kernel))`` into ``slice(convert(kernel))`` and hoists the upcast out
+    of the loop, a float32 copy of the whole kernel (+2 GiB at 4,096 x 131,072). Slicing
+    the bits avoids that, at the price of one 16-bit bitcast copy of the kernel on CPU
+    (+1 GiB there; see the issue notes).
+    """
+    if kernel.dtype.itemsize != 2:
+        return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
+    bits = lax.bitcast_convert_type(kernel, jnp.uint16)
+    chunk = lax.dynamic_slice_in_dim(bits, start, size, axis=1)
+    return lax.bitcast_convert_type(chunk, kernel.dtype)
+
+
+def _logits(hidden, kernel, bias, start, size, dtype):
+    """``hidden @ kernel[:, start:start+size] + bias[...]`` in float32 (``dtype``)."""
+    k = _kernel_chunk(kernel, start, size)
+    z = lax.dot_general(hidden, k, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+    if bias is not None:
+        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(dtype)[None, :]
+    return z
+
+
+def _loop(chunks, body, carry):
+    """Runs ``body(start, size, carry)`` over static chunks: a fori_loop over the full
+    ones (a dynamic start), then the remainder."""
+    if not chunks:
+        return carry
+    full = [c for c in chunks if c[1] == chunks[0][1]]
+    size = chunks[0][1]
+    if len(full) > 1:
+        carry = lax.fori_loop(0, len(full), lambda i, c: body(i * size, size, c), carry)
+    else:
+        carry = body(0, size, carry)
+    for start, rest in chunks[len(full) :]:
+        carry = body(start, rest, carry)
+    return carry
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _linear_index_loss(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
+    return _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index)[0]
+
+
+def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
+    eps = _checked_eps(eps)
+    dtype = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], kernel.shape[1]
+    valid, in_range, idx = target_info(target, vocab, ignore_index)
+    w = None if weight is None else weight.astype(dtype)
+
+    def body(start, size, carry):
+        m, s, z_y, wz = carry
+        z = _logits(hidden, kernel, bias, start, size, dtype)
+        new_m = jnp.maximum(m, jnp.max(z, axis=1))
+        safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
+        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
+        local = idx - start
+        here = (local >= 0) & (local < size)
+        picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
+        z_y = z_y + jnp.where(here, picked, jnp.zeros_like(picked))
+        if eps is not None:
+            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            wz = wz + jnp.sum(wc * z, axis=1)
+        return new_m, s, z_y, wz
+
+    zeros = jnp.zeros((n,), dtype)
+    init = (jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
+    m, s, z_y, wz = _loop(_chunks(vocab, chunk), body, init)
+    lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
+    nll = lse - z_y
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
+    loss = w_y * nll
+    smooth = None
+    if eps is not None:
+        sum_w = jnp.asarray(vocab, dtype) if w is None else jnp.sum(w)
+        smooth = lse * sum_w - wz  # Σ_c w_c (lse - z_c)
+        e = eps.astype(dtype)
+        loss = (1 - e) * loss + jnp.where(e > 0, (e / vocab) * smooth, jnp.zeros_like(smooth))
+    loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+    return loss, (hidden, kernel, bias, target, weight, eps, lse, nll, smooth)
+
+
+def _bwd(chunk, ignore_index, res, g):
+    hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
+    dtype = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], kernel.shape[1]
+    valid, in_range, idx = target_info(target, vocab, ignore_index)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
+    g = g.astype(dtype)
+    zero = jnp.zeros_like(lse)
+    keep = 1 if eps is None else 1 - eps.astype(dtype)
+    a = jnp.where(valid, g * w_y * keep, zero)
+    b = None if eps is None else jnp.where(valid, g * (eps.astype(dtype) / vocab), zero)
+    w = None if weight is None else weight.astype(dtype)
+    sum_w = jnp.asarray(vocab, dtype) if w is None else jnp.sum(w)
+    coef = a if b is None else a + b * sum_w
+    lse_sel = jnp.where(valid, lse, lse + jnp.inf)  # ignored rows: p = 0
+
+    def body(start, size, carry):
+        dh, dk, db, dw = carry
+        z = _logits(hidden, kernel, bias, start, size, dtype)
+        dz = jnp.exp(z - lse_sel[:, None]) * coef[:, None]
+        cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+        dz = dz - jnp.where(cls == idx[:, None], a[:, None], 0)
+        if b is not None:
+            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            dz = dz - b[:, None] * wc
+        dz_in = dz.astype(hidden.dtype)
+        k = _kernel_chunk(kernel, start, size)
+        dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+        dk_c = lax.dot_general(
+            hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
+        if dw is not None:
+            # d l_n / d w_c = (1 - eps) nll_n [y_n = c] + (eps / V) (lse_n - z_nc), valid n.
+            onehot_term = jnp.where(
+                cls == idx[:, None], jnp.where(valid, g * keep * nll, zero)[:, None], 0
+            )
+            dw_c = jnp.sum(onehot_term, axis=0)
+            if b is not None:
+                gap = jnp.where(valid[:, None], b[:, None] * (lse[:, None] - z), 0)
+                dw_c = dw_c + jnp.sum(gap, axis=0)
+            dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
+        return dh, dk, db, dw
+
+    init = (
+        jnp.zeros((n, hidden.shape[1]), dtype),
+        jnp.zeros_like(kernel),
+        None if bias is None else jnp.zeros_like(bias),
+        None if weight is None else jnp.zeros_like(weight),
+    )
+    dh, dk, db, dw = _loop(_chunks(vocab, chunk), body, init)
+    deps = None
+    if eps is not None:
+        per = jnp.where(valid, g * (smooth / vocab - w_y * nll), zero)
+        deps = jnp.sum(per).astype(eps.dtype)
+    return dh.astype(hidden.dtype), dk, db, None, dw, deps
+
+
+_linear_index_loss.defvjp(_fwd, _bwd)
+
+
+def linear_cross_entropy(
+    hidden: jax.typing.ArrayLike,
+    kernel: jax.typing.ArrayLike,
+    target: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float | jax.typing.ArrayLike = 0.0,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
+
+    Equal (to float tolerance) to ``cross_entropy(hidden @ kernel + bias, target, weight,
+    ignore_index, reduction, label_smoothing)`` for every option, with memory that does not
+    grow with ``tokens x vocab``: the vocabulary is processed in chunks in the forward pass
+    (online log-sum-exp) and again in the backward pass (recomputing each chunk's logits).
+
+    Args:
+      hidden: ``[..., D]`` activations (float16/bfloat16/float32/float64).
+      kernel: ``[D, V]`` output projection (Flax ``Dense`` layout; tied embeddings pass
+        ``embedding.T``). Same dtype as ``hidden``.
+      target: ``[...]`` integer class indices (``hidden``'s shape without ``D``).
+      weight: optional ``[V]`` per-class weights.
+      ignore_index, reduction, label_smoothing: as in :func:`jaxce.cross_entropy`.
+      bias: optional ``[V]`` bias.
+      chunk_size: vocabulary chunk; default: about 64 MiB of float32 logits per chunk.
+
+    Returns:
+      The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxce
+      >>> h = jax.random.normal(jax.random.key(0), (8, 16))
+      >>> k = jax.random.normal(jax.random.key(1), (16, 1000)) * 0.1
+      >>> y = jnp.arange(8)
+      >>> fused = jaxce.linear_cross_entropy(h, k, y, chunk_size=256)
+      >>> bool(jnp.allclose(fused, jaxce.cross_entropy(h @ k, y), rtol=1e-5))
+      True
+
+    PyTorch equivalent:
+      ``torch.nn.functional.linear_cross_entropy(hidden, kernel.T, target, bias, ...)``
+      (torch's weight has the ``[V, D]`` layout).
+    """
+    hidden = _validate.check_input(hidden)
+    kernel = _validate._as_array(kernel, "kernel")
+    if not _validate._is_float_dtype(kernel.dtype):
+        raise TypeError(
+            f"kernel must have a floating dtype; got {_validate._dtype_name(kernel.dtype)}"
+        )
+    if kernel.dtype != hidden.dtype:
+        raise TypeError(
+            f"kernel must have hidden's dtype {_validate._dtype_name(hidden.dtype)}; got "
+            f"{_validate._dtype_name(kernel.dtype)}"
+        )
+    if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+        raise ValueError(
+            f"kernel must have shape (D, V) with D = hidden.shape[-1] = {hidden.shape[-1]}; "
+            f"got {tuple(kernel.shape)}"
+        )
+    vocab = kernel.shape[1]
+    reduction = _validate.check_reduction(reduction)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    eps = _validate.check_label_smoothing(label_smoothing)
+    target = _validate._as_array(target, "target")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape without D); "
+            f"got {tuple(target.shape)}"
+        )
+    if not _validate._is_int_dtype(target.dtype):
+        raise TypeError(
+            f"target must hold integer class indices; got {_validate._dtype_name(target.dtype)}"
+        )
+    weight = _validate.check_weight(weight, vocab)
+    if bias is not None:
+        bias = _validate._as_array(bias, "bias")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(
+                f"bias must have shape ({vocab},), one entry per class; got {tuple(bias.shape)}"
+            )
+        if not _validate._is_float_dtype(bias.dtype):
+            raise TypeError(
+                f"bias must have a floating dtype; got {_validate._dtype_name(bias.dtype)}"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+    _validate.check_target_values(target, vocab, ignore_index)
+    num_tokens = int(jnp.size(target)) if target.ndim else 1
+    chunk = min(chunk_size or _auto_chunk(num_tokens, vocab), max(vocab, 1))
+    return _linear(
+        hidden, kernel, bias, target, weight, eps,
+        chunk=chunk, ignore_index=ignore_index, reduction=reduction,
+    )  # fmt: skip
+
+
+@partial(jax.jit, static_argnames=("chunk", "ignore_index", "reduction"))
+def _linear(hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction):
+    shape = target.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = target.reshape(-1)
+    loss = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index)
+    denominator = None
+    if reduction == "mean":
+        valid, in_range, idx = target_info(t1, kernel.shape[1], ignore_index)
+        dtype = compute_dtype(hidden.dtype)
+        denominator = index_denominator(valid, target_weight(weight, idx, valid, in_range, dtype))
+    out = reduce_loss(loss, reduction, denominator)
+    if reduction == "none":
+        out = out.reshape(shape)
+    return out.astype(hidden.dtype)
