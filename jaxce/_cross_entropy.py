@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
-from jaxce._core import index_loss, prob_loss, target_info, target_weight
+from jaxce._core import index_loss, prob_loss
 from jaxce._reduction import index_denominator, prob_denominator, reduce_loss
 from jaxce._validate import compute_dtype, promote_float_dtypes
 
@@ -121,10 +121,8 @@ def _cross_entropy(input, target, weight, eps, *, axis, ignore_index, reduction,
         loss = index_loss(input, target, weight, eps, axis, ignore_index)
         denominator = None
         if reduction == "mean":
-            valid, in_range, idx = target_info(target, input.shape[axis], ignore_index)
-            dtype = compute_dtype(input.dtype)
             denominator = index_denominator(
-                valid, target_weight(weight, idx, valid, in_range, dtype)
+                target, weight, input.shape[axis], ignore_index, compute_dtype(input.dtype)
             )
     return reduce_loss(loss, reduction, denominator).astype(out_dtype)
 

@@ -302,9 +302,8 @@ def _linear(hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, r
     loss = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index)
     denominator = None
     if reduction == "mean":
-        valid, in_range, idx = target_info(t1, kernel.shape[1], ignore_index)
         dtype = compute_dtype(hidden.dtype)
-        denominator = index_denominator(valid, target_weight(weight, idx, valid, in_range, dtype))
+        denominator = index_denominator(t1, weight, kernel.shape[1], ignore_index, dtype)
     out = reduce_loss(loss, reduction, denominator)
     if reduction == "none":
         out = out.reshape(shape)

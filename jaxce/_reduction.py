@@ -11,13 +11,20 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
+from jaxce._core import target_info, target_weight
 
-def index_denominator(valid: Any, w_y: Any) -> Any:
+
+def index_denominator(
+    target: Any, weight: Any, num_classes: int, ignore_index: int, dtype: Any
+) -> Any:
     """``W = Σ_{n not ignored} w[y_n]`` (the count of non-ignored elements if unweighted).
 
     Not N and not Σ_c w_c: PyTorch's weighted mean. 0 (all ignored, empty batch, or zero
-    weights on every present class) makes the mean ``0 / 0 = nan``.
+    weights on every present class) makes the mean NaN. A counted out-of-range target
+    contributes NaN.
     """
+    valid, in_range, idx = target_info(target, num_classes, ignore_index)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
     return jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
 
 
