@@ -31,12 +31,12 @@ from jaxce._reduction import index_denominator, reduce_loss
 from jaxce._validate import compute_dtype
 
 # Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 16 * 2**20
 
 
 def _auto_chunk(num_tokens: int, vocab: int) -> int:
     chunk = _CHUNK_BYTES // (4 * max(num_tokens, 1))
-    chunk = max(128, (chunk // 128) * 128)
+    chunk = max(256, (chunk // 128) * 128)
     return int(min(chunk, vocab))
 
 
@@ -221,7 +221,8 @@ def linear_cross_entropy(
       weight: optional ``[V]`` per-class weights.
       ignore_index, reduction, label_smoothing: as in :func:`jaxce.cross_entropy`.
       bias: optional ``[V]`` bias.
-      chunk_size: vocabulary chunk; default: about 64 MiB of float32 logits per chunk.
+      chunk_size: vocabulary chunk; default: about 16 MiB of float32 logits per chunk
+        (at least 256 classes).
 
     Returns:
       The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``.
