@@ -21,3 +21,6 @@ settings.register_profile(
     "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("JAXCE_HYPOTHESIS_PROFILE", "ci"))
+
+# Scripts run in their own processes (e.g. with simulated devices), never imported here.
+collect_ignore = ["scripts"]
