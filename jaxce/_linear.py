@@ -242,15 +242,15 @@ def linear_cross_entropy(
       (torch's weight has the ``[V, D]`` layout).
     """
     hidden = _validate.check_input(hidden)
-    kernel = _validate._as_array(kernel, "kernel")
-    if not _validate._is_float_dtype(kernel.dtype):
+    kernel = _validate.as_array(kernel, "kernel")
+    if not _validate.is_float_dtype(kernel.dtype):
         raise TypeError(
-            f"kernel must have a floating dtype; got {_validate._dtype_name(kernel.dtype)}"
+            f"kernel must have a floating dtype; got {_validate.dtype_name(kernel.dtype)}"
         )
     if kernel.dtype != hidden.dtype:
         raise TypeError(
-            f"kernel must have hidden's dtype {_validate._dtype_name(hidden.dtype)}; got "
-            f"{_validate._dtype_name(kernel.dtype)}"
+            f"kernel must have hidden's dtype {_validate.dtype_name(hidden.dtype)}; got "
+            f"{_validate.dtype_name(kernel.dtype)}"
         )
     if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
         raise ValueError(
@@ -261,26 +261,26 @@ def linear_cross_entropy(
     reduction = _validate.check_reduction(reduction)
     ignore_index = _validate.check_ignore_index(ignore_index)
     eps = _validate.check_label_smoothing(label_smoothing)
-    target = _validate._as_array(target, "target")
+    target = _validate.as_array(target, "target")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape without D); "
             f"got {tuple(target.shape)}"
         )
-    if not _validate._is_int_dtype(target.dtype):
+    if not _validate.is_int_dtype(target.dtype):
         raise TypeError(
-            f"target must hold integer class indices; got {_validate._dtype_name(target.dtype)}"
+            f"target must hold integer class indices; got {_validate.dtype_name(target.dtype)}"
         )
     weight = _validate.check_weight(weight, vocab)
     if bias is not None:
-        bias = _validate._as_array(bias, "bias")
+        bias = _validate.as_array(bias, "bias")
         if tuple(bias.shape) != (vocab,):
             raise ValueError(
                 f"bias must have shape ({vocab},), one entry per class; got {tuple(bias.shape)}"
             )
-        if not _validate._is_float_dtype(bias.dtype):
+        if not _validate.is_float_dtype(bias.dtype):
             raise TypeError(
-                f"bias must have a floating dtype; got {_validate._dtype_name(bias.dtype)}"
+                f"bias must have a floating dtype; got {_validate.dtype_name(bias.dtype)}"
             )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1

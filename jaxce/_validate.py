@@ -19,16 +19,16 @@ REDUCTIONS = ("none", "mean", "sum")
 TargetKind = Literal["index", "prob"]
 
 
-def _is_float_dtype(dtype: Any) -> bool:
+def is_float_dtype(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
-def _is_int_dtype(dtype: Any) -> bool:
+def is_int_dtype(dtype: Any) -> bool:
     # bool is not an integer here: a boolean target is almost always a mask by mistake.
     return jnp.issubdtype(dtype, jnp.integer)
 
 
-def _as_array(value: Any, name: str) -> Any:
+def as_array(value: Any, name: str) -> Any:
     """Returns ``value`` as something with ``.shape``/``.dtype`` (arrays pass through)."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return value
@@ -40,13 +40,13 @@ def _as_array(value: Any, name: str) -> Any:
         raise TypeError(f"{name} must be an array; got {type(value).__name__}") from e
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:
     """PyTorch's promotion among float dtypes: f16 + bf16 -> f32, anything + f64 -> f64."""
-    names = {_dtype_name(d) for d in dtypes}
+    names = {dtype_name(d) for d in dtypes}
     if "float64" in names:
         return np.dtype(jnp.float64)
     if "float32" in names or names == {"float16", "bfloat16"}:
@@ -56,16 +56,16 @@ def promote_float_dtypes(*dtypes: Any) -> np.dtype:
 
 def compute_dtype(dtype: Any) -> np.dtype:
     """The dtype the loss is computed in: at least float32, float64 stays float64."""
-    return np.dtype(jnp.float64) if _dtype_name(dtype) == "float64" else np.dtype(jnp.float32)
+    return np.dtype(jnp.float64) if dtype_name(dtype) == "float64" else np.dtype(jnp.float32)
 
 
 def check_input(input: Any) -> Any:
     """Checks the logits: a floating array of rank >= 1."""
-    input = _as_array(input, "input")
-    if not _is_float_dtype(input.dtype):
+    input = as_array(input, "input")
+    if not is_float_dtype(input.dtype):
         raise TypeError(
             "input (the logits) must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64); got {_dtype_name(input.dtype)}"
+            f"float64); got {dtype_name(input.dtype)}"
         )
     if input.ndim == 0:
         raise ValueError(
@@ -131,9 +131,9 @@ def check_label_smoothing(label_smoothing: Any) -> Any:
         raise ValueError(
             f"label_smoothing must be a scalar; got an array of shape {label_smoothing.shape}"
         )
-    if not (_is_float_dtype(label_smoothing.dtype) or _is_int_dtype(label_smoothing.dtype)):
+    if not (is_float_dtype(label_smoothing.dtype) or is_int_dtype(label_smoothing.dtype)):
         raise TypeError(
-            "label_smoothing must have a real dtype; got " + _dtype_name(label_smoothing.dtype)
+            "label_smoothing must have a real dtype; got " + dtype_name(label_smoothing.dtype)
         )
     try:
         value = float(label_smoothing)
@@ -155,14 +155,14 @@ class TargetSpec(NamedTuple):
 
 def check_target(input: Any, target: Any, axis: int, ignore_index: int) -> tuple[Any, TargetSpec]:
     """Decides index vs probability targets (PyTorch: by shape equality) and checks them."""
-    target = _as_array(target, "target")
+    target = as_array(target, "target")
     num_classes = input.shape[axis]
     if tuple(target.shape) == tuple(input.shape):
-        if not _is_float_dtype(target.dtype):
+        if not is_float_dtype(target.dtype):
             raise TypeError(
                 f"target has the input's shape {tuple(input.shape)}, so it is read as class "
                 "probabilities and must have a floating dtype; got "
-                f"{_dtype_name(target.dtype)} (class indices have the input's shape without "
+                f"{dtype_name(target.dtype)} (class indices have the input's shape without "
                 f"the class axis: {_without_axis(input.shape, axis)})"
             )
         if ignore_index >= 0:
@@ -178,13 +178,13 @@ def check_target(input: Any, target: Any, axis: int, ignore_index: int) -> tuple
             f"the class axis {axis}) for class indices, or {tuple(input.shape)} for class "
             f"probabilities; got {tuple(target.shape)}"
         )
-    if not _is_int_dtype(target.dtype):
+    if not is_int_dtype(target.dtype):
         raise TypeError(
             "target holds class indices and must have an integer dtype; got "
-            f"{_dtype_name(target.dtype)}"
+            f"{dtype_name(target.dtype)}"
             + (
                 f" (class probabilities must have the input's shape {tuple(input.shape)})"
-                if _is_float_dtype(target.dtype)
+                if is_float_dtype(target.dtype)
                 else ""
             )
         )
@@ -198,9 +198,9 @@ def _without_axis(shape: Any, axis: int) -> tuple[int, ...]:
 def check_weight(weight: Any, num_classes: int) -> Any:
     if weight is None:
         return None
-    weight = _as_array(weight, "weight")
-    if not _is_float_dtype(weight.dtype):
-        raise TypeError(f"weight must have a floating dtype; got {_dtype_name(weight.dtype)}")
+    weight = as_array(weight, "weight")
+    if not is_float_dtype(weight.dtype):
+        raise TypeError(f"weight must have a floating dtype; got {dtype_name(weight.dtype)}")
     if tuple(weight.shape) != (num_classes,):
         raise ValueError(
             f"weight must have shape ({num_classes},), one entry per class; got "
