@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import checkify
 
 from jaxce._validate import compute_dtype, promote_float_dtypes
 
@@ -183,6 +184,27 @@ def target_weight(weight: Any, idx: Any, valid: Any, in_range: Any, dtype: Any) 
     placeholder: they are masked out everywhere."""
     w_y = jnp.ones(idx.shape, dtype) if weight is None else weight.astype(dtype)[idx]
     return jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
+
+
+def debug_check_targets(target: Any, num_classes: int, ignore_index: int) -> None:
+    """Reports an out-of-range class index under ``jax.experimental.checkify``.
+
+    A no-op unless the caller is checkified (``checkify.checkify(f,
+    errors=checkify.user_checks)``); then the error names the first bad index and its
+    flat position. Without checkify the loss and gradient are NaN instead.
+    """
+    valid, in_range, _ = target_info(target, num_classes, ignore_index)
+    bad = (valid & ~in_range).reshape(-1)
+    if bad.size == 0:
+        return
+    first = jnp.argmax(bad)
+    checkify.debug_check(
+        ~jnp.any(bad),
+        f"target holds class index {{}} at flat position {{}}, outside the valid range "
+        f"[0, {num_classes}) and not ignore_index ({ignore_index})",
+        target.reshape(-1)[first],
+        first,
+    )
 
 
 def _reduce_to_classes(v: Any, axis: int) -> Any:

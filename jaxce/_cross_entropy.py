@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
-from jaxce._core import index_loss, prob_loss
+from jaxce._core import debug_check_targets, index_loss, prob_loss
 from jaxce._reduction import index_denominator, prob_denominator, reduce_loss
 from jaxce._validate import compute_dtype, promote_float_dtypes
 
@@ -118,6 +118,7 @@ def _cross_entropy(input, target, weight, eps, *, axis, ignore_index, reduction,
         loss = prob_loss(input, target, weight, eps, axis)
         denominator = prob_denominator(loss) if reduction == "mean" else None
     else:
+        debug_check_targets(target, input.shape[axis], ignore_index)
         loss = index_loss(input, target, weight, eps, axis, ignore_index)
         denominator = None
         if reduction == "mean":

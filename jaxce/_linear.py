@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _validate
-from jaxce._core import _checked_eps, target_info, target_weight
+from jaxce._core import _checked_eps, debug_check_targets, target_info, target_weight
 from jaxce._reduction import index_denominator, reduce_loss
 from jaxce._validate import compute_dtype
 
@@ -300,6 +300,7 @@ def _linear(hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, r
     shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1)
+    debug_check_targets(t1, kernel.shape[1], ignore_index)
     loss = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index)
     denominator = None
     if reduction == "mean":

@@ -208,3 +208,29 @@ def test_float32_without_x64():
         assert grad.dtype == jnp.float32
         want = numpy_cross_entropy(np.asarray(x, np.float64), np.asarray(y), label_smoothing=0.1)
         np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_checkify_reports_the_offending_index(fused):
+    from jax.experimental import checkify
+
+    rng = rng_for("checkify")
+    h = jnp.asarray(rng.standard_normal((4, 3)))
+    k = jnp.asarray(rng.standard_normal((3, 5)))
+
+    def loss(target):
+        if fused:
+            return jaxce.linear_cross_entropy(h, k, target)
+        return jaxce.cross_entropy(h @ k, target)
+
+    checked = checkify.checkify(jax.jit(loss), errors=checkify.user_checks)
+    err, value = checked(jnp.array([0, 4, 7, -100]))
+    assert np.isnan(value)
+    message = err.get()
+    assert message is not None
+    assert "class index 7 at flat position 2, outside the valid range [0, 5)" in message
+    err, value = checked(jnp.array([0, 4, 1, -100]))
+    assert err.get() is None
+    assert np.isfinite(value)
+    # Without checkify the check is a no-op and the loss stays NaN (tested above).
+    assert np.isnan(jax.jit(loss)(jnp.array([0, 4, 7, -100])))
