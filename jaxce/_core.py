@@ -23,7 +23,7 @@ smoothing and makes the smoothed loss ``+inf`` (its gradient stays finite).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ def _weight_along(weight: Any, ndim: int, axis: int, dtype: Any) -> Any:
     return weight.astype(dtype).reshape(_class_shape(ndim, axis, weight.shape[0]))
 
 
-def _sum_weight(weight: Any, num_classes: int, dtype: Any) -> Any:
+def sum_weight(weight: Any, num_classes: int, dtype: Any) -> Any:
     return jnp.asarray(num_classes, dtype) if weight is None else jnp.sum(weight.astype(dtype))
 
 
@@ -207,6 +207,49 @@ def debug_check_targets(target: Any, num_classes: int, ignore_index: int) -> Non
     )
 
 
+class IndexGradRows(NamedTuple):
+    """Per-element coefficients of the index-target gradient w.r.t. the logits:
+    ``dz = p coef - a onehot - b w_c`` with ``p = exp(z - lse_for_p)``."""
+
+    keep: Any  # 1 - eps (1 without smoothing)
+    a: Any  # g w[y] (1 - eps): coefficient of -onehot
+    b: Any  # g eps / C: coefficient of -w_c (None without smoothing)
+    coef: Any  # a + b Σ_c w_c: coefficient of p
+    lse_for_p: Any  # lse, or +inf at ignored elements (p = 0 there)
+
+
+def index_grad_rows(g, valid, w_y, lse, eps, weight, num_classes, dtype) -> IndexGradRows:
+    """The row coefficients shared by the index backward passes (plain and fused linear).
+
+    Everything is masked with ``where``, not ``*``: ``g`` may be inf (a 'mean' with W = 0)
+    and ignored elements must still get exactly 0. ``coef`` is computed in one expression
+    rather than as ``a + b * Σw``: on CPU the latter lets XLA fuse the ``Σw`` reduction
+    into the dense backward pass and materialise its broadcasts (see the note above).
+    """
+    zero = jnp.zeros_like(lse)
+    keep = 1 if eps is None else 1 - eps.astype(dtype)
+    a = jnp.where(valid, g * w_y * keep, zero)
+    b = None
+    coef = a
+    if eps is not None:
+        per_class = eps.astype(dtype) / num_classes
+        b = jnp.where(valid, g * per_class, zero)
+        coef = jnp.where(
+            valid, g * (w_y * keep + per_class * sum_weight(weight, num_classes, dtype)), zero
+        )
+    # Ignored rows: p = exp(z - inf) = 0 for finite logits; non-finite rows stay NaN.
+    lse_for_p = jnp.where(valid, lse, lse + jnp.inf)
+    return IndexGradRows(keep, a, b, coef, lse_for_p)
+
+
+def index_eps_grad(g, valid, w_y, nll, smooth, eps, num_classes):
+    """``d/d eps`` of the index loss: ``Σ_n g_n (smooth_n / C - w[y_n] nll_n)``, valid n."""
+    if eps is None:
+        return None
+    per = jnp.where(valid, g * (smooth / num_classes - w_y * nll), jnp.zeros_like(nll))
+    return jnp.sum(per).astype(eps.dtype)
+
+
 def _reduce_to_classes(v: Any, axis: int) -> Any:
     """Sums a logits-shaped array over every axis but the class axis -> ``[C]``."""
     return jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != axis))
@@ -264,12 +307,12 @@ def _index_stats(x, target, weight, eps, axis, ignore_index):
     if eps is not None:
         # Σ_c w_c (lse - x_c) = Σ_c w_c (m - x_c) + (lse - m) Σ_c w_c: two non-negative
         # terms, no cancellation.
-        sum_w = _sum_weight(weight, num_classes, dtype)
+        sum_w = sum_weight(weight, num_classes, dtype)
         smooth = jnp.squeeze(smooth_gap + (lse - m) * sum_w, axis)
     return valid, w_y, jnp.squeeze(lse, axis), nll, smooth
 
 
-def _index_combine(valid, w_y, nll, smooth, eps, num_classes):
+def combine_index_loss(valid, w_y, nll, smooth, eps, num_classes):
     loss = w_y * nll
     if eps is not None:
         eps = eps.astype(loss.dtype)
@@ -281,9 +324,9 @@ def _index_combine(valid, w_y, nll, smooth, eps, num_classes):
 
 
 def _index_fwd(x, target, weight, eps, axis, ignore_index):
-    eps = _checked_eps(eps)
+    eps = checked_eps(eps)
     valid, w_y, lse, nll, smooth = _index_stats(x, target, weight, eps, axis, ignore_index)
-    loss = _index_combine(valid, w_y, nll, smooth, eps, x.shape[axis])
+    loss = combine_index_loss(valid, w_y, nll, smooth, eps, x.shape[axis])
     # Residuals: the inputs, plus element-sized statistics only.
     return loss, (x, target, weight, eps, lse, nll, smooth)
 
@@ -296,18 +339,9 @@ def _index_bwd(axis, ignore_index, res, g):
     w_y = target_weight(weight, idx, valid, in_range, dtype)
     g = g.astype(dtype)
     zero = jnp.zeros_like(lse)
-    keep = 1 if eps is None else 1 - eps.astype(dtype)
-    sum_w = _sum_weight(weight, num_classes, dtype)
-    # dx = a (p - onehot) + b (p Σw - w_c) = p coef - a onehot - b w_c, zero for ignored
-    # elements. `where`, not `*`: g may be inf (a 'mean' with W = 0).
-    a = jnp.where(valid, g * w_y * keep, zero)
-    b = None if eps is None else jnp.where(valid, g * (eps.astype(dtype) / num_classes), zero)
-    if eps is None:
-        coef = a
-    else:
-        coef = jnp.where(valid, g * (w_y * keep + (eps.astype(dtype) / num_classes) * sum_w), zero)
-    # Ignored rows: p = exp(x - inf) = 0 for finite logits; non-finite rows stay NaN.
-    lse_k = jnp.expand_dims(jnp.where(valid, lse, lse + jnp.inf), axis)
+    rows = index_grad_rows(g, valid, w_y, lse, eps, weight, num_classes, dtype)
+    keep, a, b, coef = rows.keep, rows.a, rows.b, rows.coef
+    lse_k = jnp.expand_dims(rows.lse_for_p, axis)
     coef_k = jnp.expand_dims(coef, axis)
     a_k = jnp.expand_dims(a, axis)
     w = _weight_along(weight, x.ndim, axis, dtype)
@@ -339,11 +373,7 @@ def _index_bwd(axis, ignore_index, res, g):
             dweight = dweight + _reduce_to_classes(gap, axis)
         dweight = dweight.astype(weight.dtype)
 
-    deps = None
-    if eps is not None:
-        # d l_n / d eps = -w[y_n] nll_n + smooth_n / C, valid n only.
-        per = jnp.where(valid, g * (smooth / num_classes - w_y * nll), zero)
-        deps = jnp.sum(per).astype(eps.dtype)
+    deps = index_eps_grad(g, valid, w_y, nll, smooth, eps, num_classes)
     return dx, None, dweight, deps
 
 
@@ -373,7 +403,7 @@ def _smoothed_target(t, eps, num_classes):
 
 
 def _prob_fwd(x, target, weight, eps, axis):
-    eps = _checked_eps(eps)
+    eps = checked_eps(eps)
     dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
     num_classes = x.shape[axis]
     _, m = _row_max(x, axis, dtype)
@@ -426,7 +456,7 @@ def _prob_bwd(axis, res, g):
 prob_loss.defvjp(_prob_fwd, _prob_bwd)
 
 
-def _checked_eps(eps: Any) -> Any:
+def checked_eps(eps: Any) -> Any:
     """A traced eps outside [0, 1] (or NaN) becomes NaN, so the loss is NaN, never finite."""
     if eps is None:
         return None

@@ -26,7 +26,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _validate
-from jaxce._core import _checked_eps, debug_check_targets, target_info, target_weight
+from jaxce._core import (
+    checked_eps,
+    combine_index_loss,
+    debug_check_targets,
+    index_eps_grad,
+    index_grad_rows,
+    sum_weight,
+    target_info,
+    target_weight,
+)
 from jaxce._reduction import index_denominator, reduce_loss
 from jaxce._validate import compute_dtype
 
@@ -93,7 +102,7 @@ def _linear_index_loss(hidden, kernel, bias, target, weight, eps, chunk, ignore_
 
 
 def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
-    eps = _checked_eps(eps)
+    eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     valid, in_range, idx = target_info(target, vocab, ignore_index)
@@ -120,14 +129,10 @@ def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     nll = lse - z_y
     w_y = target_weight(weight, idx, valid, in_range, dtype)
-    loss = w_y * nll
     smooth = None
     if eps is not None:
-        sum_w = jnp.asarray(vocab, dtype) if w is None else jnp.sum(w)
-        smooth = lse * sum_w - wz  # Σ_c w_c (lse - z_c)
-        e = eps.astype(dtype)
-        loss = (1 - e) * loss + jnp.where(e > 0, (e / vocab) * smooth, jnp.zeros_like(smooth))
-    loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+        smooth = lse * sum_weight(weight, vocab, dtype) - wz  # Σ_c w_c (lse - z_c)
+    loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
     return loss, (hidden, kernel, bias, target, weight, eps, lse, nll, smooth)
 
 
@@ -139,13 +144,9 @@ def _bwd(chunk, ignore_index, res, g):
     w_y = target_weight(weight, idx, valid, in_range, dtype)
     g = g.astype(dtype)
     zero = jnp.zeros_like(lse)
-    keep = 1 if eps is None else 1 - eps.astype(dtype)
-    a = jnp.where(valid, g * w_y * keep, zero)
-    b = None if eps is None else jnp.where(valid, g * (eps.astype(dtype) / vocab), zero)
     w = None if weight is None else weight.astype(dtype)
-    sum_w = jnp.asarray(vocab, dtype) if w is None else jnp.sum(w)
-    coef = a if b is None else a + b * sum_w
-    lse_sel = jnp.where(valid, lse, lse + jnp.inf)  # ignored rows: p = 0
+    rows = index_grad_rows(g, valid, w_y, lse, eps, weight, vocab, dtype)
+    keep, a, b, coef, lse_sel = rows
 
     def body(start, size, carry):
         dh, dk, db, dw = carry
@@ -184,10 +185,7 @@ def _bwd(chunk, ignore_index, res, g):
         None if weight is None else jnp.zeros_like(weight),
     )
     dh, dk, db, dw = _loop(_chunks(vocab, chunk), body, init)
-    deps = None
-    if eps is not None:
-        per = jnp.where(valid, g * (smooth / vocab - w_y * nll), zero)
-        deps = jnp.sum(per).astype(eps.dtype)
+    deps = index_eps_grad(g, valid, w_y, nll, smooth, eps, vocab)
     return dh.astype(hidden.dtype), dk, db, None, dw, deps
 
 

@@ -30,8 +30,8 @@ How a case is judged:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -159,22 +159,18 @@ def run_jax(
     diff_names = list(grad_wrt)
     fixed = {n: a for n, a in arrays.items() if n not in diff_names}
 
-    def fn(*diff):
-        return jax_fn(**fixed, **dict(zip(diff_names, diff, strict=True)))
+    def call(fixed_args, *diff):
+        return jax_fn(**fixed_args, **dict(zip(diff_names, diff, strict=True)))
 
-    if transform == "vmap":
-        in_axes_fixed = {n: (0 if n in batched else None) for n in fixed}
-
-        def fn(*diff):
-            def one(fixed_args, *d):
-                return jax_fn(**fixed_args, **dict(zip(diff_names, d, strict=True)))
-
-            diff_axes = tuple(0 if n in batched else None for n in diff_names)
-            return jax.vmap(one, in_axes=(in_axes_fixed, *diff_axes))(fixed, *diff)
-
+    if transform == "eager":
+        fn = partial(call, fixed)
     elif transform == "jit":
-        fn = jax.jit(fn)
-    elif transform != "eager":
+        fn = jax.jit(partial(call, fixed))
+    elif transform == "vmap":
+        fixed_axes = {n: (0 if n in batched else None) for n in fixed}
+        diff_axes = tuple(0 if n in batched else None for n in diff_names)
+        fn = partial(jax.vmap(call, in_axes=(fixed_axes, *diff_axes)), fixed)
+    else:
         raise ValueError(f"transform must be 'eager', 'jit' or 'vmap'; got {transform!r}")
     primals = [arrays[n] for n in diff_names]
     out, vjp = jax.vjp(fn, *primals)
@@ -312,8 +308,3 @@ def compare(
     passed = all(c.passed for c in checks)
     message = "; ".join(c.message for c in checks if c.message)
     return Result(passed, checks, message=message)
-
-
-def worst(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return max(finite, default=0.0)
