@@ -28,8 +28,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import checkify
 
+from jaxce._linear_map import linear_map
 from jaxce._validate import compute_dtype, promote_float_dtypes
 
 # ---------------------------------------------------------------------------------------
@@ -74,20 +76,51 @@ def sum_weight(weight: Any, num_classes: int, dtype: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
+# The bit-level spellings below are invisible to autodiff (integer intermediates would
+# silently drop derivatives), so each one is a ``linear_map`` (see ``_linear_map.py``):
+# computed as spelled, differentiated and transposed as the plain operation. A primitive,
+# unlike a nested ``custom_jvp``, cannot be inlined away by partial evaluation.
+
+
+def lean_spelling(lean, plain, res, lin):
+    """``lean(res, lin)``, linear in ``lin`` and equal to ``plain(res, lin)``, whose
+    derivatives are those of ``plain``. Both take and return tuples."""
+    avals = tuple(jax.ShapeDtypeStruct(v.shape, v.dtype) for v in lin)
+
+    def transpose(res, ct):
+        return tuple(jax.linear_transpose(lambda *v: plain(res, v), *avals)(tuple(ct)))
+
+    return linear_map(lean, transpose, tuple(res), tuple(lin))
+
+
+def _bits_to_f32(x: Any, spelling: str) -> Any:
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    if spelling == "shift":
+        bits = bits.astype(jnp.uint32) << 16
+    else:
+        bits = bits.astype(jnp.int32) * jnp.int32(65536)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _upcast_bits(x: Any, dtype: Any, spelling: str) -> Any:
+    if x.dtype != jnp.bfloat16 or dtype != jnp.float32:
+        return x.astype(dtype)
+    return lean_spelling(
+        lambda _, v: (_bits_to_f32(v[0], spelling),),
+        lambda _, v: (v[0].astype(jnp.float32),),
+        (),
+        (x,),
+    )[0]
+
+
 def _upcast_shift(x: Any, dtype: Any) -> Any:
     """Exact upcast, spelled as a bit shift for bf16 (used by the backward pass)."""
-    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
-        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
-        return lax.bitcast_convert_type(bits, jnp.float32)
-    return x.astype(dtype)
+    return _upcast_bits(x, dtype, "shift")
 
 
 def _upcast_mul(x: Any, dtype: Any) -> Any:
     """Exact upcast, spelled as an integer multiply for bf16 (used by multi-output reduces)."""
-    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
-        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.int32) * jnp.int32(65536)
-        return lax.bitcast_convert_type(bits, jnp.float32)
-    return x.astype(dtype)
+    return _upcast_bits(x, dtype, "mul")
 
 
 def _row_max(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
@@ -108,11 +141,18 @@ def _sum_exp(x: Any, m: Any, axis: int, dtype: Any) -> Any:
 
 def _add_reduce(operands: tuple[Any, ...], axis: int) -> tuple[Any, ...]:
     """Sums several same-shaped arrays over ``axis`` in one multi-output reduce (keepdims)."""
-    zeros = tuple(jnp.zeros((), op.dtype) for op in operands)
-    sums = lax.reduce(
-        operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (axis,)
-    )
-    return tuple(jnp.expand_dims(v, axis) for v in sums)
+
+    def lean(_, ops):
+        zeros = tuple(jnp.zeros((), op.dtype) for op in ops)
+        sums = lax.reduce(
+            ops, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (axis,)
+        )
+        return tuple(jnp.expand_dims(v, axis) for v in sums)
+
+    def plain(_, ops):
+        return tuple(jnp.sum(op, axis=axis, keepdims=True) for op in ops)
+
+    return lean_spelling(lean, plain, (), operands)
 
 
 def _keep_alive(value: Any, other: Any) -> Any:
@@ -136,8 +176,16 @@ def _take_class(x: Any, idx: Any, axis: int) -> Any:
     idx = jnp.expand_dims(idx, axis)
     if x.dtype.itemsize != 2:
         return jnp.take_along_axis(x, idx, axis=axis)
-    bits = lax.bitcast_convert_type(x, jnp.uint16)
-    return lax.bitcast_convert_type(jnp.take_along_axis(bits, idx, axis=axis), x.dtype)
+
+    def lean(res, v):
+        bits = lax.bitcast_convert_type(v[0], jnp.uint16)
+        picked = jnp.take_along_axis(bits, res[0], axis=axis)
+        return (lax.bitcast_convert_type(picked, v[0].dtype),)
+
+    def plain(res, v):
+        return (jnp.take_along_axis(v[0], res[0], axis=axis),)
+
+    return lean_spelling(lean, plain, (idx,), (x,))[0]
 
 
 def _put_class(dx: Any, idx: Any, value: Any, axis: int) -> Any:
@@ -260,7 +308,7 @@ def _reduce_to_classes(v: Any, axis: int) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def index_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int, ignore_index: int) -> Any:
     """Per-element loss for class-index targets; 0 at ignored elements.
 
@@ -268,6 +316,22 @@ def index_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int, ignore_ind
     for non-ignored ``n`` (``eps`` None: no smoothing term). Shape: ``target.shape``.
     """
     return _index_fwd(x, target, weight, eps, axis, ignore_index)[0]
+
+
+def _index_jvp(axis, ignore_index, primals, tangents):
+    x, target, weight, eps = primals
+    loss, res = _index_fwd(x, target, weight, eps, axis, ignore_index)
+    tangent = lean_tangent(
+        partial(_index_tangent, axis, ignore_index),
+        partial(_index_transpose, axis, ignore_index),
+        res,
+        (tangents[0], None, tangents[2], tangents[3]),
+        loss,
+    )
+    return loss, tangent
+
+
+index_loss.defjvp(_index_jvp, symbolic_zeros=True)
 
 
 def _index_stats(x, target, weight, eps, axis, ignore_index):
@@ -377,7 +441,41 @@ def _index_bwd(axis, ignore_index, res, g):
     return dx, None, dweight, deps
 
 
-index_loss.defvjp(_index_fwd, _index_bwd)
+def _index_transpose(axis, ignore_index, res, ct, present):
+    return _index_bwd(axis, ignore_index, res, ct)
+
+
+def _index_tangent(axis, ignore_index, res, tangents):
+    """``d l_n`` for tangents ``(dx, -, dweight, deps)`` (None: zero); the transpose of
+    ``_index_bwd`` in its cotangent."""
+    x, target, weight, eps, lse, nll, smooth = res
+    dx, _, dweight, deps = tangents
+    dtype = compute_dtype(x.dtype)
+    num_classes = x.shape[axis]
+    valid, in_range, idx = target_info(target, num_classes, ignore_index)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
+    zero = jnp.zeros_like(lse)
+    rows = index_grad_rows(jnp.ones_like(lse), valid, w_y, lse, eps, weight, num_classes, dtype)
+    out = zero
+    if dx is not None:
+        dxf = dx.astype(dtype)
+        p = jnp.exp(x.astype(dtype) - jnp.expand_dims(rows.lse_for_p, axis))
+        dx_y = jnp.squeeze(jnp.take_along_axis(dxf, jnp.expand_dims(idx, axis), axis), axis)
+        t = rows.coef * jnp.sum(p * dxf, axis=axis) - rows.a * dx_y
+        if rows.b is not None:
+            w = _weight_along(weight, x.ndim, axis, dtype)
+            t = t - rows.b * jnp.sum(dxf if w is None else w * dxf, axis=axis)
+        out = out + t
+    if dweight is not None:
+        dw = dweight.astype(dtype)
+        t = rows.keep * nll * dw[idx]
+        if rows.b is not None:
+            gap = jnp.expand_dims(lse, axis) - x.astype(dtype)
+            t = t + rows.b * jnp.sum(_weight_along(dw, x.ndim, axis, dtype) * gap, axis=axis)
+        out = out + jnp.where(valid, t, zero)
+    if deps is not None:
+        out = out + jnp.where(valid, smooth / num_classes - w_y * nll, zero) * deps.astype(dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,7 +483,7 @@ index_loss.defvjp(_index_fwd, _index_bwd)
 # ---------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
+@partial(jax.custom_jvp, nondiff_argnums=(4,))
 def prob_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int) -> Any:
     """Per-element loss for class-probability targets.
 
@@ -393,6 +491,17 @@ def prob_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int) -> Any:
     (``t' = t`` when ``eps`` is None). Shape: the input's shape without ``axis``.
     """
     return _prob_fwd(x, target, weight, eps, axis)[0]
+
+
+def _prob_jvp(axis, primals, tangents):
+    loss, res = _prob_fwd(*primals, axis)
+    tangent = lean_tangent(
+        partial(_prob_tangent, axis), partial(_prob_transpose, axis), res, tangents, loss
+    )
+    return loss, tangent
+
+
+prob_loss.defjvp(_prob_jvp, symbolic_zeros=True)
 
 
 def _smoothed_target(t, eps, num_classes):
@@ -453,7 +562,38 @@ def _prob_bwd(axis, res, g):
     return dx, dt, dweight, deps
 
 
-prob_loss.defvjp(_prob_fwd, _prob_bwd)
+def _prob_transpose(axis, res, ct, present):
+    return _prob_bwd(axis, res, ct)
+
+
+def _prob_tangent(axis, res, tangents):
+    """``d l_n`` for tangents ``(dx, dtarget, dweight, deps)`` (None: zero); the transpose
+    of ``_prob_bwd`` in its cotangent."""
+    x, target, weight, eps, lse, q = res
+    dx, dt, dweight, deps = tangents
+    dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
+    num_classes = x.shape[axis]
+    xc = x.astype(dtype)
+    tc = target.astype(dtype)
+    lse_k = jnp.expand_dims(lse, axis)
+    gap = lse_k - xc
+    w = _weight_along(weight, x.ndim, axis, dtype)
+    tp = _smoothed_target(tc, eps, num_classes)
+    terms = []
+    if dx is not None:
+        wt = tp if w is None else w * tp
+        terms.append((jnp.exp(xc - lse_k) * jnp.expand_dims(q, axis) - wt) * dx.astype(dtype))
+    if dt is not None:
+        keep = 1 if eps is None else 1 - eps.astype(dtype)
+        term = keep * gap * dt.astype(dtype)
+        terms.append(term if w is None else w * term)
+    if dweight is not None:
+        terms.append(_weight_along(dweight, x.ndim, axis, dtype) * tp * gap)
+    if deps is not None:
+        d_tp = 1 / num_classes - tc
+        term = (d_tp if w is None else w * d_tp) * gap * deps.astype(dtype)
+        terms.append(term)
+    return jnp.sum(sum(terms[1:], terms[0]), axis=axis)
 
 
 def checked_eps(eps: Any) -> Any:
@@ -463,3 +603,35 @@ def checked_eps(eps: Any) -> Any:
     eps = jnp.asarray(eps)
     ok = (eps >= 0) & (eps <= 1)
     return jnp.where(ok, eps, jnp.full_like(eps, jnp.nan))
+
+
+# ---------------------------------------------------------------------------------------
+# Tangents with a lean transpose
+# ---------------------------------------------------------------------------------------
+
+
+def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
+    """The loss tangent ``tangent_fn(res, tangents)``, whose transpose (used by reverse
+    mode) is the hand-written backward pass ``transpose_fn(res, ct, present)``.
+
+    ``tangents`` has one entry per differentiable input (None, a symbolic zero, or an
+    array); ``transpose_fn`` returns a cotangent for each of them (None where absent) and
+    only those with a nonzero tangent are kept. ``like``: the primal output. See
+    ``_linear_map.py`` for why this is not a ``custom_vjp``.
+    """
+    present = tuple(t is not None and not isinstance(t, SymbolicZero) for t in tangents)
+    if not any(present):
+        return jnp.zeros_like(like)
+    leaves, tree = jax.tree.flatten(res)
+    lin = tuple(t for t, p in zip(tangents, present, strict=True) if p)
+
+    def fun(leaves, lin):
+        it = iter(lin)
+        full = tuple(next(it) if p else None for p in present)
+        return (tangent_fn(jax.tree.unflatten(tree, leaves), full),)
+
+    def fun_t(leaves, cts):
+        out = transpose_fn(jax.tree.unflatten(tree, leaves), cts[0], present)
+        return tuple(o for o, p in zip(out, present, strict=True) if p)
+
+    return linear_map(fun, fun_t, leaves, lin)[0]

@@ -32,6 +32,8 @@ from jaxce._core import (
     debug_check_targets,
     index_eps_grad,
     index_grad_rows,
+    lean_spelling,
+    lean_tangent,
     sum_weight,
     target_info,
     target_weight,
@@ -62,13 +64,20 @@ def _kernel_chunk(kernel, start, size):
     ``convert(slice(kernel))`` into ``slice(convert(kernel))`` and hoists the upcast out
     of the loop, a float32 copy of the whole kernel (+2 GiB at 4,096 x 131,072). Slicing
     the bits avoids that, at the price of one 16-bit bitcast copy of the kernel on CPU
-    (+1 GiB there; see the issue notes).
+    (+1 GiB there; see the issue notes). Differentiated as the plain slice.
     """
     if kernel.dtype.itemsize != 2:
         return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
-    bits = lax.bitcast_convert_type(kernel, jnp.uint16)
-    chunk = lax.dynamic_slice_in_dim(bits, start, size, axis=1)
-    return lax.bitcast_convert_type(chunk, kernel.dtype)
+
+    def lean(res, v):
+        bits = lax.bitcast_convert_type(v[0], jnp.uint16)
+        chunk = lax.dynamic_slice_in_dim(bits, res[0], size, axis=1)
+        return (lax.bitcast_convert_type(chunk, v[0].dtype),)
+
+    def plain(res, v):
+        return (lax.dynamic_slice_in_dim(v[0], res[0], size, axis=1),)
+
+    return lean_spelling(lean, plain, (jnp.asarray(start, jnp.int32),), (kernel,))[0]
 
 
 def _logits(hidden, kernel, bias, start, size, dtype):
@@ -96,9 +105,24 @@ def _loop(chunks, body, carry):
     return carry
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@partial(jax.custom_jvp, nondiff_argnums=(6, 7))
 def _linear_index_loss(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
     return _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index)[0]
+
+
+def _jvp(chunk, ignore_index, primals, tangents):
+    loss, res = _fwd(*primals, chunk, ignore_index)
+    tangent = lean_tangent(
+        partial(_tangent, chunk, ignore_index),
+        partial(_transpose, chunk, ignore_index),
+        res,
+        tangents,
+        loss,
+    )
+    return loss, tangent
+
+
+_linear_index_loss.defjvp(_jvp, symbolic_zeros=True)
 
 
 def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
@@ -189,7 +213,57 @@ def _bwd(chunk, ignore_index, res, g):
     return dh.astype(hidden.dtype), dk, db, None, dw, deps
 
 
-_linear_index_loss.defvjp(_fwd, _bwd)
+def _transpose(chunk, ignore_index, res, ct, present):
+    return _bwd(chunk, ignore_index, res, ct)
+
+
+def _tangent(chunk, ignore_index, res, tangents):
+    """``d l_n`` for tangents ``(dhidden, dkernel, dbias, -, dweight, deps)`` (None: zero),
+    chunk by chunk like the backward pass (whose cotangent transpose it is)."""
+    hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
+    dh, dk, db, _, dw, deps = tangents
+    dtype = compute_dtype(hidden.dtype)
+    vocab = kernel.shape[1]
+    valid, in_range, idx = target_info(target, vocab, ignore_index)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
+    zero = jnp.zeros_like(lse)
+    w = None if weight is None else weight.astype(dtype)
+    keep, a, b, coef, lse_sel = index_grad_rows(
+        jnp.ones_like(lse), valid, w_y, lse, eps, weight, vocab, dtype
+    )
+    dims = (((1,), (0,)), ((), ()))
+
+    def body(start, size, acc):
+        z = _logits(hidden, kernel, bias, start, size, dtype)
+        if dh is not None or dk is not None or db is not None:
+            dz = jnp.zeros_like(z)
+            if dh is not None:
+                k = _kernel_chunk(kernel, start, size)
+                dz = dz + lax.dot_general(dh, k, dims, preferred_element_type=dtype)
+            if dk is not None:
+                k = _kernel_chunk(dk, start, size)
+                dz = dz + lax.dot_general(hidden, k, dims, preferred_element_type=dtype)
+            if db is not None:
+                dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(dtype)[None, :]
+            g = jnp.exp(z - lse_sel[:, None]) * coef[:, None]
+            cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+            g = g - jnp.where(cls == idx[:, None], a[:, None], 0)
+            if b is not None:
+                wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+                g = g - b[:, None] * wc
+            acc = acc + jnp.sum(g * dz, axis=1)
+        if dw is not None and b is not None:
+            dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
+            gap = jnp.where(valid[:, None], b[:, None] * (lse[:, None] - z), 0)
+            acc = acc + jnp.sum(dwc * gap, axis=1)
+        return acc
+
+    out = _loop(_chunks(vocab, chunk), body, zero)
+    if dw is not None:
+        out = out + jnp.where(valid, keep * nll * dw.astype(dtype)[idx], zero)
+    if deps is not None:
+        out = out + jnp.where(valid, smooth / vocab - w_y * nll, zero) * deps.astype(dtype)
+    return out
 
 
 def linear_cross_entropy(

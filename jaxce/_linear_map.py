@@ -1,0 +1,144 @@
+"""A linear map with a hand-written transpose that stays differentiable.
+
+Why: ``jax.custom_vjp`` gives the lean backward passes but refuses forward mode
+(``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``). So each loss is a ``jax.custom_jvp``
+whose tangent is :func:`linear_map` ``(fun, fun_t, res, lin)``: ``fun(res, lin)`` is linear
+in ``lin`` (the tangent computation, used by forward mode), ``fun_t(res, ct)`` is its
+transpose (the memory-lean backward pass, used by reverse mode in place of autodiff's
+transpose). ``jax.custom_derivatives.linear_call`` does the same but refuses derivatives
+with respect to ``res``, which second-order differentiation needs; here they are the
+autodiff derivatives of ``fun`` (or ``fun_t``) in ``res``, so ``jax.hessian``,
+``jax.grad(jax.grad(...))`` and Hessian-vector products work, and so does ``jax.vmap``.
+
+Rules of the primitive (``res`` and ``lin`` are flat tuples of arrays):
+
+* evaluation / lowering: ``fun(res, lin)``, inlined into the surrounding program;
+* JVP: ``P(res; dlin) + ∂_res fun(res, lin)·dres`` (the first term is the primitive again);
+* transpose in ``lin``: the primitive with ``fun`` and ``fun_t`` swapped, so transposing
+  twice gives back ``fun``;
+* batching: the primitive with ``jax.vmap``-ed functions (the transpose sums over the
+  batch for a ``lin`` input that was not batched).
+
+Under reverse mode the residuals saved for the backward pass are exactly ``res``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+Flat = tuple[Any, ...]
+FlatFn = Callable[[Flat, Flat], Flat]
+
+
+def linear_map(fun: FlatFn, fun_t: FlatFn, res: Sequence[Any], lin: Sequence[Any]) -> Flat:
+    """``fun(res, lin)``, linear in ``lin``, with transpose ``fun_t(res, ct)``.
+
+    ``res``/``lin`` are flat sequences of arrays; both functions take and return tuples.
+    ``fun_t`` must return one array per ``lin`` entry, of that entry's shape and dtype.
+    """
+    res, lin = tuple(res), tuple(lin)
+    out = jax.eval_shape(fun, res, lin)
+    out_avals = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out)
+    return tuple(
+        _linear_map_p.bind(*res, *lin, fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals)
+    )
+
+
+def _split(args, num_res):
+    return tuple(args[:num_res]), tuple(args[num_res:])
+
+
+def _impl(*args, fun, fun_t, num_res, out_avals):
+    del fun_t, out_avals
+    res, lin = _split(args, num_res)
+    return list(fun(res, lin))
+
+
+def _abstract_eval(*args, fun, fun_t, num_res, out_avals):
+    del args, fun, fun_t, num_res
+    return [jax.core.ShapedArray(a.shape, a.dtype) for a in out_avals]
+
+
+def _jvp(primals, tangents, *, fun, fun_t, num_res, out_avals):
+    res, lin = _split(primals, num_res)
+    dres, dlin = _split(tangents, num_res)
+    params = dict(fun=fun, fun_t=fun_t, num_res=num_res, out_avals=out_avals)
+    out = _linear_map_p.bind(*res, *lin, **params)
+    t_out = None
+    if any(type(t) is not ad.Zero for t in dlin):
+        dlin = [ad.instantiate_zeros(t) for t in dlin]
+        t_out = list(_linear_map_p.bind(*res, *dlin, **params))
+    if any(type(t) is not ad.Zero for t in dres):
+        # Derivative through the residuals: plain autodiff of ``fun`` (second order).
+        idx = [i for i, t in enumerate(dres) if type(t) is not ad.Zero]
+
+        def of_res(*moving):
+            full = list(res)
+            for i, v in zip(idx, moving, strict=True):
+                full[i] = v
+            return tuple(fun(tuple(full), lin))
+
+        _, t_res = jax.jvp(of_res, tuple(res[i] for i in idx), tuple(dres[i] for i in idx))
+        t_out = list(t_res) if t_out is None else [a + b for a, b in zip(t_out, t_res, strict=True)]
+    if t_out is None:  # not reached: JAX calls a JVP rule only with some nonzero tangent
+        t_out = [jnp.zeros_like(o) for o in out]
+    return out, t_out
+
+
+def _transpose(cts, *args, fun, fun_t, num_res, out_avals):
+    res, lin = _split(args, num_res)
+    if any(ad.is_undefined_primal(r) for r in res):
+        raise NotImplementedError("linear_map is not linear in its residual arguments")
+    cts = [
+        jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else ct
+        for ct, a in zip(cts, out_avals, strict=True)
+    ]
+    lin_avals = _lin_avals(lin)
+    out = _linear_map_p.bind(*res, *cts, fun=fun_t, fun_t=fun, num_res=num_res, out_avals=lin_avals)
+    grads = [o if ad.is_undefined_primal(x) else None for o, x in zip(out, lin, strict=True)]
+    return [None] * num_res + grads
+
+
+def _lin_avals(lin):
+    avals = []
+    for x in lin:
+        aval = x.aval if ad.is_undefined_primal(x) else jax.typeof(x)
+        avals.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype))
+    return tuple(avals)
+
+
+def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
+    del out_avals
+    args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
+    dims = [None if d is None else 0 for d in dims]
+    res_dims, lin_dims = _split(dims, num_res)
+    res, lin = _split(args, num_res)
+
+    def vfun(r, x):
+        return tuple(jax.vmap(fun, in_axes=(res_dims, lin_dims))(r, x))
+
+    def vfun_t(r, ct):
+        out = jax.vmap(fun_t, in_axes=(res_dims, 0))(r, ct)
+        # An unbatched linear input receives the sum over the batch.
+        return tuple(
+            o if d == 0 else jnp.sum(o, axis=0) for o, d in zip(out, lin_dims, strict=True)
+        )
+
+    out = linear_map(vfun, vfun_t, res, lin)
+    return list(out), [0] * len(out)
+
+
+_linear_map_p = Primitive("jaxce_linear_map")
+_linear_map_p.multiple_results = True
+_linear_map_p.def_impl(_impl)
+_linear_map_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[_linear_map_p] = _jvp
+ad.primitive_transposes[_linear_map_p] = _transpose
+batching.primitive_batchers[_linear_map_p] = _batch
+mlir.register_lowering(_linear_map_p, mlir.lower_fun(_impl, multiple_results=True))

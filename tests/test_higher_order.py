@@ -1,0 +1,359 @@
+"""Forward mode and second order through the lean losses, against autodiff of the plain
+formula (float64): jvp, linearize, jacfwd, jacrev(jacfwd), hessian, grad-of-grad and
+Hessian-vector products, for cross_entropy (index and probability targets) and
+linear_cross_entropy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import make_index_target, make_logits, make_prob_target, make_weight, rng_for
+from reference import plain_cross_entropy
+
+import jaxce
+from jaxce._linear_map import linear_map
+
+RTOL, ATOL = 1e-9, 1e-11
+
+TRANSFORMS = ["jvp", "linearize", "jacfwd", "jacrev_jacfwd", "hessian", "grad_grad", "hvp"]
+
+
+def _random_like(rng, tree):
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), tree)
+
+
+def _apply(transform, f, primals, rng):
+    """Runs ``transform`` on ``f(*primals)`` (any output shape) with random directions."""
+    out = jax.eval_shape(f, *primals)
+    cot = jnp.asarray(rng.standard_normal(out.shape))
+    argnums = tuple(range(len(primals)))
+
+    def scalar(*p):
+        return jnp.sum(f(*p) * cot)
+
+    v = _random_like(rng, primals)
+    if transform == "jvp":
+        return jax.jvp(f, primals, v)
+    if transform == "linearize":
+        y, f_lin = jax.linearize(f, *primals)
+        return y, f_lin(*v)
+    if transform == "jacfwd":
+        return jax.jacfwd(f, argnums)(*primals)
+    if transform == "jacrev_jacfwd":
+        return jax.jacrev(jax.jacfwd(scalar, argnums), argnums)(*primals)
+    if transform == "hessian":
+        return jax.hessian(scalar, argnums)(*primals)
+    if transform == "grad_grad":
+        u = _random_like(rng, primals)
+
+        def inner(*p):
+            g = jax.grad(scalar, argnums)(*p)
+            return sum(jnp.vdot(a, b) ** 2 for a, b in zip(g, u, strict=True))
+
+        return jax.grad(inner, argnums)(*primals)
+    if transform == "hvp":
+        return jax.jvp(jax.grad(scalar, argnums), primals, v)
+    raise ValueError(transform)
+
+
+def _check(transform, ours, plain, primals, seed):
+    a = _apply(transform, ours, primals, rng_for(seed))
+    b = _apply(transform, plain, primals, rng_for(seed))
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        assert np.all(np.isfinite(np.asarray(y)))
+        np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
+
+
+INDEX_CASES = [
+    # (name, shape, axis, weight, ignore, eps)
+    ("NC", (4, 5), -1, "none", "absent", None),
+    ("NC_w_eps", (4, 5), -1, "positive", "present", 0.1),
+    ("NCd_eps", (2, 5, 3), 1, "none", "present", 0.2),
+    ("C_w", (5,), -1, "positive", "absent", None),
+    ("CN_axis0_w_eps", (5, 3), 0, "some_zero", "valid_class", 0.05),
+]
+
+
+INDEX_GRID = [(*c, "mean") for c in INDEX_CASES] + [
+    (*INDEX_CASES[1], "none"),
+    (*INDEX_CASES[1], "sum"),
+]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "weight_mode", "ignore_mode", "eps", "reduction"),
+    INDEX_GRID,
+    ids=[f"{c[0]}-{c[-1]}" for c in INDEX_GRID],
+)
+def test_index_target(name, shape, axis, weight_mode, ignore_mode, eps, reduction, transform):
+    rng = rng_for("ho-index", name)
+    x = jnp.asarray(make_logits(rng, shape))
+    target, ii = make_index_target(rng, shape, axis, shape[axis], ignore_mode)
+    target = np.array(target)
+    target.flat[-1] = 1  # at least one counted element of nonzero weight: a finite mean
+    target = jnp.asarray(target)
+    weight = make_weight(rng, weight_mode, shape[axis])
+    kw = dict(ignore_index=ii, reduction=reduction, axis=axis)
+    # Differentiate with respect to every float input: logits, weight, smoothing.
+    primals = [x]
+    if weight is not None:
+        primals.append(jnp.asarray(weight))
+    if eps is not None:
+        primals.append(jnp.asarray(eps))
+
+    def split(p):
+        w = p[1] if weight is not None else None
+        e = p[-1] if eps is not None else 0.0
+        return w, e
+
+    def ours(*p):
+        w, e = split(p)
+        return jaxce.cross_entropy(p[0], target, w, label_smoothing=e, **kw)
+
+    def plain(*p):
+        w, e = split(p)
+        return plain_cross_entropy(p[0], target, w, label_smoothing=e, **kw)
+
+    _check(transform, ours, plain, tuple(primals), (name, reduction, transform))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize(
+    ("shape", "axis", "weighted", "eps", "reduction"),
+    [((4, 5), -1, False, None, "mean"), ((2, 5, 3), 1, True, 0.1, "none")],
+    ids=["NC-mean", "NCd_w_eps-none"],
+)
+def test_prob_target(shape, axis, weighted, eps, reduction, transform):
+    rng = rng_for("ho-prob", shape)
+    x = jnp.asarray(make_logits(rng, shape))
+    t = jnp.asarray(make_prob_target(rng, shape, axis))
+    primals = [x, t]
+    if weighted:
+        primals.append(jnp.asarray(make_weight(rng, "positive", shape[axis])))
+    if eps is not None:
+        primals.append(jnp.asarray(eps))
+
+    def split(p):
+        w = p[2] if weighted else None
+        e = p[-1] if eps is not None else 0.0
+        return w, e
+
+    def ours(*p):
+        w, e = split(p)
+        return jaxce.cross_entropy(p[0], p[1], w, reduction=reduction, label_smoothing=e, axis=axis)
+
+    def plain(*p):
+        w, e = split(p)
+        return plain_cross_entropy(p[0], p[1], w, reduction=reduction, label_smoothing=e, axis=axis)
+
+    _check(transform, ours, plain, tuple(primals), (shape, reduction, transform))
+
+
+LINEAR_CASES = [
+    # (name, weighted, eps, bias, ignore)
+    ("plain", False, None, False, False),
+    ("bias_ignore", False, None, True, True),
+    ("w_eps_bias", True, 0.1, True, True),
+]  # 'sum' is 'mean' times a constant; 'none' covers the per-element path
+
+
+LINEAR_GRID = [(*c, "mean") for c in LINEAR_CASES] + [(*LINEAR_CASES[2], "none")]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize(
+    ("name", "weighted", "eps", "with_bias", "ignore", "reduction"),
+    LINEAR_GRID,
+    ids=[f"{c[0]}-{c[-1]}" for c in LINEAR_GRID],
+)
+def test_linear_cross_entropy(name, weighted, eps, with_bias, ignore, reduction, transform):
+    rng = rng_for("ho-linear", name)
+    n, d, v = 5, 3, 10
+    h = jnp.asarray(rng.standard_normal((n, d)))
+    k = jnp.asarray(rng.standard_normal((d, v)) * 0.7)
+    y = rng.integers(0, v, n)
+    if ignore:
+        y[1] = -100
+    y = jnp.asarray(y)
+    primals = [h, k]
+    if with_bias:
+        primals.append(jnp.asarray(rng.standard_normal(v)))
+    if weighted:
+        primals.append(jnp.asarray(rng.uniform(0.3, 2.0, v)))
+    if eps is not None:
+        primals.append(jnp.asarray(eps))
+
+    def split(p):
+        p = list(p[2:])
+        b = p.pop(0) if with_bias else None
+        w = p.pop(0) if weighted else None
+        e = p.pop(0) if eps is not None else 0.0
+        return b, w, e
+
+    def ours(*p):
+        b, w, e = split(p)
+        return jaxce.linear_cross_entropy(
+            p[0], p[1], y, w, reduction=reduction, label_smoothing=e, bias=b, chunk_size=4
+        )
+
+    def plain(*p):
+        b, w, e = split(p)
+        logits = p[0] @ p[1] + (0.0 if b is None else b[None, :])
+        return plain_cross_entropy(logits, y, w, reduction=reduction, label_smoothing=e)
+
+    _check(transform, ours, plain, tuple(primals), (name, reduction, transform))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_low_precision_second_order_keeps_every_term(dtype, eps):
+    # The bit-level spellings used for 16-bit inputs must not hide derivatives from
+    # autodiff: the HVP of a 16-bit loss equals the float64 HVP at the same (rounded)
+    # point to the dtype's precision, and the jvp too.
+    rng = rng_for("ho-16bit", str(dtype), eps)
+    x = jnp.asarray(rng.standard_normal((8, 33)), dtype)
+    y = jnp.asarray(rng.integers(0, 33, 8))
+    v = jnp.asarray(rng.standard_normal((8, 33)), dtype)
+
+    def f(x):
+        return jaxce.cross_entropy(x, y, label_smoothing=eps)
+
+    def f64(x):
+        return plain_cross_entropy(x, y, label_smoothing=eps)
+
+    hvp = jax.jvp(jax.grad(f), (x,), (v,))[1]
+    ref = jax.jvp(jax.grad(f64), (x.astype(jnp.float64),), (v.astype(jnp.float64),))[1]
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(hvp, np.float64), ref, atol=tol * np.abs(ref).max())
+    tangent = jax.jvp(f, (x,), (v,))[1]
+    ref_t = jax.jvp(f64, (x.astype(jnp.float64),), (v.astype(jnp.float64),))[1]
+    np.testing.assert_allclose(float(tangent), float(ref_t), rtol=tol, atol=tol)
+
+
+def test_linear_bfloat16_hvp_matches_float64():
+    rng = rng_for("ho-linear-bf16")
+    h = jnp.asarray(rng.standard_normal((6, 8)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((8, 40)) * 0.3, jnp.bfloat16)
+    y = jnp.asarray(rng.integers(0, 40, 6))
+    vh = jnp.asarray(rng.standard_normal((6, 8)), jnp.bfloat16)
+    vk = jnp.asarray(rng.standard_normal((8, 40)), jnp.bfloat16)
+
+    def f(h, k):
+        return jaxce.linear_cross_entropy(h, k, y, chunk_size=16)
+
+    def f64(h, k):
+        return plain_cross_entropy(h @ k, y)
+
+    hvp = jax.jvp(jax.grad(f, (0, 1)), (h, k), (vh, vk))[1]
+    up = [a.astype(jnp.float64) for a in (h, k, vh, vk)]
+    ref = jax.jvp(jax.grad(f64, (0, 1)), tuple(up[:2]), tuple(up[2:]))[1]
+    for a, b in zip(hvp, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=3e-2 * np.abs(b).max())
+
+
+@pytest.mark.parametrize(
+    ("prob", "eps"), [(False, 0.0), (False, 0.1), (True, 0.1)], ids=["index", "index_eps", "prob"]
+)
+def test_jvp_and_vjp_are_transposes_on_edge_inputs(prob, eps):
+    # <J v, u> == <v, J^T u> with J^T the hand-written backward pass, on inputs with
+    # ignored elements and zero weights, and a -inf logit where the loss stays finite
+    # (index targets without smoothing), in float64.
+    rng = rng_for("ho-transpose", prob, eps)
+    x = np.asarray(make_logits(rng, (6, 5)))
+    if not prob and eps == 0:
+        x[2, 3] = -np.inf
+    x = jnp.asarray(x)
+    w = jnp.asarray(make_weight(rng, "some_zero", 5))
+    if prob:
+        t = jnp.asarray(make_prob_target(rng, (6, 5), -1))
+    else:
+        t = jnp.asarray(np.array([0, 1, 2, -100, 4, 1]))
+
+    def f(x, w, *e):
+        return jaxce.cross_entropy(x, t, w, reduction="none", label_smoothing=e[0] if e else 0.0)
+
+    # Smoothing is differentiated where the loss is finite (no -inf logit).
+    primals = (x, w, jnp.asarray(eps)) if eps else (x, w)
+    v = _random_like(rng, primals)
+    v = (jnp.where(jnp.isinf(x), 0.0, v[0]), *v[1:])
+    u = jnp.asarray(rng.standard_normal(6))
+    _, jv = jax.jvp(f, primals, v)
+    _, vjp = jax.vjp(f, *primals)
+    jtu = vjp(u)
+    lhs = float(jnp.vdot(jv, u))
+    rhs = sum(
+        float(jnp.vdot(jnp.where(jnp.isinf(a), 0.0, a), b)) for a, b in zip(v, jtu, strict=True)
+    )
+    assert np.isfinite(lhs)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
+
+
+def test_vmap_of_hessian_vector_products():
+    rng = rng_for("ho-vmap")
+    x = jnp.asarray(rng.standard_normal((3, 4, 6)))
+    y = jnp.asarray(rng.integers(0, 6, (3, 4)))
+    v = jnp.asarray(rng.standard_normal((3, 4, 6)))
+
+    def hvp(f, x, y, v):
+        return jax.jvp(jax.grad(lambda z: f(z, y)), (x,), (v,))[1]
+
+    def ours(x, y):
+        return jaxce.cross_entropy(x, y, label_smoothing=0.1)
+
+    def plain(x, y):
+        return plain_cross_entropy(x, y, label_smoothing=0.1)
+
+    batched = jax.vmap(lambda *a: hvp(ours, *a))(x, y, v)
+    expect = jnp.stack([hvp(plain, x[i], y[i], v[i]) for i in range(3)])
+    np.testing.assert_allclose(batched, expect, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------
+# The mechanism: linear_map
+# ---------------------------------------------------------------------------------------
+
+
+def _sin_with(fun_t):
+    def fun(res, lin):
+        return (jnp.cos(res[0]) * lin[0],)
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def _(primals, tangents):
+        return f(primals[0]), linear_map(fun, fun_t, primals, tangents)[0]
+
+    return f
+
+
+def test_reverse_mode_uses_the_hand_written_transpose():
+    # A transpose that is deliberately twice the true one shows up in jax.grad but not
+    # in jax.jvp: reverse mode runs the given backward pass, not autodiff's transpose.
+    f = _sin_with(lambda res, ct: (2 * jnp.cos(res[0]) * ct[0],))
+    x = jnp.asarray([0.3, -1.2])
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x)))(x), 2 * jnp.cos(x))
+    np.testing.assert_allclose(jax.jvp(f, (x,), (jnp.ones(2),))[1], jnp.cos(x))
+
+
+def test_linear_map_all_orders_and_batching():
+    f = _sin_with(lambda res, ct: (jnp.cos(res[0]) * ct[0],))
+    x = jnp.asarray([0.3, -1.2, 2.0])
+
+    def s(x):
+        return jnp.sum(f(x))
+
+    np.testing.assert_allclose(jax.hessian(s)(x), jnp.diag(-jnp.sin(x)), rtol=1e-14)
+    third = jax.jacfwd(jax.jacrev(jax.grad(s)))(x)
+    np.testing.assert_allclose(jnp.einsum("iii->i", third), -jnp.cos(x), rtol=1e-14)
+    xs = jnp.stack([x, 2 * x])
+    np.testing.assert_allclose(jax.vmap(jax.grad(s))(xs), jnp.cos(xs), rtol=1e-14)
+    # A batched residual with an unbatched linear input: its cotangent sums over the batch.
+    g = jax.grad(lambda v: jnp.sum(jax.vmap(lambda r: jax.jvp(f, (r,), (v,))[1])(xs)))(x * 0)
+    np.testing.assert_allclose(g, jnp.sum(jnp.cos(xs), axis=0), rtol=1e-14)
