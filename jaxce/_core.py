@@ -1,8 +1,13 @@
-"""Per-element cross-entropy with memory-lean custom VJPs.
+"""Per-element cross-entropy with memory-lean derivatives in every mode.
 
 Both cores return the *unreduced* per-element loss (the class axis removed) in the
 compute dtype; reductions live in ``_reduction.py`` and are differentiated by plain
 autodiff (they only touch element-sized arrays).
+
+Each core is a ``jax.custom_jvp``: ``_*_fwd`` computes the loss and the residuals,
+``_*_tangent`` the loss tangent (forward mode), and ``_*_bwd`` -- the tangent's transpose,
+written by hand -- is what reverse mode runs (wired through ``_linear_map.linear_map``).
+Everything is plain differentiable JAX, so second-order derivatives compose.
 
 The forward passes keep, besides the inputs themselves, only per-element statistics
 (the log-sum-exp, and for probability targets Σ_c w_c t'_c). The backward passes

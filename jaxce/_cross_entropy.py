@@ -36,9 +36,11 @@ def cross_entropy(
     ``input``), ``ℓ_n = Σ_c w_c t'_{n,c} (lse(x_n) - x_{n,c})`` with
     ``t' = (1-ε) t + ε/C``, and ``'mean'`` divides by the number of elements.
 
-    Gradients come from a custom VJP that keeps only the per-element log-sum-exp (and,
-    for probability targets, ``Σ_c w_c t'_c``) besides the inputs: no softmax, one-hot
-    or float32 copy of the logits is saved for the backward pass.
+    Reverse mode runs a hand-written backward pass that keeps only the per-element
+    log-sum-exp (and, for probability targets, ``Σ_c w_c t'_c``) besides the inputs: no
+    softmax, one-hot or float32 copy of the logits is saved. Forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.linearize``) and second order (``jax.hessian``, grad of grad,
+    Hessian-vector products) work too.
 
     Args:
       input: logits ``[..., C, ...]`` of dtype float16, bfloat16, float32 or float64,

@@ -15,6 +15,10 @@ accumulator: no ``[tokens, vocab]`` array and no float32 copy of the kernel. Mat
 in the input dtype with float32 accumulation (``preferred_element_type``); softmax math is
 float32; gradients come back in the inputs' dtypes. The cost is one extra matmul (the
 recomputed logits): four instead of three.
+
+* tangent (forward mode): one chunked pass, ``Σ_c dz_c (dhidden @ k_c + hidden @ dk_c +
+  db_c)``; the backward pass above is its hand-written transpose (see ``_linear_map.py``),
+  and both are plain differentiable JAX, so Hessian-vector products stay chunked too.
 """
 
 from __future__ import annotations
