@@ -38,6 +38,40 @@ def test_jit_matches_eager_and_is_deterministic(prob, reduction):
         np.testing.assert_allclose(a, b, rtol=4e-7, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_values_are_bit_identical_eager_and_jit_gradients_within_rounding(prob, reduction, dtype):
+    # The documented determinism contract. Values: bit-identical between an eager call
+    # and jax.jit when the inputs are passed as arguments (closed-over constants can be
+    # constant-folded by XLA, which rounds differently). Gradients: bit-identical run to
+    # run; eager vs jit within a couple of roundings, because XLA:CPU fuses (and contracts
+    # multiply-adds in) the backward pass differently when compiled with the forward.
+    rng = rng_for("determinism", prob, reduction, str(dtype))
+    x = jnp.asarray(rng.standard_normal((64, 3, 33)), dtype)
+    if prob:
+        t = jnp.asarray(rng.random((64, 3, 33)), dtype)
+    else:
+        t = jnp.asarray(rng.integers(0, 33, (64, 3))).at[0, 0].set(-100)
+    w = jnp.asarray(rng.uniform(0.5, 2, 33), jnp.float32)
+
+    def loss(x, t, w, e):
+        return jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=e)
+
+    for eps in (0.0, 0.1):
+        np.testing.assert_array_equal(loss(x, t, w, eps), jax.jit(loss)(x, t, w, eps))
+
+        def total(x, t, w, e):
+            return jnp.sum(loss(x, t, w, e)).astype(jnp.float32)
+
+        eager = np.asarray(jax.grad(total)(x, t, w, eps), np.float32)
+        jitted = np.asarray(jax.jit(jax.grad(total))(x, t, w, eps), np.float32)
+        np.testing.assert_array_equal(jitted, jax.jit(jax.grad(total))(x, t, w, eps))
+        # A few roundings of the gradient's scale (its terms cancel, so not of each element).
+        scale = float(jnp.finfo(dtype).eps) * float(np.nanmax(np.abs(jitted)))
+        np.testing.assert_allclose(eager, jitted, rtol=0, atol=2 * scale)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_vmap_over_extra_leading_axis(reduction):
     rng = rng_for("vmap", reduction)
