@@ -1,0 +1,117 @@
+"""Run in a fresh process with 8 simulated CPU devices (see tests/test_sharding.py).
+
+cross_entropy on logits sharded P('data', 'model') (vocabulary on 'model'), every option:
+loss and gradients equal the single-device result, the gradient keeps the logits'
+sharding, and the compiled program moves only O(tokens) data between devices.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import itertools
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxce
+
+jax.config.update("jax_enable_x64", True)
+assert len(jax.devices()) == 8
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+N, C = 64, 1024
+COLLECTIVE = re.compile(
+    r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+)
+
+
+def collective_sizes(hlo):
+    """(kind, element count) of every cross-device collective's result in compiled HLO."""
+    found = []
+    for line in hlo.splitlines():
+        m = COLLECTIVE.search(line)
+        if m:
+            shapes = re.findall(r"\[([0-9,]*)\]", m.group(1))
+            count = max(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
+            found.append((m.group(2), count))
+    return found
+
+
+def check(prob, reduction, weighted, ignore, eps, dtype):
+    rng = np.random.default_rng(abs(hash((prob, reduction, weighted, ignore, eps))) % 2**32)
+    x = jnp.asarray(rng.standard_normal((N, C)) * 2, dtype)
+    if prob:
+        t = rng.random((N, C))
+        t = jnp.asarray(t / t.sum(-1, keepdims=True), dtype)
+        t_spec = P("data", "model")
+    else:
+        t = rng.integers(0, C, N)
+        if ignore:
+            t[::5] = -100
+        t = jnp.asarray(t)
+        t_spec = P("data")
+    w = jnp.asarray(rng.uniform(0.5, 2.0, C), dtype) if weighted else None
+
+    def loss(x, t, w):
+        return jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=eps)
+
+    def total(x, t, w):
+        out = loss(x, t, w)
+        return jnp.sum(out * jnp.arange(1, out.size + 1).reshape(out.shape))
+
+    argnums = (0, 1) if prob else (0,)
+    step = jax.jit(jax.value_and_grad(total, argnums))
+    ref_value, ref_grads = step(x, t, w)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
+    ts = jax.device_put(t, NamedSharding(mesh, t_spec))
+    ws = None if w is None else jax.device_put(w, NamedSharding(mesh, P("model")))
+    value, grads = step(xs, ts, ws)
+    # Shards sum in another order: equal up to rounding, relative to each array's scale
+    # (a gradient term lse - x_c loses digits when x_c is close to lse).
+    eps_d = float(jnp.finfo(dtype).eps)
+
+    def close(a, b):
+        b = np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=64 * eps_d * float(np.max(np.abs(b))))
+
+    close(value, ref_value)
+    for g, r in zip(grads, ref_grads, strict=True):
+        close(g, r)
+        assert g.sharding.spec == P("data", "model"), g.sharding.spec
+    close(jax.jit(loss)(xs, ts, ws), jax.jit(loss)(x, t, w))
+    # Communication: nothing logits-sized crosses devices, only per-token vectors.
+    for fn, args in [(step, (xs, ts, ws)), (jax.jit(loss), (xs, ts, ws))]:
+        sizes = collective_sizes(fn.lower(*args).compile().as_text())
+        assert sizes, "expected some cross-device reduction"
+        big = [s for s in sizes if s[1] > 4 * N]
+        assert not big, big
+
+
+cases = list(
+    itertools.product(
+        [False, True],
+        ["none", "mean", "sum"],
+        [False, True],
+        [False, True],
+        [0.0, 0.1],
+        [jnp.float64, jnp.float32],
+    )
+)
+cases = [
+    (prob, red, weighted, ignore, eps, dtype)
+    for prob, red, weighted, ignore, eps, dtype in cases
+    if not (prob and ignore) and (dtype == jnp.float64 or (weighted and eps))
+]
+for case in cases:
+    try:
+        check(*case)
+    except Exception:
+        print("failed case:", case)
+        raise
+print(f"sharded cross_entropy ok ({len(cases)} cases)")
+sys.exit(0)
