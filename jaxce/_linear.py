@@ -94,16 +94,20 @@ def _logits(hidden, kernel, bias, start, size, dtype):
 
 
 def _loop(chunks, body, carry):
-    """Runs ``body(start, size, carry)`` over static chunks: a fori_loop over the full
-    ones (a dynamic start), then the remainder."""
+    """Runs ``body(start, size, carry)`` over static chunks: the first chunk, a fori_loop
+    over the other full ones (a dynamic start), then the remainder.
+
+    The first chunk is peeled off so that the loop's carry is built from the data: inside
+    ``shard_map`` its type then already varies over the same mesh axes as the body's
+    output (a zero-initialised carry would not, and the loop would be rejected).
+    """
     if not chunks:
         return carry
     full = [c for c in chunks if c[1] == chunks[0][1]]
     size = chunks[0][1]
+    carry = body(0, size, carry)
     if len(full) > 1:
-        carry = lax.fori_loop(0, len(full), lambda i, c: body(i * size, size, c), carry)
-    else:
-        carry = body(0, size, carry)
+        carry = lax.fori_loop(1, len(full), lambda i, c: body(i * size, size, c), carry)
     for start, rest in chunks[len(full) :]:
         carry = body(start, rest, carry)
     return carry

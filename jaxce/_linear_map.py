@@ -43,11 +43,36 @@ def linear_map(fun: FlatFn, fun_t: FlatFn, res: Sequence[Any], lin: Sequence[Any
     ``fun_t`` must return one array per ``lin`` entry, of that entry's shape and dtype.
     """
     res, lin = tuple(res), tuple(lin)
-    out = jax.eval_shape(fun, res, lin)
-    out_avals = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out)
+    # Inside shard_map, give every input the same varying mesh axes first (with JAX's own
+    # cast, whose transpose sums over those axes): the hand-written transpose then returns
+    # cotangents of the inputs' exact types, and an input that is replicated over an axis
+    # receives the sum of the per-device cotangents.
+    axes = frozenset().union(*(_varying(v) for v in (*res, *lin)))
+    if axes:
+        res = tuple(_cast_varying(v, axes) for v in res)
+        lin = tuple(_cast_varying(v, axes) for v in lin)
+    out_avals = tuple(jax.make_jaxpr(fun)(res, lin).out_avals)
     return tuple(
         _linear_map_p.bind(*res, *lin, fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals)
     )
+
+
+def _varying(x) -> frozenset:
+    """The shard_map mesh axes over which ``x`` varies (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # older and newer spellings
+
+
+def _cast_varying(x, axes):
+    missing = tuple(sorted(axes - _varying(x)))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
 
 
 def _split(args, num_res):
@@ -62,7 +87,7 @@ def _impl(*args, fun, fun_t, num_res, out_avals):
 
 def _abstract_eval(*args, fun, fun_t, num_res, out_avals):
     del args, fun, fun_t, num_res
-    return [jax.core.ShapedArray(a.shape, a.dtype) for a in out_avals]
+    return list(out_avals)
 
 
 def _jvp(primals, tangents, *, fun, fun_t, num_res, out_avals):
@@ -95,10 +120,7 @@ def _transpose(cts, *args, fun, fun_t, num_res, out_avals):
     res, lin = _split(args, num_res)
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError("linear_map is not linear in its residual arguments")
-    cts = [
-        jnp.zeros(a.shape, a.dtype) if type(ct) is ad.Zero else ct
-        for ct, a in zip(cts, out_avals, strict=True)
-    ]
+    cts = [ad.instantiate_zeros(ct) for ct in cts]
     lin_avals = _lin_avals(lin)
     out = _linear_map_p.bind(*res, *cts, fun=fun_t, fun_t=fun, num_res=num_res, out_avals=lin_avals)
     grads = [o if ad.is_undefined_primal(x) else None for o, x in zip(out, lin, strict=True)]
@@ -106,11 +128,7 @@ def _transpose(cts, *args, fun, fun_t, num_res, out_avals):
 
 
 def _lin_avals(lin):
-    avals = []
-    for x in lin:
-        aval = x.aval if ad.is_undefined_primal(x) else jax.typeof(x)
-        avals.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype))
-    return tuple(avals)
+    return tuple(x.aval if ad.is_undefined_primal(x) else jax.typeof(x) for x in lin)
 
 
 def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
