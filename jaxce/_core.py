@@ -386,8 +386,11 @@ def combine_index_loss(valid, w_y, nll, smooth, eps, num_classes):
     if eps is not None:
         eps = eps.astype(loss.dtype)
         # torch takes the smoothing path only for eps > 0: at eps == 0 an infinite
-        # smoothing sum (a -inf logit) must not turn the loss into 0 * inf = NaN.
-        smooth_term = jnp.where(eps > 0, (eps / num_classes) * smooth, jnp.zeros_like(smooth))
+        # smoothing sum (a -inf logit) must not turn the loss into 0 * inf = NaN. Spelled
+        # so that autodiff still sees d/d eps = smooth / C at eps == 0 (as the custom rules
+        # do), not the zero derivative of a select.
+        finite = jnp.where(jnp.isfinite(smooth), smooth, jnp.zeros_like(smooth))
+        smooth_term = (eps / num_classes) * jnp.where(eps > 0, smooth, finite)
         loss = (1 - eps) * loss + smooth_term
     return jnp.where(valid, loss, jnp.zeros_like(loss))
 

@@ -30,13 +30,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _validate
+from jaxce._chunking import auto_chunk, chunk_logits, chunk_loop, chunks, kernel_chunk
 from jaxce._core import (
     checked_eps,
     combine_index_loss,
     debug_check_targets,
     index_eps_grad,
     index_grad_rows,
-    lean_spelling,
     lean_tangent,
     sum_weight,
     target_info,
@@ -44,73 +44,7 @@ from jaxce._core import (
 )
 from jaxce._reduction import index_denominator, reduce_loss
 from jaxce._validate import compute_dtype
-
-# Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
-_CHUNK_BYTES = 16 * 2**20
-
-
-def _auto_chunk(num_tokens: int, vocab: int) -> int:
-    chunk = _CHUNK_BYTES // (4 * max(num_tokens, 1))
-    chunk = max(256, (chunk // 128) * 128)
-    return int(min(chunk, vocab))
-
-
-def _chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
-    """Static (start, size) list: full chunks, then the remainder."""
-    starts = list(range(0, vocab, chunk))
-    return [(s, min(chunk, vocab - s)) for s in starts]
-
-
-def _kernel_chunk(kernel, start, size):
-    """``kernel[:, start:start+size]``; 16-bit kernels are sliced as integer bits.
-
-    XLA CPU computes 16-bit dots in float32: with a plain slice it rewrites
-    ``convert(slice(kernel))`` into ``slice(convert(kernel))`` and hoists the upcast out
-    of the loop, a float32 copy of the whole kernel (+2 GiB at 4,096 x 131,072). Slicing
-    the bits avoids that, at the price of one 16-bit bitcast copy of the kernel on CPU
-    (+1 GiB there; see the issue notes). Differentiated as the plain slice.
-    """
-    if kernel.dtype.itemsize != 2:
-        return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
-
-    def lean(res, v):
-        bits = lax.bitcast_convert_type(v[0], jnp.uint16)
-        chunk = lax.dynamic_slice_in_dim(bits, res[0], size, axis=1)
-        return (lax.bitcast_convert_type(chunk, v[0].dtype),)
-
-    def plain(res, v):
-        return (lax.dynamic_slice_in_dim(v[0], res[0], size, axis=1),)
-
-    return lean_spelling(lean, plain, (jnp.asarray(start, jnp.int32),), (kernel,))[0]
-
-
-def _logits(hidden, kernel, bias, start, size, dtype):
-    """``hidden @ kernel[:, start:start+size] + bias[...]`` in float32 (``dtype``)."""
-    k = _kernel_chunk(kernel, start, size)
-    z = lax.dot_general(hidden, k, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
-    if bias is not None:
-        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(dtype)[None, :]
-    return z
-
-
-def _loop(chunks, body, carry):
-    """Runs ``body(start, size, carry)`` over static chunks: the first chunk, a fori_loop
-    over the other full ones (a dynamic start), then the remainder.
-
-    The first chunk is peeled off so that the loop's carry is built from the data: inside
-    ``shard_map`` its type then already varies over the same mesh axes as the body's
-    output (a zero-initialised carry would not, and the loop would be rejected).
-    """
-    if not chunks:
-        return carry
-    full = [c for c in chunks if c[1] == chunks[0][1]]
-    size = chunks[0][1]
-    carry = body(0, size, carry)
-    if len(full) > 1:
-        carry = lax.fori_loop(1, len(full), lambda i, c: body(i * size, size, c), carry)
-    for start, rest in chunks[len(full) :]:
-        carry = body(start, rest, carry)
-    return carry
+from jaxce._vocab_parallel import vocab_parallel_loss
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(6, 7))
@@ -142,7 +76,7 @@ def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
 
     def body(start, size, carry):
         m, s, z_y, wz = carry
-        z = _logits(hidden, kernel, bias, start, size, dtype)
+        z = chunk_logits(hidden, kernel, bias, start, size, dtype)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
         s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
@@ -157,7 +91,7 @@ def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
 
     zeros = jnp.zeros((n,), dtype)
     init = (jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
-    m, s, z_y, wz = _loop(_chunks(vocab, chunk), body, init)
+    m, s, z_y, wz = chunk_loop(chunks(vocab, chunk), body, init)
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     nll = lse - z_y
     w_y = target_weight(weight, idx, valid, in_range, dtype)
@@ -182,7 +116,7 @@ def _bwd(chunk, ignore_index, res, g):
 
     def body(start, size, carry):
         dh, dk, db, dw = carry
-        z = _logits(hidden, kernel, bias, start, size, dtype)
+        z = chunk_logits(hidden, kernel, bias, start, size, dtype)
         dz = jnp.exp(z - lse_sel[:, None]) * coef[:, None]
         cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         dz = dz - jnp.where(cls == idx[:, None], a[:, None], 0)
@@ -190,7 +124,7 @@ def _bwd(chunk, ignore_index, res, g):
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz - b[:, None] * wc
         dz_in = dz.astype(hidden.dtype)
-        k = _kernel_chunk(kernel, start, size)
+        k = kernel_chunk(kernel, start, size)
         dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
         dk_c = lax.dot_general(
             hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
@@ -216,7 +150,7 @@ def _bwd(chunk, ignore_index, res, g):
         None if bias is None else jnp.zeros_like(bias),
         None if weight is None else jnp.zeros_like(weight),
     )
-    dh, dk, db, dw = _loop(_chunks(vocab, chunk), body, init)
+    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init)
     deps = index_eps_grad(g, valid, w_y, nll, smooth, eps, vocab)
     return dh.astype(hidden.dtype), dk, db, None, dw, deps
 
@@ -242,14 +176,14 @@ def _tangent(chunk, ignore_index, res, tangents):
     dims = (((1,), (0,)), ((), ()))
 
     def body(start, size, acc):
-        z = _logits(hidden, kernel, bias, start, size, dtype)
+        z = chunk_logits(hidden, kernel, bias, start, size, dtype)
         if dh is not None or dk is not None or db is not None:
             dz = jnp.zeros_like(z)
             if dh is not None:
-                k = _kernel_chunk(kernel, start, size)
+                k = kernel_chunk(kernel, start, size)
                 dz = dz + lax.dot_general(dh, k, dims, preferred_element_type=dtype)
             if dk is not None:
-                k = _kernel_chunk(dk, start, size)
+                k = kernel_chunk(dk, start, size)
                 dz = dz + lax.dot_general(hidden, k, dims, preferred_element_type=dtype)
             if db is not None:
                 dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(dtype)[None, :]
@@ -266,7 +200,7 @@ def _tangent(chunk, ignore_index, res, tangents):
             acc = acc + jnp.sum(dwc * gap, axis=1)
         return acc
 
-    out = _loop(_chunks(vocab, chunk), body, zero)
+    out = chunk_loop(chunks(vocab, chunk), body, zero)
     if dw is not None:
         out = out + jnp.where(valid, keep * nll * dw.astype(dtype)[idx], zero)
     if deps is not None:
@@ -285,6 +219,7 @@ def linear_cross_entropy(
     *,
     bias: jax.typing.ArrayLike | None = None,
     chunk_size: int | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -303,6 +238,12 @@ def linear_cross_entropy(
       bias: optional ``[V]`` bias.
       chunk_size: vocabulary chunk; default: about 16 MiB of float32 logits per chunk
         (at least 256 classes).
+      axis_name: for use inside ``jax.shard_map`` with the vocabulary split over this mesh
+        axis: ``kernel`` (and ``bias``, ``weight``) are then this device's contiguous
+        slice ``[D, V / n]`` (the ``P(None, axis_name)`` layout), ``target`` holds global
+        class indices, and the per-token statistics are combined with ``psum``/``pmax``
+        (O(tokens) communication). Every device returns the full loss; the gradient
+        w.r.t. a ``hidden`` replicated over the axis is summed across it.
 
     Returns:
       The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``.
@@ -366,27 +307,40 @@ def linear_cross_entropy(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-    _validate.check_target_values(target, vocab, ignore_index)
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
+    if axis_name is None:
+        _validate.check_target_values(target, vocab, ignore_index)
     num_tokens = int(jnp.size(target)) if target.ndim else 1
-    chunk = min(chunk_size or _auto_chunk(num_tokens, vocab), max(vocab, 1))
+    chunk = min(chunk_size or auto_chunk(num_tokens, vocab), max(vocab, 1))
     return _linear(
         hidden, kernel, bias, target, weight, eps,
-        chunk=chunk, ignore_index=ignore_index, reduction=reduction,
+        chunk=chunk, ignore_index=ignore_index, reduction=reduction, axis_name=axis_name,
     )  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("chunk", "ignore_index", "reduction"))
-def _linear(hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction):
+@partial(jax.jit, static_argnames=("chunk", "ignore_index", "reduction", "axis_name"))
+def _linear(
+    hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction, axis_name
+):
     shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1)
-    debug_check_targets(t1, kernel.shape[1], ignore_index)
-    loss = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index)
-    denominator = None
-    if reduction == "mean":
-        dtype = compute_dtype(hidden.dtype)
-        denominator = index_denominator(t1, weight, kernel.shape[1], ignore_index, dtype)
-    out = reduce_loss(loss, reduction, denominator)
+    if axis_name is not None:
+        vocab = kernel.shape[1] * lax.axis_size(axis_name)
+        debug_check_targets(t1, vocab, ignore_index)
+        out = vocab_parallel_loss(
+            h2, kernel, bias, t1, weight, eps,
+            chunk=chunk, ignore_index=ignore_index, reduction=reduction, axis_name=axis_name,
+        )  # fmt: skip
+    else:
+        debug_check_targets(t1, kernel.shape[1], ignore_index)
+        loss = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index)
+        denominator = None
+        if reduction == "mean":
+            dtype = compute_dtype(hidden.dtype)
+            denominator = index_denominator(t1, weight, kernel.shape[1], ignore_index, dtype)
+        out = reduce_loss(loss, reduction, denominator)
     if reduction == "none":
         out = out.reshape(shape)
     return out.astype(hidden.dtype)

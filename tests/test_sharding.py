@@ -6,6 +6,9 @@ simulated device count must be set before JAX starts).
 * cross_entropy on logits P('data', 'model'), 2x4 mesh, every option: equals the
   single-device result, keeps the gradient's sharding, and the compiled HLO moves only
   O(tokens) data between devices (no logits-sized all-gather).
+* linear_cross_entropy(axis_name='model') inside shard_map: equal to the single-device
+  loss (values, gradients, HVP) with only per-token / dhidden / parameter-gradient
+  all-reduces.
 """
 
 import os
@@ -36,3 +39,7 @@ def test_linear_cross_entropy_with_vocab_sharded_kernel():
 
 def test_cross_entropy_with_vocab_sharded_logits_moves_only_per_token_data():
     assert "sharded cross_entropy ok" in _run("sharded_cross_entropy.py")
+
+
+def test_vocab_parallel_linear_cross_entropy_in_shard_map():
+    assert "vocab-parallel linear_cross_entropy ok" in _run("vocab_parallel_linear.py")

@@ -10,12 +10,12 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import itertools
-import re
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hlo import collective_sizes
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,21 +25,6 @@ jax.config.update("jax_enable_x64", True)
 assert len(jax.devices()) == 8
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 N, C = 64, 1024
-COLLECTIVE = re.compile(
-    r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
-)
-
-
-def collective_sizes(hlo):
-    """(kind, element count) of every cross-device collective's result in compiled HLO."""
-    found = []
-    for line in hlo.splitlines():
-        m = COLLECTIVE.search(line)
-        if m:
-            shapes = re.findall(r"\[([0-9,]*)\]", m.group(1))
-            count = max(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
-            found.append((m.group(2), count))
-    return found
 
 
 def check(prob, reduction, weighted, ignore, eps, dtype):
@@ -92,26 +77,31 @@ def check(prob, reduction, weighted, ignore, eps, dtype):
         assert not big, big
 
 
-cases = list(
-    itertools.product(
-        [False, True],
-        ["none", "mean", "sum"],
-        [False, True],
-        [False, True],
-        [0.0, 0.1],
-        [jnp.float64, jnp.float32],
+def main():
+    cases = list(
+        itertools.product(
+            [False, True],
+            ["none", "mean", "sum"],
+            [False, True],
+            [False, True],
+            [0.0, 0.1],
+            [jnp.float64, jnp.float32],
+        )
     )
-)
-cases = [
-    (prob, red, weighted, ignore, eps, dtype)
-    for prob, red, weighted, ignore, eps, dtype in cases
-    if not (prob and ignore) and (dtype == jnp.float64 or (weighted and eps))
-]
-for case in cases:
-    try:
-        check(*case)
-    except Exception:
-        print("failed case:", case)
-        raise
-print(f"sharded cross_entropy ok ({len(cases)} cases)")
-sys.exit(0)
+    cases = [
+        (prob, red, weighted, ignore, eps, dtype)
+        for prob, red, weighted, ignore, eps, dtype in cases
+        if not (prob and ignore) and (dtype == jnp.float64 or (weighted and eps))
+    ]
+    for case in cases:
+        try:
+            check(*case)
+        except Exception:
+            print("failed case:", case)
+            raise
+    print(f"sharded cross_entropy ok ({len(cases)} cases)")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Vocabulary chunks shared by the fused linear losses (single-device and vocab-parallel)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxce._core import lean_spelling
+
+# Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
+CHUNK_BYTES = 16 * 2**20
+
+
+def auto_chunk(num_tokens: int, vocab: int) -> int:
+    chunk = CHUNK_BYTES // (4 * max(num_tokens, 1))
+    chunk = max(256, (chunk // 128) * 128)
+    return int(min(chunk, vocab))
+
+
+def chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
+    """Static (start, size) list: full chunks, then the remainder."""
+    starts = list(range(0, vocab, chunk))
+    return [(s, min(chunk, vocab - s)) for s in starts]
+
+
+def kernel_chunk(kernel, start, size):
+    """``kernel[:, start:start+size]``; 16-bit kernels are sliced as integer bits.
+
+    XLA CPU computes 16-bit dots in float32: with a plain slice it rewrites
+    ``convert(slice(kernel))`` into ``slice(convert(kernel))`` and hoists the upcast out
+    of the loop, a float32 copy of the whole kernel (+2 GiB at 4,096 x 131,072). Slicing
+    the bits avoids that, at the price of one 16-bit bitcast copy of the kernel on CPU
+    (+1 GiB there; see the issue notes). Differentiated as the plain slice.
+    """
+    if kernel.dtype.itemsize != 2:
+        return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
+
+    def lean(res, v):
+        bits = lax.bitcast_convert_type(v[0], jnp.uint16)
+        chunk = lax.dynamic_slice_in_dim(bits, res[0], size, axis=1)
+        return (lax.bitcast_convert_type(chunk, v[0].dtype),)
+
+    def plain(res, v):
+        return (lax.dynamic_slice_in_dim(v[0], res[0], size, axis=1),)
+
+    return lean_spelling(lean, plain, (jnp.asarray(start, jnp.int32),), (kernel,))[0]
+
+
+def chunk_logits(hidden, kernel, bias, start, size, dtype):
+    """``hidden @ kernel[:, start:start+size] + bias[...]`` in float32 (``dtype``)."""
+    k = kernel_chunk(kernel, start, size)
+    z = lax.dot_general(hidden, k, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+    if bias is not None:
+        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(dtype)[None, :]
+    return z
+
+
+def chunk_loop(chunks, body, carry):
+    """Runs ``body(start, size, carry)`` over static chunks: the first chunk, a fori_loop
+    over the other full ones (a dynamic start), then the remainder.
+
+    The first chunk is peeled off so that the loop's carry is built from the data: inside
+    ``shard_map`` its type then already varies over the same mesh axes as the body's
+    output (a zero-initialised carry would not, and the loop would be rejected).
+    """
+    if not chunks:
+        return carry
+    full = [c for c in chunks if c[1] == chunks[0][1]]
+    size = chunks[0][1]
+    carry = body(0, size, carry)
+    if len(full) > 1:
+        carry = lax.fori_loop(1, len(full), lambda i, c: body(i * size, size, c), carry)
+    for start, rest in chunks[len(full) :]:
+        carry = body(start, rest, carry)
+    return carry

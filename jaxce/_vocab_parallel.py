@@ -1,0 +1,213 @@
+"""Vocabulary-parallel fused linear cross-entropy, for use inside ``shard_map``.
+
+Each member of the mesh axis ``axis_name`` holds a contiguous slice of the vocabulary
+(``kernel[:, r*V_local:(r+1)*V_local]``, the layout of ``P(None, axis_name)``). Per
+device, ``shard_stats`` walks its own slice in chunks (never materialising even the local
+``[tokens, V_local]`` logits) and returns three per-token statistics: the local
+log-sum-exp, the target logit if the target lives in this slice (else 0), and, with
+smoothing, ``Σ_c w_c z_c``. The loss combines them across the axis with ``pmax``/``psum``
+of ``[tokens]`` vectors -- O(tokens) communication -- using exactly the single-device
+formulas, so every option (weight, ignore_index, label smoothing, reductions) matches.
+
+Derivatives: ``shard_stats`` is a ``custom_jvp`` whose tangent (one chunked pass) is
+paired, through ``linear_map``, with a hand-written chunked transpose; everything around it
+(the cross-device combination) is plain autodiff through the collectives. The gradient
+w.r.t. a ``hidden`` replicated over the axis is summed across it by ``linear_map``'s cast.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jaxce._chunking import chunk_logits, chunk_loop, chunks, kernel_chunk
+from jaxce._core import checked_eps, combine_index_loss, target_info
+from jaxce._linear_map import linear_map
+from jaxce._reduction import reduce_loss
+from jaxce._validate import compute_dtype
+
+
+def _parts(kernel, start, size, dtype, hidden, bias):
+    z = chunk_logits(hidden, kernel, bias, start, size, dtype)
+    cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    return z, cls
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk):
+    """``(lse_d, z_y_d, wz_d)`` over this device's vocabulary slice (``wz_d`` None
+    without smoothing). ``idx``: local target index, valid where ``here``."""
+    return _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk)
+
+
+def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk):
+    dtype = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], kernel.shape[1]
+    w = None if weight is None else weight.astype(dtype)
+
+    def body(start, size, carry):
+        m, s, z_y, wz = carry
+        z, cls = _parts(kernel, start, size, dtype, hidden, bias)
+        new_m = jnp.maximum(m, jnp.max(z, axis=1))
+        safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
+        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
+        hit = here[:, None] & (cls == idx[:, None])
+        z_y = z_y + jnp.sum(jnp.where(hit, z, 0), axis=1)
+        if with_wz:
+            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            wz = wz + jnp.sum(wc * z, axis=1)
+        return new_m, s, z_y, wz
+
+    zeros = jnp.zeros((n,), dtype)
+    init = (jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
+    m, s, z_y, wz = chunk_loop(chunks(vocab, chunk), body, init)
+    lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
+    return lse, z_y, (wz if with_wz else None)
+
+
+@shard_stats.defjvp
+def _stats_jvp(with_wz, chunk, primals, tangents):
+    hidden, kernel, bias, idx, here, weight = primals
+    out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk)
+    dh, dk, db, _, _, dw = tangents
+    if not with_wz:
+        dw = None
+    lin_all = (dh, dk, db, dw)
+    present = tuple(t is not None and not isinstance(t, SymbolicZero) for t in lin_all)
+    if not any(present):
+        return out, tuple(None if o is None else jnp.zeros_like(o) for o in out)
+    res = (hidden, kernel, bias, idx, here, weight, out[0])
+    leaves, tree = jax.tree.flatten(res)
+    lin = tuple(t for t, p in zip(lin_all, present, strict=True) if p)
+
+    def fun(leaves, lin):
+        it = iter(lin)
+        full = tuple(next(it) if p else None for p in present)
+        return _tangent(jax.tree.unflatten(tree, leaves), full, with_wz, chunk)
+
+    def fun_t(leaves, cts):
+        grads = _transpose(jax.tree.unflatten(tree, leaves), cts, with_wz, chunk)
+        return tuple(g for g, p in zip(grads, present, strict=True) if p)
+
+    t_out = linear_map(fun, fun_t, leaves, lin)
+    t_iter = iter(t_out)
+    tangent = tuple(None if o is None else next(t_iter) for o in out)
+    return out, tangent
+
+
+def _tangent(res, tangents, with_wz, chunk):
+    hidden, kernel, bias, idx, here, weight, lse = res
+    dh, dk, db, dw = tangents
+    dtype = compute_dtype(hidden.dtype)
+    vocab = kernel.shape[1]
+    w = None if weight is None else weight.astype(dtype)
+    dims = (((1,), (0,)), ((), ()))
+
+    def body(start, size, acc):
+        d_lse, d_zy, d_wz = acc
+        z, cls = _parts(kernel, start, size, dtype, hidden, bias)
+        dz = jnp.zeros_like(z)
+        if dh is not None:
+            k = kernel_chunk(kernel, start, size)
+            dz = dz + lax.dot_general(dh, k, dims, preferred_element_type=dtype)
+        if dk is not None:
+            k = kernel_chunk(dk, start, size)
+            dz = dz + lax.dot_general(hidden, k, dims, preferred_element_type=dtype)
+        if db is not None:
+            dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(dtype)[None, :]
+        d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
+        hit = here[:, None] & (cls == idx[:, None])
+        d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
+        if with_wz:
+            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            d_wz = d_wz + jnp.sum(wc * dz, axis=1)
+            if dw is not None:
+                dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
+                d_wz = d_wz + jnp.sum(dwc * z, axis=1)
+        return d_lse, d_zy, d_wz
+
+    zero = jnp.zeros_like(lse)
+    d_lse, d_zy, d_wz = chunk_loop(chunks(vocab, chunk), body, (zero, zero, zero))
+    return (d_lse, d_zy, d_wz) if with_wz else (d_lse, d_zy)
+
+
+def _transpose(res, cts, with_wz, chunk):
+    hidden, kernel, bias, idx, here, weight, lse = res
+    g_lse, g_zy = cts[0], cts[1]
+    g_wz = cts[2] if with_wz else None
+    dtype = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], kernel.shape[1]
+    w = None if weight is None else weight.astype(dtype)
+
+    def body(start, size, carry):
+        dh, dk, db, dw = carry
+        z, cls = _parts(kernel, start, size, dtype, hidden, bias)
+        dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
+        dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
+        if with_wz:
+            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            dz = dz + wc * g_wz[:, None]
+        dz_in = dz.astype(hidden.dtype)
+        k = kernel_chunk(kernel, start, size)
+        dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+        dk_c = lax.dot_general(
+            hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+        )
+        dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
+        if dw is not None:
+            dw_c = jnp.sum(g_wz[:, None] * z, axis=0)
+            dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
+        return dh, dk, db, dw
+
+    init = (
+        jnp.zeros((n, hidden.shape[1]), dtype),
+        jnp.zeros_like(kernel),
+        None if bias is None else jnp.zeros_like(bias),
+        None if (weight is None or not with_wz) else jnp.zeros_like(weight),
+    )
+    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init)
+    return dh.astype(hidden.dtype), dk, db, dw
+
+
+def vocab_parallel_loss(
+    hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction, axis_name
+):
+    """The loss over the whole vocabulary from per-device slices (see the module doc)."""
+    eps = checked_eps(eps)
+    dtype = compute_dtype(hidden.dtype)
+    shards = lax.axis_size(axis_name)
+    v_local = kernel.shape[1]
+    vocab = v_local * shards
+    valid, in_range, gidx = target_info(target, vocab, ignore_index)
+    local = gidx - lax.axis_index(axis_name) * v_local
+    here = valid & in_range & (local >= 0) & (local < v_local)
+    idx = jnp.where(here, local, 0)
+    lse_d, z_y_d, wz_d = shard_stats(
+        hidden, kernel, bias, idx, here, weight, eps is not None, chunk
+    )
+    top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
+    top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
+    lse = top + jnp.log(lax.psum(jnp.exp(lse_d - top), axis_name))
+    nll = lse - lax.psum(z_y_d, axis_name)
+    if weight is None:
+        w_y = jnp.ones_like(lse)
+    else:
+        w_local = jnp.where(here, weight.astype(dtype)[idx], jnp.zeros_like(lse))
+        w_y = lax.psum(w_local, axis_name)
+    # A counted target outside [0, V) is NaN, never a plausible finite loss.
+    w_y = jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
+    smooth = None
+    if eps is not None:
+        sum_w = vocab if weight is None else lax.psum(jnp.sum(weight.astype(dtype)), axis_name)
+        smooth = lse * sum_w - lax.psum(wz_d, axis_name)
+    loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
+    denominator = None
+    if reduction == "mean":
+        denominator = jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
+    return reduce_loss(loss, reduction, denominator)
