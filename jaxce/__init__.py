@@ -3,7 +3,14 @@
 from jaxce._cross_entropy import CrossEntropyLoss as CrossEntropyLoss
 from jaxce._cross_entropy import cross_entropy as cross_entropy
 from jaxce._linear import linear_cross_entropy as linear_cross_entropy
+from jaxce._linear import sharded_linear_cross_entropy as sharded_linear_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEntropyLoss", "__version__", "cross_entropy", "linear_cross_entropy"]
+__all__ = [
+    "CrossEntropyLoss",
+    "__version__",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "sharded_linear_cross_entropy",
+]
