@@ -142,3 +142,34 @@ def test_ignore_index_is_not_range_checked():
     for ii in (-1, 3, 255, -100):
         target = jnp.array([0, ii, 1, 2])
         assert np.isfinite(float(jaxce.cross_entropy(X, target, ignore_index=ii)))
+
+
+def _mesh():
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "pattern"),
+    [
+        (dict(mesh="mesh"), TypeError, r"mesh must be a jax.sharding.Mesh; got str"),
+        (dict(vocab_axis="vocab"), ValueError, r"vocab_axis must name an axis of mesh .*'vocab'"),
+        (dict(batch_axis="batch"), ValueError, r"batch_axis must name an axis of mesh"),
+        (dict(reduction="avg"), ValueError, r"reduction must be .*'avg'"),
+        (dict(kernel=jnp.zeros((8,))), ValueError, r"kernel must be \[D, V\] .*got shape \(8,\)"),
+        (dict(hidden=jnp.zeros((2, 4, 8))), ValueError, r"hidden must be \[N, D\]"),
+    ],
+)
+def test_sharded_linear_cross_entropy_bad_input(kw, exc, pattern):
+    args = dict(hidden=jnp.zeros((4, 8)), kernel=jnp.zeros((8, 16)), target=jnp.arange(4))
+    opts = dict(mesh=_mesh(), vocab_axis="model", batch_axis="data")
+    for name in ("hidden", "kernel"):
+        if name in kw:
+            args[name] = kw.pop(name)
+    opts.update(kw)
+    with pytest.raises(exc, match=pattern):
+        jaxce.sharded_linear_cross_entropy(args["hidden"], args["kernel"], args["target"], **opts)
+
+
+def test_linear_cross_entropy_axis_name_must_be_a_string():
+    with pytest.raises(TypeError, match=r"axis_name must be a mesh axis name \(str\) or None"):
+        jaxce.linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3, 5)), jnp.arange(2), axis_name=1)
