@@ -17,7 +17,9 @@ from jaxce._linear_map import linear_map
 
 RTOL, ATOL = 1e-9, 1e-11
 
-TRANSFORMS = ["jvp", "linearize", "jacfwd", "jacrev_jacfwd", "hessian", "grad_grad", "hvp"]
+# linearize is the jvp's machinery with the linear map staged out: tested once per loss
+# below rather than across the whole grid.
+TRANSFORMS = ["jvp", "jacfwd", "jacrev_jacfwd", "hessian", "grad_grad", "hvp"]
 
 
 def _random_like(rng, tree):
@@ -359,3 +361,24 @@ def test_linear_map_all_orders_and_batching():
     # A batched residual with an unbatched linear input: its cotangent sums over the batch.
     g = jax.grad(lambda v: jnp.sum(jax.vmap(lambda r: jax.jvp(f, (r,), (v,))[1])(xs)))(x * 0)
     np.testing.assert_allclose(g, jnp.sum(jnp.cos(xs), axis=0), rtol=1e-14)
+
+
+def test_linearize_both_losses():
+    rng = rng_for("ho-linearize")
+    x = jnp.asarray(rng.standard_normal((4, 6)))
+    y = jnp.asarray([0, 5, -100, 2])
+    h, k = jnp.asarray(rng.standard_normal((4, 3))), jnp.asarray(rng.standard_normal((3, 6)))
+    _check(
+        "linearize",
+        lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1),
+        lambda x: plain_cross_entropy(x, y, label_smoothing=0.1),
+        (x,),
+        "ce",
+    )
+    _check(
+        "linearize",
+        lambda h, k: jaxce.linear_cross_entropy(h, k, y, label_smoothing=0.1, chunk_size=4),
+        lambda h, k: plain_cross_entropy(h @ k, y, label_smoothing=0.1),
+        (h, k),
+        "linear",
+    )
