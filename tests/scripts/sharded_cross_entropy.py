@@ -90,10 +90,13 @@ def main():
             [jnp.float64, jnp.float32],
         )
     )
+    # Weight and ignore_index together, smoothing on and off; float32 once per target kind.
     cases = [
         (prob, red, weighted, ignore, eps, dtype)
         for prob, red, weighted, ignore, eps, dtype in cases
-        if not (prob and ignore) and (dtype == jnp.float64 or (weighted and eps))
+        if not (prob and ignore)
+        and (weighted == ignore or prob)
+        and (dtype == jnp.float64 or (weighted and eps and red == "mean"))
     ]
     for case in cases:
         try:
