@@ -73,3 +73,37 @@ def chunk_loop(chunks, body, carry):
     for start, rest in chunks[len(full) :]:
         carry = body(start, rest, carry)
     return carry
+
+
+def chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype):
+    """Tangent of a chunk's logits, ``dh @ k_c + hidden @ dk_c + db_c`` (None: zero), in
+    ``dtype``; None when every tangent is absent."""
+    if dh is None and dk is None and db is None:
+        return None
+    dims = (((1,), (0,)), ((), ()))
+    dz = jnp.zeros((hidden.shape[0], size), dtype)
+    if dh is not None:
+        dz = dz + lax.dot_general(
+            dh, kernel_chunk(kernel, start, size), dims, preferred_element_type=dtype
+        )
+    if dk is not None:
+        dz = dz + lax.dot_general(
+            hidden, kernel_chunk(dk, start, size), dims, preferred_element_type=dtype
+        )
+    if db is not None:
+        dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(dtype)[None, :]
+    return dz
+
+
+def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
+    """Adds a chunk's logit gradient ``dz`` to the backward carries: ``dh += dz @ k_c.T``
+    (float32 accumulator), writes ``dk[:, chunk] = hidden.T @ dz`` and ``db[chunk]`` (None:
+    not wanted). Matmuls take ``dz`` in ``hidden``'s dtype with ``dtype`` accumulation."""
+    dz_in = dz.astype(hidden.dtype)
+    k = kernel_chunk(kernel, start, size)
+    dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+    dk_c = lax.dot_general(hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+    dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
+    if db is not None:
+        db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
+    return dh, dk, db

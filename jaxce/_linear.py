@@ -30,7 +30,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _validate
-from jaxce._chunking import auto_chunk, chunk_logits, chunk_loop, chunks, kernel_chunk
+from jaxce._chunking import (
+    accumulate_chunk_grads,
+    auto_chunk,
+    chunk_logits,
+    chunk_logits_tangent,
+    chunk_loop,
+    chunks,
+)
 from jaxce._core import (
     checked_eps,
     combine_index_loss,
@@ -123,15 +130,7 @@ def _bwd(chunk, ignore_index, res, g):
         if b is not None:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz - b[:, None] * wc
-        dz_in = dz.astype(hidden.dtype)
-        k = kernel_chunk(kernel, start, size)
-        dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-        dk_c = lax.dot_general(
-            hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-        )
-        dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
-        if db is not None:
-            db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
+        dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
             # d l_n / d w_c = (1 - eps) nll_n [y_n = c] + (eps / V) (lse_n - z_nc), valid n.
             onehot_term = jnp.where(
@@ -173,20 +172,11 @@ def _tangent(chunk, ignore_index, res, tangents):
     keep, a, b, coef, lse_sel = index_grad_rows(
         jnp.ones_like(lse), valid, w_y, lse, eps, weight, vocab, dtype
     )
-    dims = (((1,), (0,)), ((), ()))
 
     def body(start, size, acc):
         z = chunk_logits(hidden, kernel, bias, start, size, dtype)
-        if dh is not None or dk is not None or db is not None:
-            dz = jnp.zeros_like(z)
-            if dh is not None:
-                k = kernel_chunk(kernel, start, size)
-                dz = dz + lax.dot_general(dh, k, dims, preferred_element_type=dtype)
-            if dk is not None:
-                k = kernel_chunk(dk, start, size)
-                dz = dz + lax.dot_general(hidden, k, dims, preferred_element_type=dtype)
-            if db is not None:
-                dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(dtype)[None, :]
+        dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
+        if dz is not None:
             g = jnp.exp(z - lse_sel[:, None]) * coef[:, None]
             cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
             g = g - jnp.where(cls == idx[:, None], a[:, None], 0)

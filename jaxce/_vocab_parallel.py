@@ -24,7 +24,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce._chunking import chunk_logits, chunk_loop, chunks, kernel_chunk
+from jaxce._chunking import (
+    accumulate_chunk_grads,
+    chunk_logits,
+    chunk_logits_tangent,
+    chunk_loop,
+    chunks,
+)
 from jaxce._core import checked_eps, combine_index_loss, target_info
 from jaxce._linear_map import linear_map
 from jaxce._reduction import reduce_loss
@@ -105,26 +111,19 @@ def _tangent(res, tangents, with_wz, chunk):
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
-    dims = (((1,), (0,)), ((), ()))
 
     def body(start, size, acc):
         d_lse, d_zy, d_wz = acc
         z, cls = _parts(kernel, start, size, dtype, hidden, bias)
-        dz = jnp.zeros_like(z)
-        if dh is not None:
-            k = kernel_chunk(kernel, start, size)
-            dz = dz + lax.dot_general(dh, k, dims, preferred_element_type=dtype)
-        if dk is not None:
-            k = kernel_chunk(dk, start, size)
-            dz = dz + lax.dot_general(hidden, k, dims, preferred_element_type=dtype)
-        if db is not None:
-            dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(dtype)[None, :]
-        d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
-        hit = here[:, None] & (cls == idx[:, None])
-        d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
+        dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
+        if dz is not None:  # None: only the weight moves
+            d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
+            hit = here[:, None] & (cls == idx[:, None])
+            d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
         if with_wz:
-            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
-            d_wz = d_wz + jnp.sum(wc * dz, axis=1)
+            if dz is not None:
+                wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+                d_wz = d_wz + jnp.sum(wc * dz, axis=1)
             if dw is not None:
                 dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
                 d_wz = d_wz + jnp.sum(dwc * z, axis=1)
@@ -151,15 +150,7 @@ def _transpose(res, cts, with_wz, chunk):
         if with_wz:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz + wc * g_wz[:, None]
-        dz_in = dz.astype(hidden.dtype)
-        k = kernel_chunk(kernel, start, size)
-        dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-        dk_c = lax.dot_general(
-            hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-        )
-        dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
-        if db is not None:
-            db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
+        dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
             dw_c = jnp.sum(g_wz[:, None] * z, axis=0)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
