@@ -51,7 +51,7 @@ from jaxce._core import (
 )
 from jaxce._reduction import index_denominator, reduce_loss
 from jaxce._validate import compute_dtype
-from jaxce._vocab_parallel import vocab_parallel_loss
+from jaxce._vocab_parallel import shard_targets, vocab_parallel_loss
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(6, 7))
@@ -431,15 +431,7 @@ def sharded_linear_cross_entropy(
             out = lax.psum(out, batch_axis)
         if reduction == "sum":
             return out
-        valid, in_range, gidx = target_info(t, k.shape[1] * shards, ignore_index)
-        if w is None:
-            w_y = jnp.ones(t.shape, out.dtype)
-        else:
-            local_idx = gidx - lax.axis_index(vocab_axis) * k.shape[1]
-            here = valid & in_range & (local_idx >= 0) & (local_idx < k.shape[1])
-            picked = w.astype(out.dtype)[jnp.where(here, local_idx, 0)]
-            w_y = lax.psum(jnp.where(here, picked, jnp.zeros_like(picked)), vocab_axis)
-        w_y = jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
+        valid, _, _, w_y = shard_targets(t, w, k.shape[1], ignore_index, vocab_axis, out.dtype)
         denominator = jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
         if batch_axis is not None:
             denominator = lax.psum(denominator, batch_axis)

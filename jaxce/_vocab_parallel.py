@@ -18,6 +18,7 @@ w.r.t. a ``hidden`` replicated over the axis is summed across it by ``linear_map
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,30 @@ def _transpose(res, cts, with_wz, chunk):
     return dh.astype(hidden.dtype), dk, db, dw
 
 
+class ShardTargets(NamedTuple):
+    """Where each target lives when the vocabulary is split over ``axis_name``."""
+
+    valid: Any  # counted (not ignore_index)
+    here: Any  # counted, in range, and in this device's slice
+    idx: Any  # index into this device's slice (0 where not ``here``)
+    w_y: Any  # w[y] gathered across the axis (ones if unweighted; NaN if out of range)
+
+
+def shard_targets(target, weight, v_local, ignore_index, axis_name, dtype) -> ShardTargets:
+    valid, in_range, gidx = target_info(target, v_local * lax.axis_size(axis_name), ignore_index)
+    local = gidx - lax.axis_index(axis_name) * v_local
+    here = valid & in_range & (local >= 0) & (local < v_local)
+    idx = jnp.where(here, local, 0)
+    if weight is None:
+        w_y = jnp.ones(target.shape, dtype)
+    else:
+        picked = weight.astype(dtype)[idx]
+        w_y = lax.psum(jnp.where(here, picked, jnp.zeros_like(picked)), axis_name)
+    # A counted target outside [0, V) is NaN, never a plausible finite loss.
+    w_y = jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
+    return ShardTargets(valid, here, idx, w_y)
+
+
 def vocab_parallel_loss(
     hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction, axis_name
 ):
@@ -175,10 +200,7 @@ def vocab_parallel_loss(
     shards = lax.axis_size(axis_name)
     v_local = kernel.shape[1]
     vocab = v_local * shards
-    valid, in_range, gidx = target_info(target, vocab, ignore_index)
-    local = gidx - lax.axis_index(axis_name) * v_local
-    here = valid & in_range & (local >= 0) & (local < v_local)
-    idx = jnp.where(here, local, 0)
+    valid, here, idx, w_y = shard_targets(target, weight, v_local, ignore_index, axis_name, dtype)
     lse_d, z_y_d, wz_d = shard_stats(
         hidden, kernel, bias, idx, here, weight, eps is not None, chunk
     )
@@ -186,13 +208,6 @@ def vocab_parallel_loss(
     top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
     lse = top + jnp.log(lax.psum(jnp.exp(lse_d - top), axis_name))
     nll = lse - lax.psum(z_y_d, axis_name)
-    if weight is None:
-        w_y = jnp.ones_like(lse)
-    else:
-        w_local = jnp.where(here, weight.astype(dtype)[idx], jnp.zeros_like(lse))
-        w_y = lax.psum(w_local, axis_name)
-    # A counted target outside [0, V) is NaN, never a plausible finite loss.
-    w_y = jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
     smooth = None
     if eps is not None:
         sum_w = vocab if weight is None else lax.psum(jnp.sum(weight.astype(dtype)), axis_name)
