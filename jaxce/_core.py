@@ -624,22 +624,27 @@ def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
 
     ``tangents`` has one entry per differentiable input (None, a symbolic zero, or an
     array); ``transpose_fn`` returns a cotangent for each of them (None where absent) and
-    only those with a nonzero tangent are kept. ``like``: the primal output. See
+    only those with a nonzero tangent are kept. ``like``: the primal output, or a tuple of
+    outputs (then ``tangent_fn`` returns, and ``transpose_fn`` receives, a tuple). See
     ``_linear_map.py`` for why this is not a ``custom_vjp``.
     """
+    multi = isinstance(like, tuple)
     present = tuple(t is not None and not isinstance(t, SymbolicZero) for t in tangents)
     if not any(present):
-        return jnp.zeros_like(like)
+        return tuple(map(jnp.zeros_like, like)) if multi else jnp.zeros_like(like)
     leaves, tree = jax.tree.flatten(res)
     lin = tuple(t for t, p in zip(tangents, present, strict=True) if p)
 
     def fun(leaves, lin):
         it = iter(lin)
         full = tuple(next(it) if p else None for p in present)
-        return (tangent_fn(jax.tree.unflatten(tree, leaves), full),)
+        out = tangent_fn(jax.tree.unflatten(tree, leaves), full)
+        return tuple(out) if multi else (out,)
 
     def fun_t(leaves, cts):
-        out = transpose_fn(jax.tree.unflatten(tree, leaves), cts[0], present)
+        ct = tuple(cts) if multi else cts[0]
+        out = transpose_fn(jax.tree.unflatten(tree, leaves), ct, present)
         return tuple(o for o, p in zip(out, present, strict=True) if p)
 
-    return linear_map(fun, fun_t, leaves, lin)[0]
+    out = linear_map(fun, fun_t, leaves, lin)
+    return out if multi else out[0]

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from jaxce._chunking import (
     accumulate_chunk_grads,
@@ -32,8 +31,7 @@ from jaxce._chunking import (
     chunk_loop,
     chunks,
 )
-from jaxce._core import checked_eps, combine_index_loss, target_info
-from jaxce._linear_map import linear_map
+from jaxce._core import checked_eps, combine_index_loss, lean_tangent, target_info
 from jaxce._reduction import reduce_loss
 from jaxce._validate import compute_dtype
 
@@ -81,26 +79,13 @@ def _stats_jvp(with_wz, chunk, primals, tangents):
     hidden, kernel, bias, idx, here, weight = primals
     out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk)
     dh, dk, db, _, _, dw = tangents
-    if not with_wz:
-        dw = None
-    lin_all = (dh, dk, db, dw)
-    present = tuple(t is not None and not isinstance(t, SymbolicZero) for t in lin_all)
-    if not any(present):
-        return out, tuple(None if o is None else jnp.zeros_like(o) for o in out)
-    res = (hidden, kernel, bias, idx, here, weight, out[0])
-    leaves, tree = jax.tree.flatten(res)
-    lin = tuple(t for t, p in zip(lin_all, present, strict=True) if p)
-
-    def fun(leaves, lin):
-        it = iter(lin)
-        full = tuple(next(it) if p else None for p in present)
-        return _tangent(jax.tree.unflatten(tree, leaves), full, with_wz, chunk)
-
-    def fun_t(leaves, cts):
-        grads = _transpose(jax.tree.unflatten(tree, leaves), cts, with_wz, chunk)
-        return tuple(g for g, p in zip(grads, present, strict=True) if p)
-
-    t_out = linear_map(fun, fun_t, leaves, lin)
+    t_out = lean_tangent(
+        lambda res, t: _tangent(res, t, with_wz, chunk),
+        lambda res, cts, present: _transpose(res, cts, with_wz, chunk),
+        (hidden, kernel, bias, idx, here, weight, out[0]),
+        (dh, dk, db, dw if with_wz else None),
+        tuple(o for o in out if o is not None),
+    )
     t_iter = iter(t_out)
     tangent = tuple(None if o is None else next(t_iter) for o in out)
     return out, tangent
