@@ -107,3 +107,13 @@ def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
     if db is not None:
         db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
     return dh, dk, db
+
+
+def running_argmax(z, start, top, arg):
+    """Updates the running row max ``top`` and its class ``arg`` with a chunk's logits
+    ``z`` (classes ``start...``). Only a strictly larger chunk max moves ``arg``, so the
+    first maximal class wins, as in ``jnp.argmax``."""
+    chunk_top = jnp.max(z, axis=1)
+    chunk_arg = start + jnp.argmax(z, axis=1).astype(jnp.int32)
+    better = chunk_top > top
+    return jnp.where(better, chunk_top, top), jnp.where(better, chunk_arg, arg)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import checkify
@@ -57,6 +58,29 @@ def _weight_along(weight: Any, ndim: int, axis: int, dtype: Any) -> Any:
 
 def sum_weight(weight: Any, num_classes: int, dtype: Any) -> Any:
     return jnp.asarray(num_classes, dtype) if weight is None else jnp.sum(weight.astype(dtype))
+
+
+def softcap(z: Any, cap: float | None) -> Any:
+    """``cap * tanh(z / cap)`` (Gemma 2's logit soft-capping); ``z`` unchanged for None."""
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def softcap_slope(z: Any, cap: float | None) -> Any:
+    """``d softcap(z) / dz = 1 - tanh(z / cap)^2``; None without a cap."""
+    if cap is None:
+        return None
+    t = jnp.tanh(z / cap)
+    return 1 - t * t
+
+
+def times_slope(dz: Any, slope: Any) -> Any:
+    """Chain rule through the cap: a logit-space gradient times ``softcap_slope``."""
+    return dz if slope is None else dz * slope
+
+
+def no_tangent(x: Any) -> Any:
+    """The (float0) zero tangent of an integer or boolean output."""
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,6 +255,29 @@ def target_info(target: Any, num_classes: int, ignore_index: int) -> tuple[Any, 
     return valid, in_range, idx
 
 
+def mask_targets(target: Any, where: Any, ignore_index: int) -> Any:
+    """Class-index targets with ``ignore_index`` wherever the mask ``where`` is False.
+
+    A masked element is then exactly an ignored one (loss 0, not in the 'mean'
+    denominator, zero gradient). The target is widened to int32 when its dtype cannot
+    hold ``ignore_index`` (a uint8 target with the default -100).
+    """
+    if where is None:
+        return target
+    candidates = [jnp.dtype(target.dtype), jnp.dtype(jnp.int32)]
+    if jax.config.jax_enable_x64:
+        candidates.append(jnp.dtype(jnp.int64))
+    fits = [d for d in candidates if jnp.iinfo(d).min <= ignore_index <= jnp.iinfo(d).max]
+    if not fits:
+        raise ValueError(
+            f"where needs ignore_index ({ignore_index}) to fit the target's dtype "
+            f"{candidates[0].name} or int32"
+        )
+    dtype = fits[0]
+    fill = jnp.asarray(ignore_index, dtype)
+    return jnp.where(where, target.astype(dtype), fill)
+
+
 def target_weight(weight: Any, idx: Any, valid: Any, in_range: Any, dtype: Any) -> Any:
     """``w[y]`` per element; NaN where a counted target is out of range, so that its loss
     and gradient are NaN (never a plausible finite value). Ignored elements get a finite
@@ -271,13 +318,18 @@ class IndexGradRows(NamedTuple):
     lse_for_p: Any  # lse, or +inf at ignored elements (p = 0 there)
 
 
-def index_grad_rows(g, valid, w_y, lse, eps, weight, num_classes, dtype) -> IndexGradRows:
+def index_grad_rows(
+    g, valid, w_y, lse, eps, weight, num_classes, dtype, g_lse=None
+) -> IndexGradRows:
     """The row coefficients shared by the index backward passes (plain and fused linear).
 
     Everything is masked with ``where``, not ``*``: ``g`` may be inf (a 'mean' with W = 0)
     and ignored elements must still get exactly 0. ``coef`` is computed in one expression
     rather than as ``a + b * Σw``: on CPU the latter lets XLA fuse the ``Σw`` reduction
     into the dense backward pass and materialise its broadcasts (see the note above).
+
+    ``g_lse``: an optional cotangent of the per-element log-sum-exp output (whose gradient
+    is ``softmax``), added to ``coef`` at every element, ignored ones included.
     """
     zero = jnp.zeros_like(lse)
     keep = 1 if eps is None else 1 - eps.astype(dtype)
@@ -292,6 +344,10 @@ def index_grad_rows(g, valid, w_y, lse, eps, weight, num_classes, dtype) -> Inde
         )
     # Ignored rows: p = exp(z - inf) = 0 for finite logits; non-finite rows stay NaN.
     lse_for_p = jnp.where(valid, lse, lse + jnp.inf)
+    if g_lse is not None:
+        g_lse = g_lse.astype(dtype)
+        coef = coef + g_lse
+        lse_for_p = jnp.where(valid | (g_lse != 0), lse, lse + jnp.inf)
     return IndexGradRows(keep, a, b, coef, lse_for_p)
 
 
@@ -313,41 +369,71 @@ def _reduce_to_classes(v: Any, axis: int) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def index_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int, ignore_index: int) -> Any:
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def index_loss(
+    x: Any,
+    target: Any,
+    weight: Any,
+    eps: Any,
+    axis: int,
+    ignore_index: int,
+    cap: float | None = None,
+    stats: bool = False,
+) -> Any:
     """Per-element loss for class-index targets; 0 at ignored elements.
 
     ``l_n = (1 - eps) w[y_n] (lse_n - x_{n,y_n}) + (eps / C) Σ_c w_c (lse_n - x_{n,c})``
     for non-ignored ``n`` (``eps`` None: no smoothing term). Shape: ``target.shape``.
+    ``cap``: the logits are soft-capped first (:func:`softcap`). ``stats``: returns
+    ``(loss, lse, correct)``: also the per-element log-sum-exp of the (capped) logits
+    (differentiable: its gradient is the softmax) and whether a counted element's argmax is
+    its target (boolean, no derivative).
     """
-    return _index_fwd(x, target, weight, eps, axis, ignore_index)[0]
+    return _index_fwd(x, target, weight, eps, axis, ignore_index, cap, stats)[0]
 
 
-def _index_jvp(axis, ignore_index, primals, tangents):
+def _index_jvp(axis, ignore_index, cap, stats, primals, tangents):
     x, target, weight, eps = primals
-    loss, res = _index_fwd(x, target, weight, eps, axis, ignore_index)
+    out, res = _index_fwd(x, target, weight, eps, axis, ignore_index, cap, stats)
+    static = (axis, ignore_index, cap, stats)
     tangent = lean_tangent(
-        partial(_index_tangent, axis, ignore_index),
-        partial(_index_transpose, axis, ignore_index),
+        partial(_index_tangent, *static),
+        partial(_index_transpose, *static),
         res,
         (tangents[0], None, tangents[2], tangents[3]),
-        loss,
+        out[:2] if stats else out,
     )
-    return loss, tangent
+    return out, ((*tangent, no_tangent(out[2])) if stats else tangent)
 
 
 index_loss.defjvp(_index_jvp, symbolic_zeros=True)
 
 
-def _index_stats(x, target, weight, eps, axis, ignore_index):
+def _index_stats(x, target, weight, eps, axis, ignore_index, cap=None):
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[axis]
     valid, in_range, idx = target_info(target, num_classes, ignore_index)
     mx, m = _row_max(x, axis, dtype)
-    x_y = _take_class(x, idx, axis).astype(dtype)
+    x_y = softcap(_take_class(x, idx, axis).astype(dtype), cap)
     smooth_gap = None
     w = _weight_along(weight, x.ndim, axis, dtype)
-    if eps is None and x.dtype == jnp.float16:
+    if cap is not None:
+        # The capped logits are recomputed elementwise inside each reduction; the capped
+        # row max (tanh is increasing) is the shift.
+        m = lax.stop_gradient(softcap(mx, cap))
+        # float16 has no bit-trick upcast: read the input through a barrier so CSE cannot
+        # share one capped float32 copy with the backward pass (measured: +512 MiB at
+        # 4,096 x 32,768). A no-op on the values.
+        xs = lax.optimization_barrier(x) if x.dtype == jnp.float16 else x
+        s = softcap(xs.astype(dtype), cap)
+        # One multi-output reduce either way: a single-output one is fused by YNN, which
+        # then materialises the capped logits (measured: a full float32 copy).
+        gap = m - s if w is None else w * (m - s)
+        sum_exp, gap = _add_reduce((jnp.exp(s - m), gap), axis)
+        sum_exp = _keep_alive(sum_exp, gap)
+        if eps is not None:
+            smooth_gap = gap
+    elif eps is None and x.dtype == jnp.float16:
         # float16 has no exact bit-trick upcast, so the backward's convert is CSE'd with
         # this one: keep this pass out of YNN (a multi-output reduce) so both fuse it.
         xf = x.astype(dtype)
@@ -381,6 +467,13 @@ def _index_stats(x, target, weight, eps, axis, ignore_index):
     return valid, w_y, jnp.squeeze(lse, axis), nll, smooth
 
 
+def index_correct(x, target, axis, ignore_index):
+    """Counted elements whose argmax (the first maximal class, as ``jnp.argmax``) is the
+    target: one extra reduction over the logits, traced only when asked for."""
+    valid, in_range, idx = target_info(target, x.shape[axis], ignore_index)
+    return valid & in_range & (jnp.argmax(x, axis=axis).astype(jnp.int32) == idx)
+
+
 def combine_index_loss(valid, w_y, nll, smooth, eps, num_classes):
     loss = w_y * nll
     if eps is not None:
@@ -395,44 +488,52 @@ def combine_index_loss(valid, w_y, nll, smooth, eps, num_classes):
     return jnp.where(valid, loss, jnp.zeros_like(loss))
 
 
-def _index_fwd(x, target, weight, eps, axis, ignore_index):
+def _index_fwd(x, target, weight, eps, axis, ignore_index, cap=None, stats=False):
     eps = checked_eps(eps)
-    valid, w_y, lse, nll, smooth = _index_stats(x, target, weight, eps, axis, ignore_index)
+    valid, w_y, lse, nll, smooth = _index_stats(x, target, weight, eps, axis, ignore_index, cap)
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, x.shape[axis])
     # Residuals: the inputs, plus element-sized statistics only.
-    return loss, (x, target, weight, eps, lse, nll, smooth)
+    res = (x, target, weight, eps, lse, nll, smooth)
+    if stats:
+        return (loss, lse, index_correct(x, target, axis, ignore_index)), res
+    return loss, res
 
 
-def _index_bwd(axis, ignore_index, res, g):
+def _index_bwd(axis, ignore_index, cap, stats, res, ct):
     x, target, weight, eps, lse, nll, smooth = res
+    g, g_lse = ct if stats else (ct, None)
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[axis]
     valid, in_range, idx = target_info(target, num_classes, ignore_index)
     w_y = target_weight(weight, idx, valid, in_range, dtype)
     g = g.astype(dtype)
     zero = jnp.zeros_like(lse)
-    rows = index_grad_rows(g, valid, w_y, lse, eps, weight, num_classes, dtype)
+    rows = index_grad_rows(g, valid, w_y, lse, eps, weight, num_classes, dtype, g_lse)
     keep, a, b, coef = rows.keep, rows.a, rows.b, rows.coef
     lse_k = jnp.expand_dims(rows.lse_for_p, axis)
     coef_k = jnp.expand_dims(coef, axis)
     a_k = jnp.expand_dims(a, axis)
     w = _weight_along(weight, x.ndim, axis, dtype)
-    dx = jnp.exp(_upcast_shift(x, dtype) - lse_k) * coef_k
+    xc = _upcast_shift(x, dtype)
+    slope = softcap_slope(xc, cap)
+    dx = jnp.exp(softcap(xc, cap) - lse_k) * coef_k
     if b is not None:
         b_k = jnp.expand_dims(b, axis)
         dx = dx - (b_k if w is None else b_k * w)
     if x.dtype.itemsize == 2:
         # A 16-bit scatter is upcast to f32 by XLA CPU: subtract the one-hot term densely.
         is_target = lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(idx, axis)
-        dx = (dx - jnp.where(is_target, a_k, jnp.zeros_like(a_k))).astype(x.dtype)
+        dx = dx - jnp.where(is_target, a_k, jnp.zeros_like(a_k))
+        dx = times_slope(dx, slope).astype(x.dtype)
     else:
         # The target column, recomputed in the compute dtype and rounded once.
         x_y = _take_class(x, idx, axis).astype(dtype)
-        value = jnp.exp(x_y - lse_k) * coef_k - a_k
+        value = jnp.exp(softcap(x_y, cap) - lse_k) * coef_k - a_k
         if b is not None:
             b_y = b if weight is None else b * w_y
             value = value - jnp.expand_dims(b_y, axis)
-        dx = _put_class(dx.astype(x.dtype), idx, value.astype(x.dtype), axis)
+        value = times_slope(value, softcap_slope(x_y, cap))
+        dx = _put_class(times_slope(dx, slope).astype(x.dtype), idx, value.astype(x.dtype), axis)
 
     dweight = None
     if weight is not None:
@@ -440,7 +541,8 @@ def _index_bwd(axis, ignore_index, res, g):
         nll_term = jnp.where(valid, g * keep * nll, zero)
         dweight = jnp.zeros((num_classes,), dtype).at[idx.reshape(-1)].add(nll_term.reshape(-1))
         if b is not None:
-            gap = jnp.expand_dims(b, axis) * (jnp.expand_dims(lse, axis) - x.astype(dtype))
+            s = softcap(x.astype(dtype), cap)
+            gap = jnp.expand_dims(b, axis) * (jnp.expand_dims(lse, axis) - s)
             gap = jnp.where(jnp.expand_dims(valid, axis), gap, jnp.zeros_like(gap))
             dweight = dweight + _reduce_to_classes(gap, axis)
         dweight = dweight.astype(weight.dtype)
@@ -449,13 +551,13 @@ def _index_bwd(axis, ignore_index, res, g):
     return dx, None, dweight, deps
 
 
-def _index_transpose(axis, ignore_index, res, ct, present):
-    return _index_bwd(axis, ignore_index, res, ct)
+def _index_transpose(axis, ignore_index, cap, stats, res, ct, present):
+    return _index_bwd(axis, ignore_index, cap, stats, res, ct)
 
 
-def _index_tangent(axis, ignore_index, res, tangents):
-    """``d l_n`` for tangents ``(dx, -, dweight, deps)`` (None: zero); the transpose of
-    ``_index_bwd`` in its cotangent."""
+def _index_tangent(axis, ignore_index, cap, stats, res, tangents):
+    """``d l_n`` (and with ``stats`` ``d lse_n``) for tangents ``(dx, -, dweight, deps)``
+    (None: zero); the transpose of ``_index_bwd`` in its cotangent."""
     x, target, weight, eps, lse, nll, smooth = res
     dx, _, dweight, deps = tangents
     dtype = compute_dtype(x.dtype)
@@ -464,26 +566,31 @@ def _index_tangent(axis, ignore_index, res, tangents):
     w_y = target_weight(weight, idx, valid, in_range, dtype)
     zero = jnp.zeros_like(lse)
     rows = index_grad_rows(jnp.ones_like(lse), valid, w_y, lse, eps, weight, num_classes, dtype)
+    xf = x.astype(dtype)
+    s = softcap(xf, cap)
     out = zero
+    d_lse = zero
     if dx is not None:
-        dxf = dx.astype(dtype)
-        p = jnp.exp(x.astype(dtype) - jnp.expand_dims(rows.lse_for_p, axis))
+        dxf = times_slope(dx.astype(dtype), softcap_slope(xf, cap))
+        p = jnp.exp(s - jnp.expand_dims(rows.lse_for_p, axis))
         dx_y = jnp.squeeze(jnp.take_along_axis(dxf, jnp.expand_dims(idx, axis), axis), axis)
         t = rows.coef * jnp.sum(p * dxf, axis=axis) - rows.a * dx_y
         if rows.b is not None:
             w = _weight_along(weight, x.ndim, axis, dtype)
             t = t - rows.b * jnp.sum(dxf if w is None else w * dxf, axis=axis)
         out = out + t
+        if stats:
+            d_lse = jnp.sum(jnp.exp(s - jnp.expand_dims(lse, axis)) * dxf, axis=axis)
     if dweight is not None:
         dw = dweight.astype(dtype)
         t = rows.keep * nll * dw[idx]
         if rows.b is not None:
-            gap = jnp.expand_dims(lse, axis) - x.astype(dtype)
+            gap = jnp.expand_dims(lse, axis) - s
             t = t + rows.b * jnp.sum(_weight_along(dw, x.ndim, axis, dtype) * gap, axis=axis)
         out = out + jnp.where(valid, t, zero)
     if deps is not None:
         out = out + jnp.where(valid, smooth / num_classes - w_y * nll, zero) * deps.astype(dtype)
-    return out
+    return (out, d_lse) if stats else out
 
 
 # ---------------------------------------------------------------------------------------
@@ -491,22 +598,37 @@ def _index_tangent(axis, ignore_index, res, tangents):
 # ---------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(4,))
-def prob_loss(x: Any, target: Any, weight: Any, eps: Any, axis: int) -> Any:
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def prob_loss(
+    x: Any,
+    target: Any,
+    weight: Any,
+    eps: Any,
+    axis: int,
+    cap: float | None = None,
+    stats: bool = False,
+) -> Any:
     """Per-element loss for class-probability targets.
 
     ``l_n = Σ_c w_c t'_{n,c} (lse_n - x_{n,c})`` with ``t' = (1 - eps) t + eps / C``
     (``t' = t`` when ``eps`` is None). Shape: the input's shape without ``axis``.
+    ``cap`` and ``stats`` as in :func:`index_loss` (``correct``: the logits' argmax is the
+    target's argmax).
     """
-    return _prob_fwd(x, target, weight, eps, axis)[0]
+    return _prob_fwd(x, target, weight, eps, axis, cap, stats)[0]
 
 
-def _prob_jvp(axis, primals, tangents):
-    loss, res = _prob_fwd(*primals, axis)
+def _prob_jvp(axis, cap, stats, primals, tangents):
+    out, res = _prob_fwd(*primals, axis, cap, stats)
+    static = (axis, cap, stats)
     tangent = lean_tangent(
-        partial(_prob_tangent, axis), partial(_prob_transpose, axis), res, tangents, loss
+        partial(_prob_tangent, *static),
+        partial(_prob_transpose, *static),
+        res,
+        tangents,
+        out[:2] if stats else out,
     )
-    return loss, tangent
+    return out, ((*tangent, no_tangent(out[2])) if stats else tangent)
 
 
 prob_loss.defjvp(_prob_jvp, symbolic_zeros=True)
@@ -519,12 +641,15 @@ def _smoothed_target(t, eps, num_classes):
     return t * (1 - eps) + eps / num_classes
 
 
-def _prob_fwd(x, target, weight, eps, axis):
+def _prob_fwd(x, target, weight, eps, axis, cap=None, stats=False):
     eps = checked_eps(eps)
     dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
     num_classes = x.shape[axis]
-    _, m = _row_max(x, axis, dtype)
+    mx, m = _row_max(x, axis, dtype)
     xf = _upcast_mul(x, dtype)
+    if cap is not None:
+        m = lax.stop_gradient(softcap(mx, cap))
+        xf = softcap(xf, cap)
     wt = _smoothed_target(_upcast_mul(target, dtype), eps, num_classes)
     w = _weight_along(weight, x.ndim, axis, dtype)
     if w is not None:
@@ -534,14 +659,21 @@ def _prob_fwd(x, target, weight, eps, axis):
     sum_exp, gap, q = _add_reduce((jnp.exp(xf - m), wt * (m - xf), wt), axis)
     lse = m + jnp.log(sum_exp)
     loss = jnp.squeeze(gap + (lse - m) * q, axis)
-    return loss, (x, target, weight, eps, jnp.squeeze(lse, axis), jnp.squeeze(q, axis))
+    lse = jnp.squeeze(lse, axis)
+    res = (x, target, weight, eps, lse, jnp.squeeze(q, axis))
+    if stats:
+        correct = jnp.argmax(x, axis=axis) == jnp.argmax(target, axis=axis)
+        return (loss, lse, correct), res
+    return loss, res
 
 
-def _prob_bwd(axis, res, g):
+def _prob_bwd(axis, cap, stats, res, ct):
     x, target, weight, eps, lse, q = res
+    g, g_lse = ct if stats else (ct, None)
     dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
     num_classes = x.shape[axis]
-    xc = _upcast_shift(x, dtype)
+    x_raw = _upcast_shift(x, dtype)
+    xc = softcap(x_raw, cap)
     tc = _upcast_shift(target, dtype)
     g_k = jnp.expand_dims(g.astype(dtype), axis)
     lse_k = jnp.expand_dims(lse, axis)
@@ -549,7 +681,10 @@ def _prob_bwd(axis, res, g):
     tp = _smoothed_target(tc, eps, num_classes)
     wt = tp if w is None else w * tp
     p = jnp.exp(xc - lse_k)
-    dx = (g_k * (p * jnp.expand_dims(q, axis) - wt)).astype(x.dtype)
+    dx = g_k * (p * jnp.expand_dims(q, axis) - wt)
+    if g_lse is not None:
+        dx = dx + p * jnp.expand_dims(g_lse.astype(dtype), axis)
+    dx = times_slope(dx, softcap_slope(x_raw, cap)).astype(x.dtype)
 
     gap = lse_k - xc  # -log_softmax, recomputed elementwise
     keep = 1 if eps is None else 1 - eps.astype(dtype)
@@ -570,27 +705,33 @@ def _prob_bwd(axis, res, g):
     return dx, dt, dweight, deps
 
 
-def _prob_transpose(axis, res, ct, present):
-    return _prob_bwd(axis, res, ct)
+def _prob_transpose(axis, cap, stats, res, ct, present):
+    return _prob_bwd(axis, cap, stats, res, ct)
 
 
-def _prob_tangent(axis, res, tangents):
-    """``d l_n`` for tangents ``(dx, dtarget, dweight, deps)`` (None: zero); the transpose
-    of ``_prob_bwd`` in its cotangent."""
+def _prob_tangent(axis, cap, stats, res, tangents):
+    """``d l_n`` (and with ``stats`` ``d lse_n``) for tangents ``(dx, dtarget, dweight,
+    deps)`` (None: zero); the transpose of ``_prob_bwd`` in its cotangent."""
     x, target, weight, eps, lse, q = res
     dx, dt, dweight, deps = tangents
     dtype = compute_dtype(promote_float_dtypes(x.dtype, target.dtype))
     num_classes = x.shape[axis]
-    xc = x.astype(dtype)
+    x_raw = x.astype(dtype)
+    xc = softcap(x_raw, cap)
     tc = target.astype(dtype)
     lse_k = jnp.expand_dims(lse, axis)
     gap = lse_k - xc
     w = _weight_along(weight, x.ndim, axis, dtype)
     tp = _smoothed_target(tc, eps, num_classes)
     terms = []
+    d_lse = jnp.zeros_like(lse)
     if dx is not None:
         wt = tp if w is None else w * tp
-        terms.append((jnp.exp(xc - lse_k) * jnp.expand_dims(q, axis) - wt) * dx.astype(dtype))
+        p = jnp.exp(xc - lse_k)
+        dxs = times_slope(dx.astype(dtype), softcap_slope(x_raw, cap))
+        terms.append((p * jnp.expand_dims(q, axis) - wt) * dxs)
+        if stats:
+            d_lse = jnp.sum(p * dxs, axis=axis)
     if dt is not None:
         keep = 1 if eps is None else 1 - eps.astype(dtype)
         term = keep * gap * dt.astype(dtype)
@@ -601,7 +742,8 @@ def _prob_tangent(axis, res, tangents):
         d_tp = 1 / num_classes - tc
         term = (d_tp if w is None else w * d_tp) * gap * deps.astype(dtype)
         terms.append(term)
-    return jnp.sum(sum(terms[1:], terms[0]), axis=axis)
+    out = jnp.sum(sum(terms[1:], terms[0]), axis=axis)
+    return (out, d_lse) if stats else out
 
 
 def checked_eps(eps: Any) -> Any:

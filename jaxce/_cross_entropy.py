@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
-from jaxce._core import debug_check_targets, index_loss, prob_loss
-from jaxce._reduction import index_denominator, prob_denominator, reduce_loss
+from jaxce._core import debug_check_targets, index_loss, mask_targets, prob_loss, target_info
+from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator
 from jaxce._validate import compute_dtype, promote_float_dtypes
 
 
@@ -22,7 +22,11 @@ def cross_entropy(
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     *,
     axis: int = -1,
-) -> jax.Array:
+    where: jax.typing.ArrayLike | None = None,
+    z_loss: float | jax.typing.ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Cross-entropy between logits and targets, exactly as PyTorch defines it.
 
     For class-index targets ``y`` (ignoring ``ignore_index``), per element ``n``:
@@ -58,12 +62,27 @@ def cross_entropy(
         recompile; a traced ε outside [0, 1] gives NaN).
       axis: the class axis of ``input``. Default -1 (JAX convention); ``axis=1`` is
         PyTorch's ``(N, C, d1, ..., dk)`` layout.
+      where: optional boolean mask of the loss's element shape (``target.shape`` for
+        class indices, ``input.shape`` without ``axis`` for probabilities). False
+        elements count as ignored: loss 0, left out of the 'mean' denominator, zero
+        gradient. Combines with ``ignore_index``.
+      z_loss: coefficient ``z`` of the PaLM z-loss ``z · lse²`` added to each counted
+        element's loss (0 at ignored/masked elements; 'mean' divides by the same
+        denominator; not multiplied by ``weight``). A float >= 0 or a scalar array.
+      logit_softcap: ``cap`` (a positive Python float): the loss is taken on
+        ``cap · tanh(input / cap)`` (Gemma 2), with the exact derivative, without
+        storing the capped logits. None (default): no cap.
+      return_aux: also return a :class:`CrossEntropyAux` (per-element log-sum-exp, the
+        z-loss term, the 'mean' denominator, the number of correct argmax predictions),
+        from the same pass and carrying no gradient. Exact gradient accumulation over
+        micro-batches: sum the ``reduction='sum'`` losses and the ``denominator``\s,
+        then divide once.
 
     Returns:
       The loss: shape ``target.shape`` (index targets) or ``input.shape`` without ``axis``
       (probabilities) for ``'none'``, else a scalar. dtype: ``input.dtype`` for index
       targets; PyTorch's promotion of input, target and weight for probabilities. Math is
-      done in float32 (float64 for float64 inputs).
+      done in float32 (float64 for float64 inputs). With ``return_aux``: ``(loss, aux)``.
 
     Raises:
       TypeError: a non-float ``input``/``weight``, a non-integer index target, a
@@ -93,9 +112,16 @@ def cross_entropy(
     ignore_index = _validate.check_ignore_index(ignore_index)
     eps = _validate.check_label_smoothing(label_smoothing)
     axis = _validate.normalize_axis(axis, input.ndim)
+    z = _validate.check_z_loss(z_loss)
+    cap = _validate.check_softcap(logit_softcap)
+    return_aux = _validate.check_flag(return_aux, "return_aux")
     target, spec = _validate.check_target(input, target, axis, ignore_index)
     weight = _validate.check_weight(weight, spec.num_classes)
+    element_shape = tuple(d for i, d in enumerate(input.shape) if i != axis)
+    where = _validate.check_where(where, element_shape, "the loss's element shape")
     if spec.kind == "index":
+        target = mask_targets(target, where, ignore_index)
+        where = None
         _validate.check_target_values(target, spec.num_classes, ignore_index)
         out_dtype = input.dtype
     else:
@@ -106,28 +132,47 @@ def cross_entropy(
         target,
         weight,
         eps,
+        where,
+        z,
         axis=axis,
         ignore_index=ignore_index,
         reduction=reduction,
         kind=spec.kind,
         out_dtype=out_dtype,
+        cap=cap,
+        return_aux=return_aux,
     )
 
 
-@partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "kind", "out_dtype"))
-def _cross_entropy(input, target, weight, eps, *, axis, ignore_index, reduction, kind, out_dtype):
+@partial(
+    jax.jit,
+    static_argnames=("axis", "ignore_index", "reduction", "kind", "out_dtype", "cap", "return_aux"),
+)
+def _cross_entropy(
+    input, target, weight, eps, where, z, *, axis, ignore_index, reduction, kind, out_dtype,
+    cap, return_aux,
+):  # fmt: skip
+    stats = return_aux or z is not None
     if kind == "prob":
-        loss = prob_loss(input, target, weight, eps, axis)
-        denominator = prob_denominator(loss) if reduction == "mean" else None
+        out = prob_loss(input, target, weight, eps, axis, cap, stats)
+        valid = where
+        loss = out[0] if stats else out
+        if where is not None:
+            loss = jnp.where(where, loss, jnp.zeros_like(loss))
+        count = loss.size if where is None else jnp.sum(where)
+        denominator = jnp.asarray(count, loss.dtype)  # PyTorch: numel / C, not the weights
     else:
         debug_check_targets(target, input.shape[axis], ignore_index)
-        loss = index_loss(input, target, weight, eps, axis, ignore_index)
+        out = index_loss(input, target, weight, eps, axis, ignore_index, cap, stats)
+        loss = out[0] if stats else out
+        valid = target_info(target, input.shape[axis], ignore_index)[0] if stats else None
         denominator = None
-        if reduction == "mean":
-            denominator = index_denominator(
-                target, weight, input.shape[axis], ignore_index, compute_dtype(input.dtype)
-            )
-    return reduce_loss(loss, reduction, denominator).astype(out_dtype)
+        if reduction == "mean" or return_aux:
+            dtype = compute_dtype(input.dtype)
+            denominator = index_denominator(target, weight, input.shape[axis], ignore_index, dtype)
+    return finish_loss(
+        loss, out[1:] if stats else None, valid, denominator, z, reduction, return_aux, out_dtype
+    )
 
 
 class CrossEntropyLoss:

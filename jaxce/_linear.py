@@ -37,6 +37,7 @@ from jaxce._chunking import (
     chunk_logits_tangent,
     chunk_loop,
     chunks,
+    running_argmax,
 )
 from jaxce._core import (
     checked_eps,
@@ -45,36 +46,44 @@ from jaxce._core import (
     index_eps_grad,
     index_grad_rows,
     lean_tangent,
+    mask_targets,
+    no_tangent,
+    softcap,
+    softcap_slope,
     sum_weight,
     target_info,
     target_weight,
+    times_slope,
 )
-from jaxce._reduction import index_denominator, reduce_loss
+from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator, reduce_loss
 from jaxce._validate import compute_dtype
 from jaxce._vocab_parallel import shard_targets, vocab_parallel_loss
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(6, 7))
-def _linear_index_loss(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
-    return _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index)[0]
+@partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
+def _linear_index_loss(
+    hidden, kernel, bias, target, weight, eps, chunk, ignore_index, cap=None, stats=False
+):
+    return _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index, cap, stats)[0]
 
 
-def _jvp(chunk, ignore_index, primals, tangents):
-    loss, res = _fwd(*primals, chunk, ignore_index)
+def _jvp(chunk, ignore_index, cap, stats, primals, tangents):
+    out, res = _fwd(*primals, chunk, ignore_index, cap, stats)
+    static = (chunk, ignore_index, cap, stats)
     tangent = lean_tangent(
-        partial(_tangent, chunk, ignore_index),
-        partial(_transpose, chunk, ignore_index),
+        partial(_tangent, *static),
+        partial(_transpose, *static),
         res,
         tangents,
-        loss,
+        out[:2] if stats else out,
     )
-    return loss, tangent
+    return out, ((*tangent, no_tangent(out[2])) if stats else tangent)
 
 
 _linear_index_loss.defjvp(_jvp, symbolic_zeros=True)
 
 
-def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
+def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index, cap=None, stats=False):
     eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
@@ -82,8 +91,9 @@ def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
     w = None if weight is None else weight.astype(dtype)
 
     def body(start, size, carry):
-        m, s, z_y, wz = carry
-        z = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        m, s, z_y, wz, top, arg = carry
+        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        z = softcap(raw, cap)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
         s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
@@ -94,11 +104,14 @@ def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
         if eps is not None:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             wz = wz + jnp.sum(wc * z, axis=1)
-        return new_m, s, z_y, wz
+        if stats:  # running argmax of the raw logits; the first maximal class wins
+            top, arg = running_argmax(raw, start, top, arg)
+        return new_m, s, z_y, wz, top, arg
 
     zeros = jnp.zeros((n,), dtype)
-    init = (jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
-    m, s, z_y, wz = chunk_loop(chunks(vocab, chunk), body, init)
+    lowest = jnp.full((n,), -jnp.inf, dtype)
+    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
+    m, s, z_y, wz, _, arg = chunk_loop(chunks(vocab, chunk), body, init)
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     nll = lse - z_y
     w_y = target_weight(weight, idx, valid, in_range, dtype)
@@ -106,11 +119,15 @@ def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index):
     if eps is not None:
         smooth = lse * sum_weight(weight, vocab, dtype) - wz  # Σ_c w_c (lse - z_c)
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
-    return loss, (hidden, kernel, bias, target, weight, eps, lse, nll, smooth)
+    res = (hidden, kernel, bias, target, weight, eps, lse, nll, smooth)
+    if stats:
+        return (loss, lse, valid & in_range & (arg == idx)), res
+    return loss, res
 
 
-def _bwd(chunk, ignore_index, res, g):
+def _bwd(chunk, ignore_index, cap, stats, res, ct):
     hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
+    g, g_lse = ct if stats else (ct, None)
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     valid, in_range, idx = target_info(target, vocab, ignore_index)
@@ -118,18 +135,20 @@ def _bwd(chunk, ignore_index, res, g):
     g = g.astype(dtype)
     zero = jnp.zeros_like(lse)
     w = None if weight is None else weight.astype(dtype)
-    rows = index_grad_rows(g, valid, w_y, lse, eps, weight, vocab, dtype)
+    rows = index_grad_rows(g, valid, w_y, lse, eps, weight, vocab, dtype, g_lse)
     keep, a, b, coef, lse_sel = rows
 
     def body(start, size, carry):
         dh, dk, db, dw = carry
-        z = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        z = softcap(raw, cap)
         dz = jnp.exp(z - lse_sel[:, None]) * coef[:, None]
         cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         dz = dz - jnp.where(cls == idx[:, None], a[:, None], 0)
         if b is not None:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz - b[:, None] * wc
+        dz = times_slope(dz, softcap_slope(raw, cap))
         dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
             # d l_n / d w_c = (1 - eps) nll_n [y_n = c] + (eps / V) (lse_n - z_nc), valid n.
@@ -154,13 +173,14 @@ def _bwd(chunk, ignore_index, res, g):
     return dh.astype(hidden.dtype), dk, db, None, dw, deps
 
 
-def _transpose(chunk, ignore_index, res, ct, present):
-    return _bwd(chunk, ignore_index, res, ct)
+def _transpose(chunk, ignore_index, cap, stats, res, ct, present):
+    return _bwd(chunk, ignore_index, cap, stats, res, ct)
 
 
-def _tangent(chunk, ignore_index, res, tangents):
-    """``d l_n`` for tangents ``(dhidden, dkernel, dbias, -, dweight, deps)`` (None: zero),
-    chunk by chunk like the backward pass (whose cotangent transpose it is)."""
+def _tangent(chunk, ignore_index, cap, stats, res, tangents):
+    """``d l_n`` (and with ``stats`` ``d lse_n``) for tangents ``(dhidden, dkernel, dbias,
+    -, dweight, deps)`` (None: zero), chunk by chunk like the backward pass (whose
+    cotangent transpose it is)."""
     hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
     dh, dk, db, _, dw, deps = tangents
     dtype = compute_dtype(hidden.dtype)
@@ -174,9 +194,12 @@ def _tangent(chunk, ignore_index, res, tangents):
     )
 
     def body(start, size, acc):
-        z = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        acc, d_lse = acc
+        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        z = softcap(raw, cap)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
         if dz is not None:
+            dz = times_slope(dz, softcap_slope(raw, cap))
             g = jnp.exp(z - lse_sel[:, None]) * coef[:, None]
             cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
             g = g - jnp.where(cls == idx[:, None], a[:, None], 0)
@@ -184,18 +207,20 @@ def _tangent(chunk, ignore_index, res, tangents):
                 wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
                 g = g - b[:, None] * wc
             acc = acc + jnp.sum(g * dz, axis=1)
+            if stats:
+                d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
         if dw is not None and b is not None:
             dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
             gap = jnp.where(valid[:, None], b[:, None] * (lse[:, None] - z), 0)
             acc = acc + jnp.sum(dwc * gap, axis=1)
-        return acc
+        return acc, d_lse
 
-    out = chunk_loop(chunks(vocab, chunk), body, zero)
+    out, d_lse = chunk_loop(chunks(vocab, chunk), body, (zero, zero))
     if dw is not None:
         out = out + jnp.where(valid, keep * nll * dw.astype(dtype)[idx], zero)
     if deps is not None:
         out = out + jnp.where(valid, smooth / vocab - w_y * nll, zero) * deps.astype(dtype)
-    return out
+    return (out, d_lse) if stats else out
 
 
 def linear_cross_entropy(
@@ -210,7 +235,11 @@ def linear_cross_entropy(
     bias: jax.typing.ArrayLike | None = None,
     chunk_size: int | None = None,
     axis_name: str | None = None,
-) -> jax.Array:
+    where: jax.typing.ArrayLike | None = None,
+    z_loss: float | jax.typing.ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
     Equal (to float tolerance) to ``cross_entropy(hidden @ kernel + bias, target, weight,
@@ -234,9 +263,13 @@ def linear_cross_entropy(
         class indices, and the per-token statistics are combined with ``psum``/``pmax``
         (O(tokens) communication). Every device returns the full loss; the gradient
         w.r.t. a ``hidden`` replicated over the axis is summed across it.
+      where, z_loss, logit_softcap, return_aux: as in :func:`jaxce.cross_entropy`
+        (``where`` has ``target``'s shape; the cap applies to ``hidden @ kernel + bias``
+        chunk by chunk, nothing logits-sized is stored).
 
     Returns:
       The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``.
+      With ``return_aux``: ``(loss, aux)``, a :class:`jaxce.CrossEntropyAux`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -299,41 +332,64 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
+    z = _validate.check_z_loss(z_loss)
+    cap = _validate.check_softcap(logit_softcap)
+    return_aux = _validate.check_flag(return_aux, "return_aux")
+    where = _validate.check_where(where, tuple(target.shape), "target's shape")
+    target = mask_targets(target, where, ignore_index)
     if axis_name is None:
         _validate.check_target_values(target, vocab, ignore_index)
     num_tokens = int(jnp.size(target)) if target.ndim else 1
     chunk = min(chunk_size or auto_chunk(num_tokens, vocab), max(vocab, 1))
     return _linear(
-        hidden, kernel, bias, target, weight, eps,
+        hidden, kernel, bias, target, weight, eps, z,
         chunk=chunk, ignore_index=ignore_index, reduction=reduction, axis_name=axis_name,
+        cap=cap, return_aux=return_aux,
     )  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("chunk", "ignore_index", "reduction", "axis_name"))
+@partial(
+    jax.jit,
+    static_argnames=("chunk", "ignore_index", "reduction", "axis_name", "cap", "return_aux"),
+)
 def _linear(
-    hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction, axis_name
-):
+    hidden, kernel, bias, target, weight, eps, z, *, chunk, ignore_index, reduction, axis_name,
+    cap, return_aux,
+):  # fmt: skip
     shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1)
+    stats = return_aux or z is not None
+    want_denominator = reduction == "mean" or return_aux
     if axis_name is not None:
         vocab = kernel.shape[1] * lax.axis_size(axis_name)
         debug_check_targets(t1, vocab, ignore_index)
-        out = vocab_parallel_loss(
+        loss, valid, w_y, st = vocab_parallel_loss(
             h2, kernel, bias, t1, weight, eps,
-            chunk=chunk, ignore_index=ignore_index, reduction=reduction, axis_name=axis_name,
+            chunk=chunk, ignore_index=ignore_index, axis_name=axis_name, cap=cap, stats=stats,
         )  # fmt: skip
-    else:
-        debug_check_targets(t1, kernel.shape[1], ignore_index)
-        loss = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index)
         denominator = None
-        if reduction == "mean":
+        if want_denominator:
+            denominator = jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
+    else:
+        vocab = kernel.shape[1]
+        debug_check_targets(t1, vocab, ignore_index)
+        out = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index, cap, stats)
+        loss, st = (out[0], out[1:]) if stats else (out, None)
+        valid = target_info(t1, vocab, ignore_index)[0] if stats else None
+        denominator = None
+        if want_denominator:
             dtype = compute_dtype(hidden.dtype)
-            denominator = index_denominator(t1, weight, kernel.shape[1], ignore_index, dtype)
-        out = reduce_loss(loss, reduction, denominator)
-    if reduction == "none":
-        out = out.reshape(shape)
-    return out.astype(hidden.dtype)
+            denominator = index_denominator(t1, weight, vocab, ignore_index, dtype)
+    out = finish_loss(loss, st, valid, denominator, z, reduction, return_aux, hidden.dtype)
+    if reduction != "none":
+        return out
+    if not return_aux:
+        return out.reshape(shape)
+    loss, aux = out
+    return loss.reshape(shape), aux._replace(
+        lse=aux.lse.reshape(shape), z_loss=aux.z_loss.reshape(shape)
+    )
 
 
 def sharded_linear_cross_entropy(
@@ -350,7 +406,11 @@ def sharded_linear_cross_entropy(
     batch_axis: str | None = None,
     bias: jax.typing.ArrayLike | None = None,
     chunk_size: int | None = None,
-) -> jax.Array:
+    where: jax.typing.ArrayLike | None = None,
+    z_loss: float | jax.typing.ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """:func:`jaxce.linear_cross_entropy` over a device mesh, vocabulary-parallel.
 
     For jitted (GSPMD) code whose ``kernel`` is sharded ``P(None, vocab_axis)``: runs the
@@ -368,9 +428,13 @@ def sharded_linear_cross_entropy(
       ignore_index, reduction, label_smoothing, chunk_size: as in
         :func:`jaxce.linear_cross_entropy` (``chunk_size`` applies per device).
       mesh: the ``jax.sharding.Mesh`` holding ``vocab_axis`` (and ``batch_axis``).
+      where: optional ``[N]`` boolean mask, split like ``target``.
+      z_loss, logit_softcap, return_aux: as in :func:`jaxce.cross_entropy`.
 
     Returns:
-      The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar.
+      The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar. With
+      ``return_aux``: ``(loss, aux)`` (``aux.lse`` split like the tokens; the counts and
+      sums over the whole batch).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -412,33 +476,61 @@ def sharded_linear_cross_entropy(
             f"the number of tokens ({hidden.shape[0]}) must divide evenly over mesh axis "
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_ or where.shape != target.shape:
+            raise ValueError(
+                f"where must be a boolean mask of target's shape {tuple(target.shape)}; got "
+                f"{where.dtype} {tuple(where.shape)}"
+            )
     P = jax.sharding.PartitionSpec
     rows, vocab = P(batch_axis), P(vocab_axis)
     eps = jnp.asarray(label_smoothing)
     local_reduction = "none" if reduction == "none" else "sum"
+    options = {"z_loss": z_loss, "logit_softcap": logit_softcap, "return_aux": return_aux}
 
-    def local(h, k, t, w, b, e):
+    def batch_sum(v):
+        return v if batch_axis is None else lax.psum(v, batch_axis)
+
+    def local(h, k, t, w, b, e, m):
         out = linear_cross_entropy(
             h, k, t, w, ignore_index, local_reduction, e,
-            bias=b, chunk_size=chunk_size, axis_name=vocab_axis,
+            bias=b, chunk_size=chunk_size, axis_name=vocab_axis, where=m, **options,
         )  # fmt: skip
+        if reduction == "none" and not return_aux:
+            return out
+        loss, aux = out if return_aux else (out, None)
         if reduction == "none":
-            return out
+            return loss, aux._replace(
+                denominator=batch_sum(aux.denominator), correct=batch_sum(aux.correct)
+            )
+        dtype = compute_dtype(h.dtype)
+        total = batch_sum(loss.astype(dtype))
+        if return_aux:
+            denominator = batch_sum(aux.denominator)
+            z_part = batch_sum(aux.z_loss.astype(dtype))
+        elif reduction == "mean":
+            t = t if m is None else mask_targets(t, m, ignore_index)
+            valid, _, _, w_y = shard_targets(t, w, k.shape[1], ignore_index, vocab_axis, dtype)
+            denominator = batch_sum(jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y))))
         if reduction == "mean":
-            dtype = compute_dtype(h.dtype)
-            out = out.astype(dtype)
-        if batch_axis is not None:
-            out = lax.psum(out, batch_axis)
-        if reduction == "sum":
-            return out
-        valid, _, _, w_y = shard_targets(t, w, k.shape[1], ignore_index, vocab_axis, out.dtype)
-        denominator = jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
-        if batch_axis is not None:
-            denominator = lax.psum(denominator, batch_axis)
-        return reduce_loss(out, "mean", denominator).astype(h.dtype)
+            total = reduce_loss(total, "mean", denominator)
+        if not return_aux:
+            return total.astype(h.dtype)
+        if reduction == "mean":
+            z_part = reduce_loss(z_part, "mean", denominator)
+        aux = aux._replace(
+            z_loss=z_part.astype(h.dtype),
+            denominator=denominator,
+            correct=batch_sum(aux.correct),
+        )
+        return total.astype(h.dtype), aux
 
     in_specs = (rows, P(None, vocab_axis), rows, None if weight is None else vocab,
-                None if bias is None else vocab, P())  # fmt: skip
-    out_specs = rows if reduction == "none" else P()
+                None if bias is None else vocab, P(), None if where is None else rows)  # fmt: skip
+    scalar = rows if reduction == "none" else P()
+    out_specs = scalar
+    if return_aux:
+        out_specs = (scalar, CrossEntropyAux(rows, scalar, P(), P()))
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    return fn(hidden, kernel, target, weight, bias, eps)
+    return fn(hidden, kernel, target, weight, bias, eps, where)

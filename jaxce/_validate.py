@@ -231,3 +231,65 @@ def check_target_values(target: Any, num_classes: int, ignore_index: int) -> Non
             f"valid range [0, {num_classes}) and not ignore_index ({ignore_index}); "
             f"{int(bad.sum())} such entries in all"
         )
+
+
+def check_where(where: Any, shape: tuple[int, ...], what: str) -> Any:
+    """A boolean mask of exactly ``shape`` (the loss's element shape), or None."""
+    if where is None:
+        return None
+    where = as_array(where, "where")
+    if where.dtype != np.bool_:
+        raise TypeError(f"where must be a boolean mask; got dtype {dtype_name(where.dtype)}")
+    if tuple(where.shape) != tuple(shape):
+        raise ValueError(f"where must have shape {tuple(shape)} ({what}); got {tuple(where.shape)}")
+    return where
+
+
+def check_z_loss(z_loss: Any) -> Any:
+    """Validates the z-loss coefficient: None for 0, a Python float, or a scalar array.
+
+    Concrete values must be finite and >= 0; a traced negative value makes the loss NaN.
+    """
+    if isinstance(z_loss, (bool, str, bytes)) or z_loss is None:
+        raise TypeError(f"z_loss must be a float >= 0; got {type(z_loss).__name__} {z_loss!r}")
+    if isinstance(z_loss, numbers.Real):
+        value = float(z_loss)
+        if not (0.0 <= value < float("inf")):
+            raise ValueError(f"z_loss must be a finite float >= 0; got {value}")
+        return None if value == 0.0 else value
+    if not (hasattr(z_loss, "shape") and hasattr(z_loss, "dtype")):
+        raise TypeError(
+            f"z_loss must be a float >= 0 or a scalar array; got {type(z_loss).__name__}"
+        )
+    if z_loss.shape != ():
+        raise ValueError(f"z_loss must be a scalar; got an array of shape {z_loss.shape}")
+    if not (is_float_dtype(z_loss.dtype) or is_int_dtype(z_loss.dtype)):
+        raise TypeError("z_loss must have a real dtype; got " + dtype_name(z_loss.dtype))
+    try:
+        value = float(z_loss)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return z_loss
+    if not (0.0 <= value < float("inf")):
+        raise ValueError(f"z_loss must be a finite float >= 0; got {value}")
+    return z_loss
+
+
+def check_softcap(logit_softcap: Any) -> float | None:
+    """``logit_softcap``: None or a positive finite Python float (a static option)."""
+    if logit_softcap is None:
+        return None
+    if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
+        raise TypeError(
+            "logit_softcap must be None or a positive Python float (a static option, not an "
+            f"array); got {type(logit_softcap).__name__} {logit_softcap!r}"
+        )
+    value = float(logit_softcap)
+    if not (0.0 < value < float("inf")):
+        raise ValueError(f"logit_softcap must be a positive finite float; got {value}")
+    return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return bool(value)

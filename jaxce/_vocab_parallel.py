@@ -30,33 +30,45 @@ from jaxce._chunking import (
     chunk_logits_tangent,
     chunk_loop,
     chunks,
+    running_argmax,
 )
-from jaxce._core import checked_eps, combine_index_loss, lean_tangent, target_info
-from jaxce._reduction import reduce_loss
+from jaxce._core import (
+    checked_eps,
+    combine_index_loss,
+    lean_tangent,
+    no_tangent,
+    softcap,
+    softcap_slope,
+    target_info,
+    times_slope,
+)
 from jaxce._validate import compute_dtype
 
 
-def _parts(kernel, start, size, dtype, hidden, bias):
-    z = chunk_logits(hidden, kernel, bias, start, size, dtype)
+def _parts(kernel, start, size, dtype, hidden, bias, cap):
+    """A chunk's raw logits, its (soft-capped) logits and its global class ids."""
+    raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
     cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-    return z, cls
+    return raw, softcap(raw, cap), cls
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(6, 7))
-def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk):
-    """``(lse_d, z_y_d, wz_d)`` over this device's vocabulary slice (``wz_d`` None
-    without smoothing). ``idx``: local target index, valid where ``here``."""
-    return _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk)
+@partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
+def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
+    """``(lse_d, z_y_d, wz_d, top_d, arg_d)`` over this device's vocabulary slice:
+    log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target index),
+    ``Σ w z`` (None without smoothing) of the (capped) logits, and the raw logits' row max
+    and its local class (None unless ``with_argmax``; no derivative)."""
+    return _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax)
 
 
-def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk):
+def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
     def body(start, size, carry):
-        m, s, z_y, wz = carry
-        z, cls = _parts(kernel, start, size, dtype, hidden, bias)
+        m, s, z_y, wz, top, arg = carry
+        raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
         s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
@@ -65,33 +77,42 @@ def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk):
         if with_wz:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             wz = wz + jnp.sum(wc * z, axis=1)
-        return new_m, s, z_y, wz
+        if with_argmax:
+            top, arg = running_argmax(raw, start, top, arg)
+        return new_m, s, z_y, wz, top, arg
 
     zeros = jnp.zeros((n,), dtype)
-    init = (jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)
-    m, s, z_y, wz = chunk_loop(chunks(vocab, chunk), body, init)
+    lowest = jnp.full((n,), -jnp.inf, dtype)
+    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
+    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init)
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
-    return lse, z_y, (wz if with_wz else None)
+    if not with_argmax:
+        top = arg = None
+    return lse, z_y, (wz if with_wz else None), top, arg
 
 
 @shard_stats.defjvp
-def _stats_jvp(with_wz, chunk, primals, tangents):
+def _stats_jvp(with_wz, chunk, cap, with_argmax, primals, tangents):
     hidden, kernel, bias, idx, here, weight = primals
-    out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk)
+    out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax)
     dh, dk, db, _, _, dw = tangents
     t_out = lean_tangent(
-        lambda res, t: _tangent(res, t, with_wz, chunk),
-        lambda res, cts, present: _transpose(res, cts, with_wz, chunk),
+        lambda res, t: _tangent(res, t, with_wz, chunk, cap),
+        lambda res, cts, present: _transpose(res, cts, with_wz, chunk, cap),
         (hidden, kernel, bias, idx, here, weight, out[0]),
         (dh, dk, db, dw if with_wz else None),
-        tuple(o for o in out if o is not None),
+        tuple(o for o in out[:3] if o is not None),
     )
     t_iter = iter(t_out)
-    tangent = tuple(None if o is None else next(t_iter) for o in out)
+    tangent = tuple(None if o is None else next(t_iter) for o in out[:3])
+    if with_argmax:
+        tangent = (*tangent, jnp.zeros_like(out[3]), no_tangent(out[4]))
+    else:
+        tangent = (*tangent, None, None)
     return out, tangent
 
 
-def _tangent(res, tangents, with_wz, chunk):
+def _tangent(res, tangents, with_wz, chunk, cap):
     hidden, kernel, bias, idx, here, weight, lse = res
     dh, dk, db, dw = tangents
     dtype = compute_dtype(hidden.dtype)
@@ -100,9 +121,10 @@ def _tangent(res, tangents, with_wz, chunk):
 
     def body(start, size, acc):
         d_lse, d_zy, d_wz = acc
-        z, cls = _parts(kernel, start, size, dtype, hidden, bias)
+        raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
         if dz is not None:  # None: only the weight moves
+            dz = times_slope(dz, softcap_slope(raw, cap))
             d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
             hit = here[:, None] & (cls == idx[:, None])
             d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
@@ -120,7 +142,7 @@ def _tangent(res, tangents, with_wz, chunk):
     return (d_lse, d_zy, d_wz) if with_wz else (d_lse, d_zy)
 
 
-def _transpose(res, cts, with_wz, chunk):
+def _transpose(res, cts, with_wz, chunk, cap):
     hidden, kernel, bias, idx, here, weight, lse = res
     g_lse, g_zy = cts[0], cts[1]
     g_wz = cts[2] if with_wz else None
@@ -130,12 +152,13 @@ def _transpose(res, cts, with_wz, chunk):
 
     def body(start, size, carry):
         dh, dk, db, dw = carry
-        z, cls = _parts(kernel, start, size, dtype, hidden, bias)
+        raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
         dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
         if with_wz:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz + wc * g_wz[:, None]
+        dz = times_slope(dz, softcap_slope(raw, cap))
         dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
             dw_c = jnp.sum(g_wz[:, None] * z, axis=0)
@@ -177,17 +200,18 @@ def shard_targets(target, weight, v_local, ignore_index, axis_name, dtype) -> Sh
 
 
 def vocab_parallel_loss(
-    hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, reduction, axis_name
+    hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, axis_name, cap, stats
 ):
-    """The loss over the whole vocabulary from per-device slices (see the module doc)."""
+    """Per-token losses over the whole vocabulary from per-device slices (see the module
+    doc), with ``(valid, w_y)`` and, with ``stats``, ``(lse, correct)``."""
     eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
     shards = lax.axis_size(axis_name)
     v_local = kernel.shape[1]
     vocab = v_local * shards
     valid, here, idx, w_y = shard_targets(target, weight, v_local, ignore_index, axis_name, dtype)
-    lse_d, z_y_d, wz_d = shard_stats(
-        hidden, kernel, bias, idx, here, weight, eps is not None, chunk
+    lse_d, z_y_d, wz_d, top_d, arg_d = shard_stats(
+        hidden, kernel, bias, idx, here, weight, eps is not None, chunk, cap, stats
     )
     top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
     top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
@@ -198,7 +222,13 @@ def vocab_parallel_loss(
         sum_w = vocab if weight is None else lax.psum(jnp.sum(weight.astype(dtype)), axis_name)
         smooth = lse * sum_w - lax.psum(wz_d, axis_name)
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
-    denominator = None
-    if reduction == "mean":
-        denominator = jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
-    return reduce_loss(loss, reduction, denominator)
+    if not stats:
+        return loss, valid, w_y, None
+    # Global argmax: the smallest global class among the devices holding the row max.
+    best = lax.pmax(top_d, axis_name)
+    first = jnp.iinfo(jnp.int32).max
+    gidx = arg_d + lax.axis_index(axis_name) * v_local
+    arg = lax.pmin(jnp.where(top_d == best, gidx, first), axis_name)
+    _, in_range, target_idx = target_info(target, vocab, ignore_index)
+    correct = valid & in_range & (arg == target_idx)
+    return loss, valid, w_y, (lse, correct)
