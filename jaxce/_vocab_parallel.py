@@ -36,7 +36,6 @@ from jaxce._core import (
     checked_eps,
     combine_index_loss,
     lean_tangent,
-    no_tangent,
     softcap,
     softcap_slope,
     target_info,
@@ -87,8 +86,10 @@ def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_ar
     m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init)
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     if not with_argmax:
-        top = arg = None
-    return lse, z_y, (wz if with_wz else None), top, arg
+        return lse, z_y, (wz if with_wz else None), None, None
+    # The class as a float (exact below 2**24 classes): a float output can take the zero
+    # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
+    return lse, z_y, (wz if with_wz else None), top, arg.astype(dtype)
 
 
 @shard_stats.defjvp
@@ -106,7 +107,7 @@ def _stats_jvp(with_wz, chunk, cap, with_argmax, primals, tangents):
     t_iter = iter(t_out)
     tangent = tuple(None if o is None else next(t_iter) for o in out[:3])
     if with_argmax:
-        tangent = (*tangent, jnp.zeros_like(out[3]), no_tangent(out[4]))
+        tangent = (*tangent, jnp.zeros_like(out[3]), jnp.zeros_like(out[4]))
     else:
         tangent = (*tangent, None, None)
     return out, tangent
@@ -227,7 +228,7 @@ def vocab_parallel_loss(
     # Global argmax: the smallest global class among the devices holding the row max.
     best = lax.pmax(top_d, axis_name)
     first = jnp.iinfo(jnp.int32).max
-    gidx = arg_d + lax.axis_index(axis_name) * v_local
+    gidx = arg_d.astype(jnp.int32) + lax.axis_index(axis_name) * v_local
     arg = lax.pmin(jnp.where(top_d == best, gidx, first), axis_name)
     _, in_range, target_idx = target_info(target, vocab, ignore_index)
     correct = valid & in_range & (arg == target_idx)

@@ -27,7 +27,7 @@ mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 N, C = 64, 1024
 
 
-def check(prob, reduction, weighted, ignore, eps, dtype):
+def check(prob, reduction, weighted, ignore, eps, dtype, extra=False):
     rng = np.random.default_rng(abs(hash((prob, reduction, weighted, ignore, eps))) % 2**32)
     x = jnp.asarray(rng.standard_normal((N, C)) * 2, dtype)
     if prob:
@@ -42,8 +42,14 @@ def check(prob, reduction, weighted, ignore, eps, dtype):
         t_spec = P("data")
     w = jnp.asarray(rng.uniform(0.5, 2.0, C), dtype) if weighted else None
 
+    # The options beyond PyTorch: a mask, z-loss and a soft cap (replicated mask).
+    options = {}
+    if extra:
+        mask = jnp.asarray(rng.random(N) > 0.2)
+        options = {"where": mask, "z_loss": 1e-2, "logit_softcap": 3.0}
+
     def loss(x, t, w):
-        return jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=eps)
+        return jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=eps, **options)
 
     def total(x, t, w):
         out = loss(x, t, w)
@@ -98,6 +104,7 @@ def main():
         and (weighted == ignore or prob)
         and (dtype == jnp.float64 or (weighted and eps and red == "mean"))
     ]
+    cases += [(prob, "mean", True, not prob, 0.1, jnp.float64, True) for prob in (False, True)]
     for case in cases:
         try:
             check(*case)

@@ -26,7 +26,7 @@ mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 N, D, V = 16, 8, 256
 
 
-def check(reduction, weighted, eps, with_bias, ignore):
+def check(reduction, weighted, eps, with_bias, ignore, extra=False):
     rng = np.random.default_rng(abs(hash((reduction, weighted, eps, with_bias, ignore))) % 2**32)
     h = jnp.asarray(rng.standard_normal((N, D)))
     k = jnp.asarray(rng.standard_normal((D, V)) * 0.5)
@@ -37,6 +37,10 @@ def check(reduction, weighted, eps, with_bias, ignore):
         y[::4] = -100
     y = jnp.asarray(y)
     e = jnp.asarray(eps)
+    # The options beyond PyTorch: a mask (replicated), z-loss and a soft cap.
+    options = {}
+    if extra:
+        options = {"where": jnp.asarray(rng.random(N) > 0.2), "z_loss": 1e-2, "logit_softcap": 3.0}
     # 'none' and 'sum' split the tokens over 'data' too; 'mean' needs the global
     # denominator, so its tokens are replicated.
     split = reduction != "mean"
@@ -47,7 +51,7 @@ def check(reduction, weighted, eps, with_bias, ignore):
     def local(h, k, b, w, y, e):
         loss = jaxce.linear_cross_entropy(
             h, k, y, w, reduction=reduction, label_smoothing=e, bias=b, chunk_size=16,
-            axis_name="model",
+            axis_name="model", **options,
         )  # fmt: skip
         return jax.lax.psum(loss, "data") if reduction == "sum" else loss
 
@@ -58,8 +62,9 @@ def check(reduction, weighted, eps, with_bias, ignore):
 
     def ref(h, k, b, w, e):
         return jaxce.cross_entropy(
-            h @ k + (0 if b is None else b[None, :]), y, w, reduction=reduction, label_smoothing=e
-        )
+            h @ k + (0 if b is None else b[None, :]), y, w, reduction=reduction,
+            label_smoothing=e, **options,
+        )  # fmt: skip
 
     ct = jnp.asarray(rng.standard_normal(jax.eval_shape(ref, h, k, b, w, e).shape))
 
@@ -73,7 +78,7 @@ def check(reduction, weighted, eps, with_bias, ignore):
     g_ref = jax.grad(scalar(ref), argnums)(*primals)
     for a, r in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-11, atol=1e-12)
-    if not weighted:  # the second-order and HLO checks on the weighted cases only
+    if not weighted or extra:  # the second-order and HLO checks on the weighted cases only
         return
     v = tuple(jnp.asarray(rng.standard_normal(jnp.shape(p))) for p in (h, k))
 
@@ -94,7 +99,7 @@ def check(reduction, weighted, eps, with_bias, ignore):
     assert not gathers, sizes
 
 
-def check_gspmd(reduction, weighted, eps):
+def check_gspmd(reduction, weighted, eps, extra=False):
     """sharded_linear_cross_entropy on GSPMD-sharded arrays under plain jax.jit."""
     rng = np.random.default_rng(7)
     h = jnp.asarray(rng.standard_normal((N, D)))
@@ -107,16 +112,23 @@ def check_gspmd(reduction, weighted, eps):
 
     hs, ks, ys = put(h, "data", None), put(k, None, "model"), put(y, "data")
     ws = None if w is None else put(w, "model")
+    options, ref_options = {}, {}
+    if extra:
+        mask = jnp.asarray(rng.random(N) > 0.2)
+        ref_options = {"where": mask, "z_loss": 1e-2, "logit_softcap": 3.0}
+        options = dict(ref_options, where=put(mask, "data"))
 
     def ours(h, k, w):
         out = jaxce.sharded_linear_cross_entropy(
             h, k, ys, w, reduction=reduction, label_smoothing=eps, mesh=mesh,
-            vocab_axis="model", batch_axis="data", chunk_size=16,
+            vocab_axis="model", batch_axis="data", chunk_size=16, **options,
         )  # fmt: skip
         return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
 
     def ref(h, k, w):
-        out = jaxce.cross_entropy(h @ k, y, w, reduction=reduction, label_smoothing=eps)
+        out = jaxce.cross_entropy(
+            h @ k, y, w, reduction=reduction, label_smoothing=eps, **ref_options
+        )
         return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
 
     argnums = (0, 1) if w is None else (0, 1, 2)
@@ -130,6 +142,16 @@ def check_gspmd(reduction, weighted, eps):
     sizes = collective_sizes(step.lower(hs, ks, ws).compile().as_text())
     assert not [s for s in sizes if s[0] != "all-reduce" and s[1] > 4 * N], sizes
     assert not [s for s in sizes if s[1] > max(N * D, D * V // 4)], sizes
+    if extra:  # auxiliary outputs: sums over the whole batch, lse split like the tokens
+        _, aux = jaxce.sharded_linear_cross_entropy(
+            hs, ks, ys, ws, reduction=reduction, label_smoothing=eps, mesh=mesh,
+            vocab_axis="model", batch_axis="data", chunk_size=16, return_aux=True, **options,
+        )  # fmt: skip
+        _, ref_aux = jaxce.cross_entropy(
+            h @ k, y, w, reduction=reduction, label_smoothing=eps, return_aux=True, **ref_options
+        )
+        for a, r in zip(aux, ref_aux, strict=True):
+            np.testing.assert_allclose(a, r, rtol=1e-12)
 
 
 cases = [  # (reduction, weighted, eps, bias, ignore)
@@ -138,6 +160,7 @@ cases = [  # (reduction, weighted, eps, bias, ignore)
     ("sum", True, 0.1, False, True),
     ("mean", False, 0.0, True, True),
     ("mean", True, 0.1, True, True),
+    ("mean", True, 0.1, True, True, True),
 ]
 for case in cases:
     try:
@@ -145,11 +168,16 @@ for case in cases:
     except Exception:
         print("failed case:", case)
         raise
-for case in [("mean", True, 0.1), ("none", False, 0.0), ("sum", True, 0.0)]:
+for case in [
+    ("mean", True, 0.1),
+    ("none", False, 0.0),
+    ("sum", True, 0.0),
+    ("mean", True, 0.1, True),
+]:
     try:
         check_gspmd(*case)
     except Exception:
         print("failed GSPMD case:", case)
         raise
-print(f"vocab-parallel linear_cross_entropy ok ({len(cases)} + 3 cases)")
+print(f"vocab-parallel linear_cross_entropy ok ({len(cases)} + 4 cases)")
 sys.exit(0)
