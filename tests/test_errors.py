@@ -82,6 +82,26 @@ BAD = [
     ("axis_tuple", dict(input=X, target=Y, axis=(0, 1)), TypeError,
      r"axis must be an int; got tuple \(0, 1\)"),
     ("target_none", dict(input=X, target=None), TypeError, r"target must be an array; got NoneType"),
+    ("where_int", dict(input=X, target=Y, where=jnp.ones(4, jnp.int32)), TypeError,
+     r"where must be a boolean mask; got dtype int32"),
+    ("where_shape", dict(input=X, target=Y, where=jnp.ones((4, 3), bool)), ValueError,
+     r"where must have shape \(4,\) \(the loss's element shape\); got \(4, 3\)"),
+    ("z_loss_negative", dict(input=X, target=Y, z_loss=-1e-4), ValueError,
+     r"z_loss must be a finite float >= 0; got -0.0001"),
+    ("z_loss_nan", dict(input=X, target=Y, z_loss=float("nan")), ValueError,
+     r"z_loss must be a finite float >= 0; got nan"),
+    ("z_loss_str", dict(input=X, target=Y, z_loss="1e-4"), TypeError,
+     r"z_loss must be a float >= 0; got str '1e-4'"),
+    ("z_loss_vector", dict(input=X, target=Y, z_loss=jnp.ones(2)), ValueError,
+     r"z_loss must be a scalar; got an array of shape \(2,\)"),
+    ("softcap_array", dict(input=X, target=Y, logit_softcap=jnp.float32(30.0)), TypeError,
+     r"logit_softcap must be None or a positive Python float \(a static option, not an array\)"),
+    ("softcap_zero", dict(input=X, target=Y, logit_softcap=0.0), ValueError,
+     r"logit_softcap must be a positive finite float; got 0.0"),
+    ("softcap_inf", dict(input=X, target=Y, logit_softcap=float("inf")), ValueError,
+     r"logit_softcap must be a positive finite float; got inf"),
+    ("return_aux_int", dict(input=X, target=Y, return_aux=1), TypeError,
+     r"return_aux must be a bool; got int 1"),
 ]  # fmt: skip
 
 
@@ -173,3 +193,18 @@ def test_sharded_linear_cross_entropy_bad_input(kw, exc, pattern):
 def test_linear_cross_entropy_axis_name_must_be_a_string():
     with pytest.raises(TypeError, match=r"axis_name must be a mesh axis name \(str\) or None"):
         jaxce.linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3, 5)), jnp.arange(2), axis_name=1)
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "pattern"),
+    [
+        (dict(where=jnp.ones((4, 1), bool)), ValueError,
+         r"where must have shape \(4,\) \(target's shape\); got \(4, 1\)"),
+        (dict(logit_softcap=-1.0), ValueError, r"logit_softcap must be a positive finite float"),
+        (dict(z_loss=-1.0), ValueError, r"z_loss must be a finite float >= 0"),
+        (dict(return_aux="yes"), TypeError, r"return_aux must be a bool"),
+    ],
+)  # fmt: skip
+def test_linear_cross_entropy_option_errors(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        jaxce.linear_cross_entropy(jnp.zeros((4, 2)), jnp.zeros((2, 3)), Y, **kw)

@@ -36,6 +36,9 @@ CASES = {
         jaxce.cross_entropy(x, t, w, reduction="none", label_smoothing=0.1)
     ),
     "ignore_sum": lambda x, t, w: jaxce.cross_entropy(x, t, ignore_index=3, reduction="sum"),
+    "softcap_z_where_aux": lambda x, t, w: jaxce.cross_entropy(
+        x, t, w, where=t >= 0, z_loss=1e-4, logit_softcap=30.0, return_aux=True
+    )[0],
 }
 
 
@@ -87,6 +90,11 @@ TEMP_CASES = {
     "weight_smoothing": lambda x, t, w: jaxce.cross_entropy(x, t, w, label_smoothing=0.1),
     "none_sum": lambda x, t, w: jnp.sum(jaxce.cross_entropy(x, t, reduction="none")),
     "probabilities": lambda x, t, w: jaxce.cross_entropy(x, jax.nn.softmax(x)),
+    # Options beyond PyTorch: the cap alone is the case that needed a special spelling.
+    "softcap": lambda x, t, w: jaxce.cross_entropy(x, t, logit_softcap=30.0),
+    "z_where_aux": lambda x, t, w: jaxce.cross_entropy(
+        x, t, w, where=t > 0, z_loss=1e-4, label_smoothing=0.1, return_aux=True
+    )[0],
 }
 
 

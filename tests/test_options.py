@@ -1,0 +1,336 @@
+"""Options beyond PyTorch: ``where``, ``z_loss``, ``logit_softcap``, ``return_aux``.
+
+References are the plain formulas written out below in float64 and differentiated by
+autodiff; the fused linear loss is checked against them through ``hidden @ kernel``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+
+N, C = 12, 9
+IGNORE = -100
+
+
+def _data(seed=0, axis=-1, prob=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C)) * 3
+    t = rng.integers(0, C, N)
+    t[::5] = IGNORE
+    w = rng.uniform(0.5, 2.0, C)
+    mask = rng.random(N) > 0.3
+    if prob:
+        t = rng.random((N, C))
+        t = t / t.sum(-1, keepdims=True)
+    if axis == 0:
+        x = x.T
+        t = t.T if prob else t
+    return jnp.asarray(x), jnp.asarray(t), jnp.asarray(w), jnp.asarray(mask)
+
+
+def plain_loss(x, t, w, eps, reduction, *, mask=None, z=0.0, cap=None, axis=-1, prob=False):
+    """The definition, in float64: softcap, PyTorch's cross-entropy, z · lse², mask."""
+    x = jnp.moveaxis(x, axis, -1)
+    if cap is not None:
+        x = cap * jnp.tanh(x / cap)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    logp = x - lse[..., None]
+    w = jnp.ones(x.shape[-1]) if w is None else w
+    w_row = w.reshape((1,) * (x.ndim - 1) + (-1,))
+    if prob:
+        t = jnp.moveaxis(t, axis, -1)
+        tp = (1 - eps) * t + eps / x.shape[-1]
+        loss = -jnp.sum(w_row * tp * logp, axis=-1)
+        valid = jnp.ones(loss.shape, bool)
+        weight_n = jnp.ones(loss.shape)
+    else:
+        valid = t != IGNORE
+        idx = jnp.where(valid, t, 0)
+        nll = -jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0]
+        smooth = -jnp.sum(w_row * logp, axis=-1)
+        loss = (1 - eps) * w[idx] * nll + eps / x.shape[-1] * smooth
+        weight_n = w[idx]
+    if mask is not None:
+        valid = valid & mask
+    loss = jnp.where(valid, loss + z * lse**2, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return jnp.sum(loss)
+    return jnp.sum(loss) / jnp.sum(jnp.where(valid, weight_n, 0.0))
+
+
+OPTION_SETS = {
+    "where": {"mask": True},
+    "z_loss": {"z": 1e-2},
+    "softcap": {"cap": 2.5},
+    "all": {"mask": True, "z": 1e-2, "cap": 2.5},
+}
+
+
+def _kwargs(options, mask):
+    out = {}
+    if options.get("mask"):
+        out["where"] = mask
+    if "z" in options:
+        out["z_loss"] = options["z"]
+    if "cap" in options:
+        out["logit_softcap"] = options["cap"]
+    return out
+
+
+def _ref_kwargs(options, mask):
+    return {
+        "mask": mask if options.get("mask") else None,
+        "z": options.get("z", 0.0),
+        "cap": options.get("cap"),
+    }
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    ("prob", "weighted", "eps", "axis"),
+    [
+        (False, False, 0.0, -1),
+        (False, True, 0.1, -1),
+        (False, True, 0.1, 0),
+        (True, False, 0.0, -1),
+        (True, True, 0.2, 0),
+    ],
+)
+def test_cross_entropy_options_match_plain_formula(options, reduction, prob, weighted, eps, axis):
+    x, t, w, mask = _data(axis=axis, prob=prob)
+    w = w if weighted else None
+    opts = OPTION_SETS[options]
+    kw, rk = _kwargs(opts, mask), _ref_kwargs(opts, mask)
+
+    def ours(x, t, w):
+        out = jaxce.cross_entropy(
+            x, t, w, IGNORE if not prob else -100, reduction, eps, axis=axis, **kw
+        )
+        return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
+
+    def ref(x, t, w):
+        out = plain_loss(x, t, w, eps, reduction, axis=axis, prob=prob, **rk)
+        return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
+
+    argnums = (0, 1) if prob else (0,)
+    argnums += (2,) if weighted else ()
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums))(x, t, w)
+    ref_value, ref_grads = jax.value_and_grad(ref, argnums)(x, t, w)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_options_second_order_matches_plain_formula(prob):
+    x, t, w, mask = _data(seed=3, prob=prob)
+    opts = OPTION_SETS["all"]
+    kw, rk = _kwargs(opts, mask), _ref_kwargs(opts, mask)
+    v = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape))
+
+    def hvp(f):
+        return jax.jvp(jax.grad(f), (x,), (v,))[1]
+
+    ours = hvp(lambda x: jaxce.cross_entropy(x, t, w, label_smoothing=0.1, **kw))
+    ref = hvp(lambda x: plain_loss(x, t, w, 0.1, "mean", prob=prob, **rk))
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_options_match_plain_formula(options, reduction):
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.standard_normal((N, 6)))
+    k = jnp.asarray(rng.standard_normal((6, 50)))
+    b = jnp.asarray(rng.standard_normal(50))
+    w = jnp.asarray(rng.uniform(0.5, 2.0, 50))
+    t = jnp.asarray(rng.integers(0, 50, N)).at[::4].set(IGNORE)
+    mask = jnp.asarray(rng.random(N) > 0.3)
+    opts = OPTION_SETS[options]
+    kw, rk = _kwargs(opts, mask), _ref_kwargs(opts, mask)
+    ct = jnp.arange(1.0, N + 1) if reduction == "none" else 1.0
+
+    def ours(h, k, b, w):
+        out = jaxce.linear_cross_entropy(
+            h, k, t, w, reduction=reduction, label_smoothing=0.1, bias=b, chunk_size=16, **kw
+        )
+        return jnp.sum(out * ct)
+
+    def ref(h, k, b, w):
+        return jnp.sum(plain_loss(h @ k + b[None, :], t, w, 0.1, reduction, **rk) * ct)
+
+    value, grads = jax.value_and_grad(ours, (0, 1, 2, 3))(h, k, b, w)
+    ref_value, ref_grads = jax.value_and_grad(ref, (0, 1, 2, 3))(h, k, b, w)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+    if options == "all":  # second order through the chunked passes
+        v = (jnp.ones_like(h), jnp.ones_like(k))
+
+        def hvp(f):
+            return jax.jvp(lambda h, k: jax.grad(f, (0, 1))(h, k, b, w), (h, k), v)[1]
+
+        for a, r in zip(hvp(ours), hvp(ref), strict=True):
+            np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-11)
+
+
+def test_where_combines_with_ignore_index_and_accepts_any_masked_value():
+    x, t, w, mask = _data(seed=6)
+    # Masked positions may hold anything, even an out-of-range class: they are ignored.
+    bad = jnp.where(mask, t, 10_000)
+    out = jaxce.cross_entropy(x, bad, w, where=mask, reduction="none")
+    expected = plain_loss(x, t, w, 0.0, "none", mask=mask)
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    assert np.all(np.asarray(out)[~np.asarray(mask)] == 0)
+    # uint8 targets with the default ignore_index (-100 does not fit uint8).
+    small = jnp.asarray(np.asarray(jnp.where(t < 0, 0, t)), jnp.uint8)
+    np.testing.assert_allclose(
+        jaxce.cross_entropy(x, small, where=mask),
+        plain_loss(x, jnp.where(t < 0, 0, t), None, 0.0, "mean", mask=mask),
+        rtol=1e-12,
+    )
+
+
+def test_all_masked_mean_is_nan_like_all_ignored():
+    x, t, _, _ = _data()
+    none = jnp.zeros((N,), bool)
+    assert np.isnan(jaxce.cross_entropy(x, t, where=none))
+    assert np.isnan(jaxce.cross_entropy(x, jax.nn.softmax(x), where=none))
+
+
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_aux_outputs(prob, reduction):
+    x, t, w, mask = _data(seed=7, prob=prob)
+    x = x.at[0].set(0.0)  # a row of ties: argmax is the first class
+    z, cap = 1e-2, 2.5
+    loss, aux = jaxce.cross_entropy(
+        x, t, w, reduction=reduction, where=mask, z_loss=z, logit_softcap=cap, return_aux=True
+    )
+    capped = cap * jnp.tanh(x / cap)
+    lse = jax.nn.logsumexp(capped, axis=-1)
+    np.testing.assert_allclose(aux.lse, lse, rtol=1e-12)
+    counted = mask if prob else mask & (t != IGNORE)
+    weight_n = jnp.ones(N) if prob else w[jnp.where(t < 0, 0, t)]
+    denominator = jnp.sum(jnp.where(counted, weight_n, 0.0))
+    np.testing.assert_allclose(aux.denominator, denominator, rtol=1e-12)
+    target_class = jnp.argmax(t, -1) if prob else t
+    assert int(aux.correct) == int(jnp.sum(counted & (jnp.argmax(x, -1) == target_class)))
+    assert aux.correct.dtype == jnp.int32
+    z_el = jnp.where(counted, z * lse**2, 0.0)
+    z_red = {"none": z_el, "sum": jnp.sum(z_el), "mean": jnp.sum(z_el) / denominator}[reduction]
+    np.testing.assert_allclose(aux.z_loss, z_red, rtol=1e-12)
+    # The loss minus the z-loss part is the cross-entropy alone.
+    ce_only = jaxce.cross_entropy(x, t, w, reduction=reduction, where=mask, logit_softcap=cap)
+    np.testing.assert_allclose(loss - aux.z_loss, ce_only, rtol=1e-10, atol=1e-13)
+
+
+def test_aux_outputs_carry_no_gradient():
+    x, t, w, _ = _data()
+
+    def aux_only(x):
+        _, aux = jaxce.cross_entropy(x, t, w, z_loss=1e-2, return_aux=True)
+        return jnp.sum(aux.lse) + aux.z_loss + aux.denominator
+
+    np.testing.assert_array_equal(jax.grad(aux_only)(x), jnp.zeros_like(x))
+
+
+def test_linear_aux_matches_cross_entropy_aux():
+    rng = np.random.default_rng(8)
+    h = jnp.asarray(rng.standard_normal((N, 6)))
+    k = jnp.asarray(rng.standard_normal((6, 50)))
+    t = jnp.asarray(rng.integers(0, 50, N)).at[::4].set(IGNORE)
+    k = k.at[:, 7].set(k[:, 3])  # duplicate columns: argmax ties resolve to the first
+    mask = jnp.asarray(rng.random(N) > 0.3)
+    options = {"where": mask, "z_loss": 1e-3, "logit_softcap": 4.0, "return_aux": True}
+    for reduction in ("none", "mean"):
+        ours = jaxce.linear_cross_entropy(h, k, t, reduction=reduction, chunk_size=16, **options)
+        ref = jaxce.cross_entropy(h @ k, t, reduction=reduction, **options)
+        for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, r, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_accumulation_recipe_is_exact(fused):
+    """Summed losses and denominators over micro-batches give the big-batch mean."""
+    rng = np.random.default_rng(9)
+    h = jnp.asarray(rng.standard_normal((24, 6)))
+    k = jnp.asarray(rng.standard_normal((6, 40)))
+    t = jnp.asarray(rng.integers(0, 40, 24)).at[::3].set(IGNORE)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, 40))
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3}
+
+    def loss(k, h, t, reduction):
+        if fused:
+            return jaxce.linear_cross_entropy(
+                h, k, t, w, reduction=reduction, return_aux=True, **options
+            )
+        return jaxce.cross_entropy(h @ k, t, w, reduction=reduction, return_aux=True, **options)
+
+    def big(k):
+        return loss(k, h, t, "mean")[0]
+
+    def accumulated(k):
+        total, denominator = 0.0, 0.0
+        for part in range(3):  # micro-batches of 8 tokens
+            rows = slice(8 * part, 8 * part + 8)
+            value, aux = loss(k, h[rows], t[rows], "sum")
+            total, denominator = total + value, denominator + aux.denominator
+        return total / denominator
+
+    np.testing.assert_allclose(accumulated(k), big(k), rtol=1e-13)
+    np.testing.assert_allclose(jax.grad(accumulated)(k), jax.grad(big)(k), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_softcap_and_z_loss_low_precision_close_to_float64(dtype):
+    x, t, w, mask = _data(seed=10)
+    x = (x * 10).astype(dtype)  # large logits: the cap matters
+    kw = {"where": mask, "z_loss": 1e-3, "logit_softcap": 15.0}
+    rk = {"mask": mask, "z": 1e-3, "cap": 15.0}
+    value, grad = jax.value_and_grad(lambda x: jaxce.cross_entropy(x, t, w, **kw))(x)
+    x64 = x.astype(jnp.float64)
+    ref_value, ref_grad = jax.value_and_grad(lambda x: plain_loss(x, t, w, 0.0, "mean", **rk))(x64)
+    assert value.dtype == dtype
+    assert grad.dtype == dtype
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}[dtype]
+    np.testing.assert_allclose(np.float64(value), ref_value, rtol=tol)
+    scale = float(jnp.max(jnp.abs(ref_grad)))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, atol=tol * scale)
+
+
+def test_out_of_range_target_with_options_is_nan_under_jit():
+    x, t, w, mask = _data()
+    bad = t.at[1].set(C + 3)
+    f = jax.jit(lambda x, t: jaxce.cross_entropy(x, t, w, where=mask.at[1].set(True), z_loss=1e-2))
+    assert np.isnan(f(x, bad))
+    assert np.all(np.isnan(jax.grad(f)(x, bad)[1]))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_softcap_matches_torch_on_capped_logits(eps):
+    """The Gemma 2 recipe in PyTorch: cross_entropy(cap * tanh(logits / cap))."""
+    torch = pytest.importorskip("torch")
+    x, t, w, _ = _data(seed=11)
+    x = x * 20
+    cap = 30.0
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(
+        cap * torch.tanh(xt / cap), torch.tensor(np.asarray(t)), torch.tensor(np.asarray(w)),
+        ignore_index=IGNORE, label_smoothing=eps,
+    )  # fmt: skip
+    ref.backward()
+    value, grad = jax.value_and_grad(
+        lambda x: jaxce.cross_entropy(x, t, w, IGNORE, label_smoothing=eps, logit_softcap=cap)
+    )(x)
+    np.testing.assert_allclose(value, ref.item(), rtol=1e-12)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-10, atol=1e-14)
