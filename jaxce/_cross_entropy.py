@@ -187,6 +187,8 @@ class CrossEntropyLoss:
       reduction: ``'none'``, ``'mean'`` or ``'sum'``.
       label_smoothing: ε in [0, 1].
       axis: the class axis of the input (default -1; ``axis=1`` is PyTorch's layout).
+      z_loss, logit_softcap: see :func:`cross_entropy` (``where`` is given per call:
+        ``loss(input, target, where=mask)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -208,7 +210,11 @@ class CrossEntropyLoss:
         label_smoothing: float | jax.typing.ArrayLike = 0.0,
         *,
         axis: int = -1,
+        z_loss: float | jax.typing.ArrayLike = 0.0,
+        logit_softcap: float | None = None,
     ) -> None:
+        _validate.check_z_loss(z_loss)
+        _validate.check_softcap(logit_softcap)
         _validate.check_reduction(reduction)
         _validate.check_ignore_index(ignore_index)
         _validate.check_label_smoothing(label_smoothing)
@@ -225,8 +231,16 @@ class CrossEntropyLoss:
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.axis = axis
+        self.z_loss = z_loss
+        self.logit_softcap = logit_softcap
 
-    def __call__(self, input: jax.typing.ArrayLike, target: jax.typing.ArrayLike) -> jax.Array:
+    def __call__(
+        self,
+        input: jax.typing.ArrayLike,
+        target: jax.typing.ArrayLike,
+        *,
+        where: jax.typing.ArrayLike | None = None,
+    ) -> jax.Array:
         return cross_entropy(
             input,
             target,
@@ -235,6 +249,9 @@ class CrossEntropyLoss:
             self.reduction,
             self.label_smoothing,
             axis=self.axis,
+            where=where,
+            z_loss=self.z_loss,
+            logit_softcap=self.logit_softcap,
         )
 
     def __repr__(self) -> str:
@@ -242,5 +259,8 @@ class CrossEntropyLoss:
         return (
             f"CrossEntropyLoss(weight={weight}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-            f"axis={self.axis})"
+            f"axis={self.axis}"
+            + ("" if not self.z_loss else f", z_loss={self.z_loss}")
+            + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
+            + ")"
         )

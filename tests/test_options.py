@@ -92,8 +92,12 @@ def _ref_kwargs(options, mask):
     }
 
 
-@pytest.mark.parametrize("options", list(OPTION_SETS))
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+# Every option set with 'mean' (the weighted denominator); all options together with the
+# other reductions.
+@pytest.mark.parametrize(
+    ("options", "reduction"),
+    [(name, "mean") for name in OPTION_SETS] + [("all", "none"), ("all", "sum")],
+)
 @pytest.mark.parametrize(
     ("prob", "weighted", "eps", "axis"),
     [
@@ -334,3 +338,17 @@ def test_softcap_matches_torch_on_capped_logits(eps):
     )(x)
     np.testing.assert_allclose(value, ref.item(), rtol=1e-12)
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_module_form_takes_the_options():
+    x, t, w, mask = _data(seed=12)
+    loss_fn = jaxce.CrossEntropyLoss(w, z_loss=1e-3, logit_softcap=2.5)
+    np.testing.assert_allclose(
+        loss_fn(x, t, where=mask),
+        plain_loss(x, t, w, 0.0, "mean", mask=mask, z=1e-3, cap=2.5),
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match="logit_softcap must be a positive finite float"):
+        jaxce.CrossEntropyLoss(logit_softcap=-2.0)
+    with pytest.raises(ValueError, match="z_loss must be a finite float >= 0"):
+        jaxce.CrossEntropyLoss(z_loss=-1.0)
