@@ -272,11 +272,11 @@ GPU = Sizes(
     ce_tokens=16384,
     ce_classes=CLASSES,
     dtypes=DTYPES,
-    repeats=20,
-    warmup=3,
+    repeats=10,
+    warmup=2,
     mem_tokens=16384,
     mem_classes=(*CLASSES, 262144),
-    rss_classes=(32768, 131072),
+    rss_classes=(131072,),
     residual_shape=(8, 1024),
     linear_memory=(LIGER_FLCE, LIGER_CE, CCE),
     linear_time=(
@@ -284,7 +284,7 @@ GPU = Sizes(
         (*CCE[1:], "bfloat16"),
         (8192, 2048, 32768, "float32"),
     ),
-    linear_peak=((*LIGER_FLCE[1:], "bfloat16"), (*CCE[1:], "bfloat16")),
+    linear_peak=((*LIGER_FLCE[1:], "bfloat16"),),
     child_timeout=240,
 )
 
@@ -1158,6 +1158,14 @@ SECTIONS = (
 )
 
 
+def _git(*args):
+    try:
+        cmd = ["git", "-C", str(REPO), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def run(sizes, env, out, sections, label):
     """Runs the chosen sections, writing each file as soon as it is measured."""
     out.mkdir(parents=True, exist_ok=True)
@@ -1169,6 +1177,8 @@ def run(sizes, env, out, sections, label):
             "label": label,
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "git_commit": _git("rev-parse", "--short", "HEAD"),
+            "jaxce_uncommitted_changes": bool(_git("status", "--porcelain", "jaxce")),
             "jax": jax.__version__,
             "jax_backend": env.backend,
             "device_kind": env.device_kind,
@@ -1246,6 +1256,8 @@ def main(argv=None, mode=None):
     if args.repeats:
         sizes = Sizes(**dict(sizes.__dict__, repeats=args.repeats))
     slug = device_slug(env)
+    if args.device == "gpu" and env.backend != "gpu" and not args.quick and args.out is None:
+        raise SystemExit("no GPU: run with --quick, or name an --out folder for the GPU sizes")
     if args.out is None:
         args.out = Path("/tmp/jaxce-bench-quick") / slug if args.quick else HERE / "results" / slug
     sections = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(","))
