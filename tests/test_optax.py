@@ -76,7 +76,12 @@ def test_integer_labels_match_optax(axis, where):
 # axis=None leaves no batch axes, so only a logits-shaped mask applies there.
 @pytest.mark.parametrize(
     ("axis", "where"),
-    [(a, m) for a in [*AXES, None] for m in (None, "rows", "classes") if a is not None or m != "rows"],
+    [
+        (a, m)
+        for a in [*AXES, None]
+        for m in (None, "rows", "classes")
+        if a is not None or m != "rows"
+    ],
 )
 def test_probability_labels_match_optax(axis, where):
     x = _logits()
