@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import numpy as np
+import pytest
 
 # (name, input shape, class axis)
 LAYOUTS = [
@@ -76,3 +78,37 @@ def make_prob_target(rng, shape, axis):
 def rng_for(*key):
     """A NumPy Generator seeded from the test's parameters (stable across processes)."""
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def covering_grid(*factors):
+    """Every combination of ``factors`` (lists of values) as ``pytest.param``s, the ones
+    outside a pairwise cover marked ``slow``.
+
+    The cover is a greedy, deterministic choice of combinations in which every pair of
+    values of any two factors appears at least once (bugs that need one or two options to
+    show up are caught by the default run); ``python -m pytest -m ""`` runs the full
+    product. A tuple value (a layout) is spread over several arguments.
+    """
+    sizes = [range(len(f)) for f in factors]
+    combos = list(itertools.product(*sizes))
+    axes = list(itertools.combinations(range(len(factors)), 2))
+
+    def pairs(combo):
+        return {(i, combo[i], j, combo[j]) for i, j in axes}
+
+    uncovered = set().union(*(pairs(c) for c in combos))
+    chosen = set()
+    while uncovered:
+        best = max(combos, key=lambda c: len(pairs(c) & uncovered))
+        chosen.add(best)
+        uncovered -= pairs(best)
+    params = []
+    for combo in combos:
+        args, ids = [], []
+        for factor, k in zip(factors, combo, strict=True):
+            value = factor[k]
+            args.extend(value if isinstance(value, tuple) else (value,))
+            ids.append(str(value[0] if isinstance(value, tuple) else value))
+        marks = () if combo in chosen else (pytest.mark.slow,)
+        params.append(pytest.param(*args, id="-".join(ids), marks=marks))
+    return params

@@ -12,7 +12,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 settings.register_profile(
     "ci",
-    max_examples=40,
+    max_examples=20,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from cases import (
     IGNORES,
-    LAYOUT_IDS,
     LAYOUTS,
     REDUCTIONS,
     WEIGHTS,
+    covering_grid,
     make_index_target,
     make_logits,
     make_prob_target,
@@ -37,11 +37,10 @@ def _compare(ours, plain, primals, seed):
         np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("ignore_mode", IGNORES)
-@pytest.mark.parametrize("weight_mode", WEIGHTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "weight_mode", "ignore_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, [0.0, 0.1]),
+)
 def test_index_gradients(name, shape, axis, reduction, weight_mode, ignore_mode, eps):
     rng = rng_for("grad", name, reduction, weight_mode, ignore_mode)
     x = jnp.asarray(make_logits(rng, shape))
@@ -85,10 +84,10 @@ def test_index_gradients(name, shape, axis, reduction, weight_mode, ignore_mode,
         _compare(ours, plain, primals, seed)
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("weight_mode", WEIGHTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "weight_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, [0.0, 0.1]),
+)
 def test_prob_gradients(name, shape, axis, reduction, weight_mode, eps):
     rng = rng_for("grad-prob", name, reduction, weight_mode)
     x = jnp.asarray(make_logits(rng, shape))

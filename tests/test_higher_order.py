@@ -25,13 +25,17 @@ TRANSFORMS = ["jvp", "jacfwd", "jacrev_jacfwd", "hessian", "grad_grad", "hvp"]
 CHEAP = ["jvp", "hvp"]
 
 
-def _grid(cases, full, transforms=TRANSFORMS):
-    """(case..., transform) rows: every transform for the names in ``full``, else CHEAP."""
+def _grid(cases, full, transforms=TRANSFORMS, slow=()):
+    """(case..., transform) rows: every transform for the names in ``full``, else CHEAP;
+    the names in ``slow`` get every transform too, marked slow (run with ``-m ""``)."""
     rows = []
     for c in cases:
+        name = f"{c[0]}-{c[-1]}"
         for t in transforms:
-            if t in CHEAP or f"{c[0]}-{c[-1]}" in full:
-                rows.append(pytest.param(*c, t, id=f"{c[0]}-{c[-1]}-{t}"))
+            if t in CHEAP or name in full:
+                rows.append(pytest.param(*c, t, id=f"{name}-{t}"))
+            elif name in slow:
+                rows.append(pytest.param(*c, t, id=f"{name}-{t}", marks=pytest.mark.slow))
     return rows
 
 
@@ -101,7 +105,7 @@ INDEX_GRID = [(*c, "mean") for c in INDEX_CASES] + [
 
 @pytest.mark.parametrize(
     ("name", "shape", "axis", "weight_mode", "ignore_mode", "eps", "reduction", "transform"),
-    _grid(INDEX_GRID, {"NC_w_eps-mean", "CN_axis0_w_eps-mean"}),
+    _grid(INDEX_GRID, {"NC_w_eps-mean"}, slow={"CN_axis0_w_eps-mean"}),
 )
 def test_index_target(name, shape, axis, weight_mode, ignore_mode, eps, reduction, transform):
     rng = rng_for("ho-index", name)

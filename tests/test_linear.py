@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import rng_for
+from cases import covering_grid, rng_for
 
 import jaxce
 
@@ -26,11 +26,11 @@ def _problem(seed, ignore=True, batch=(N,)):
     return h, k, b, jnp.asarray(y), w
 
 
-@pytest.mark.parametrize("chunk_size", [64, 128, 300, None])
-@pytest.mark.parametrize("eps", [0.0, 0.2])
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    ("reduction", "with_bias", "weighted", "eps", "chunk_size"),
+    covering_grid(["none", "mean", "sum"], [False, True], [False, True], [0.0, 0.2],
+                  [64, 128, 300, None]),
+)  # fmt: skip
 def test_matches_unfused_values_and_gradients(reduction, with_bias, weighted, eps, chunk_size):
     h, k, b, y, w = _problem((reduction, with_bias, weighted, eps))
     w = w if weighted else None

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from cases import (
     IGNORES,
-    LAYOUT_IDS,
     LAYOUTS,
     REDUCTIONS,
     SMOOTHINGS,
     WEIGHTS,
+    covering_grid,
     make_index_target,
     make_logits,
     make_prob_target,
@@ -132,47 +132,47 @@ def _check_parity(x, target, weight, ii, reduction, eps, axis, dtype, prob):
 
 # The whole option grid in float64 (the parity harness, `python -m parity`, runs it in
 # every dtype and transform); float32 on a slice of it.
-@pytest.mark.parametrize("eps", SMOOTHINGS)
-@pytest.mark.parametrize("ignore_mode", IGNORES)
-@pytest.mark.parametrize("weight_mode", WEIGHTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "weight_mode", "ignore_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
+)
 def test_index_parity_float64(name, shape, axis, reduction, weight_mode, ignore_mode, eps):
     x, target, weight, ii = _case(name, shape, axis, weight_mode, ignore_mode, prob=False)
     _check_parity(x, target, weight, ii, reduction, eps, axis, "float64", prob=False)
 
 
-@pytest.mark.parametrize("eps", SMOOTHINGS)
-@pytest.mark.parametrize("weight_mode", WEIGHTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "weight_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
+)
 def test_prob_parity_float64(name, shape, axis, reduction, weight_mode, eps):
     x, target, weight, ii = _case(name, shape, axis, weight_mode, None, prob=True)
     _check_parity(x, target, weight, ii, reduction, eps, axis, "float64", prob=True)
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.05])
-@pytest.mark.parametrize("ignore_mode", ["present", "all"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "ignore_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, ["present", "all"], [0.0, 0.05]),
+)
 def test_index_parity_float32(name, shape, axis, reduction, ignore_mode, eps):
     x, target, weight, ii = _case(name, shape, axis, "positive", ignore_mode, prob=False)
     _check_parity(x, target, weight, ii, reduction, eps, axis, "float32", prob=False)
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.05])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, [0.0, 0.05]),
+)
 def test_prob_parity_float32(name, shape, axis, reduction, eps):
     x, target, weight, ii = _case(name, shape, axis, "positive", None, prob=True)
     _check_parity(x, target, weight, ii, reduction, eps, axis, "float32", prob=True)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("weight_mode", ["none", "positive"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize(
+    ("prob", "reduction", "weight_mode", "eps", "dtype"),
+    covering_grid([False, True], REDUCTIONS, ["none", "positive"], [0.0, 0.1],
+                  ["bfloat16", "float16"]),
+)  # fmt: skip
 def test_low_precision_no_worse_than_torch(prob, reduction, weight_mode, eps, dtype):
     shape, axis = (64, 33), -1
     x, target, weight, ii = _case("lowp", shape, axis, weight_mode, "present", prob)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import REDUCTIONS, rng_for
+from cases import REDUCTIONS, covering_grid, rng_for
 
 import jaxce
 from jaxce import _cross_entropy
@@ -38,9 +38,10 @@ def test_jit_matches_eager_and_is_deterministic(prob, reduction):
         np.testing.assert_allclose(a, b, rtol=4e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize(
+    ("prob", "reduction", "dtype"),
+    covering_grid([False, True], REDUCTIONS, [jnp.float32, jnp.bfloat16]),
+)
 def test_values_are_bit_identical_eager_and_jit_gradients_within_rounding(prob, reduction, dtype):
     # The documented determinism contract. Values: bit-identical between an eager call
     # and jax.jit when the inputs are passed as arguments (closed-over constants can be

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from cases import (
     IGNORES,
-    LAYOUT_IDS,
     LAYOUTS,
     REDUCTIONS,
     SMOOTHINGS,
     WEIGHTS,
+    covering_grid,
     make_index_target,
     make_logits,
     make_prob_target,
@@ -37,11 +37,10 @@ def _run(x, target, weight, ignore_index, reduction, eps, axis):
     return np.asarray(got), want
 
 
-@pytest.mark.parametrize("eps", SMOOTHINGS)
-@pytest.mark.parametrize("ignore_mode", IGNORES)
-@pytest.mark.parametrize("weight_mode", WEIGHTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "weight_mode", "ignore_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
+)
 def test_index_targets_match_reference(name, shape, axis, reduction, weight_mode, ignore_mode, eps):
     rng = rng_for(name, reduction, weight_mode, ignore_mode)
     x = make_logits(rng, shape)
@@ -56,10 +55,10 @@ def test_index_targets_match_reference(name, shape, axis, reduction, weight_mode
         assert np.all(got[target == ignore_index] == 0.0)
 
 
-@pytest.mark.parametrize("eps", SMOOTHINGS)
-@pytest.mark.parametrize("weight_mode", WEIGHTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("name", "shape", "axis"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("name", "shape", "axis", "reduction", "weight_mode", "eps"),
+    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
+)
 def test_prob_targets_match_reference(name, shape, axis, reduction, weight_mode, eps):
     rng = rng_for(name, reduction, weight_mode, "prob")
     x = make_logits(rng, shape)
