@@ -234,3 +234,30 @@ def test_checkify_reports_the_offending_index(fused):
     assert np.isfinite(value)
     # Without checkify the check is a no-op and the loss stays NaN (tested above).
     assert np.isnan(jax.jit(loss)(jnp.array([0, 4, 7, -100])))
+
+
+@pytest.mark.parametrize("num_classes", [40_000, 98_304])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_long_rows_reduced_in_parts_match_float64(num_classes, dtype):
+    # Rows longer than 32,768 classes are reduced as sub-rows (an XLA:CPU speed fix in
+    # _core._split_rows): same values, gradients and non-finite behaviour.
+    rng = np.random.default_rng(num_classes)
+    x = rng.standard_normal((4, num_classes)) * 3
+    x[1, 5] = 40.0  # the row max in the first sub-row
+    x[2, -1] = 40.0  # ... and in the last one
+    x[3, :] = -np.inf  # an all -inf row: NaN, as in PyTorch
+    t = np.array([0, 5, num_classes - 1, 3])
+    xj = jnp.asarray(x, dtype)
+    xf = np.asarray(xj.astype(jnp.float64))
+    m = np.max(xf[:3], axis=1, keepdims=True)
+    lse = (m + np.log(np.sum(np.exp(xf[:3] - m), axis=1, keepdims=True)))[:, 0]
+    loss = jaxce.cross_entropy(xj, jnp.asarray(t), reduction="none")
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.float64(loss[:3]), lse - xf[np.arange(3), t[:3]], rtol=tol, atol=tol
+    )
+    assert np.isnan(loss[3])
+    grad = jax.grad(lambda x: jnp.sum(jaxce.cross_entropy(x, jnp.asarray(t[:3]))))(xj[:3])
+    expected = np.exp(xf[:3] - lse[:, None])
+    expected[np.arange(3), t[:3]] -= 1
+    np.testing.assert_allclose(np.float64(grad) * 3, expected, atol=tol)
