@@ -171,13 +171,22 @@ def _split_rows(x: Any, axis: int) -> int | None:
     return None
 
 
-def _reduce_rows(fn: Any, values: Any, axis: int, k: int | None) -> Any:
-    """``fn(values, axis)`` with keepdims, over sub-rows of ``k`` when ``k`` is set."""
+def _reduce_rows(fn: Any, x: Any, axis: int, elementwise: Any = None, shift: Any = None) -> Any:
+    """``fn(elementwise(x, shift), axis)`` with keepdims (``elementwise`` None: ``x``).
+
+    Long rows (see ``_split_rows``) are reduced as sub-rows of a barrier-held view of
+    ``x``, with the per-row ``shift`` (keepdims) repeated for each sub-row, then once more.
+    """
+    k = _split_rows(x, axis)
     if k is None:
+        values = x if elementwise is None else elementwise(x, shift)
         return fn(values, axis=axis, keepdims=True)
-    lead = values.shape[:-1]
-    parts = lax.optimization_barrier(values.reshape(-1, k))
-    partial_ = fn(parts, axis=1).reshape((*lead, values.shape[-1] // k))
+    per_row = x.shape[-1] // k
+    parts = lax.optimization_barrier(x.reshape(-1, k))
+    if elementwise is not None:
+        sub_shift = None if shift is None else jnp.repeat(shift.reshape(-1), per_row)[:, None]
+        parts = elementwise(parts, sub_shift)
+    partial_ = fn(parts, axis=1).reshape((*x.shape[:-1], per_row))
     return fn(partial_, axis=-1, keepdims=True)
 
 
@@ -187,21 +196,14 @@ def _row_max(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
     ``m`` is the max except 0 for an all ``-inf`` row (so that row's lse is -inf and its
     loss NaN, as in PyTorch); a ``+inf``/NaN max is kept so the row turns NaN.
     """
-    mx = _reduce_rows(jnp.max, x, axis, _split_rows(x, axis)).astype(dtype)
+    mx = _reduce_rows(jnp.max, x, axis).astype(dtype)
     m = lax.stop_gradient(jnp.where(jnp.isneginf(mx), jnp.zeros_like(mx), mx))
     return mx, m
 
 
 def _sum_exp(x: Any, m: Any, axis: int, dtype: Any) -> Any:
     """``Σ_c exp(x_c - m)`` (keepdims): the one pass that upcasts with a plain convert."""
-    k = _split_rows(x, axis)
-    if k is None:
-        return jnp.sum(jnp.exp(x.astype(dtype) - m), axis=axis, keepdims=True)
-    per_row = x.shape[-1] // k
-    parts = lax.optimization_barrier(x.reshape(-1, k))
-    shift = jnp.repeat(m.reshape(-1), per_row)[:, None]
-    partial_ = jnp.sum(jnp.exp(parts.astype(dtype) - shift), axis=1)
-    return jnp.sum(partial_.reshape((*x.shape[:-1], per_row)), axis=-1, keepdims=True)
+    return _reduce_rows(jnp.sum, x, axis, lambda v, shift: jnp.exp(v.astype(dtype) - shift), m)
 
 
 def _add_reduce(operands: tuple[Any, ...], axis: int) -> tuple[Any, ...]:
