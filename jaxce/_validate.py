@@ -105,45 +105,41 @@ def check_ignore_index(ignore_index: Any) -> int:
     return int(ignore_index)
 
 
-def check_label_smoothing(label_smoothing: Any) -> Any:
-    """Validates ε and returns None (no smoothing), a Python float, or a scalar array.
+def _scalar_option(value: Any, name: str, expected: str, check_range: Any) -> Any:
+    """A real scalar option: None for a Python 0, a Python float, or a scalar array.
 
-    A Python number 0 means "no smoothing" and returns None, so the smoothing term is not
-    even traced. Any other Python number, and any array, is passed on as a traced value:
-    changing it does not recompile. Concrete values are checked against [0, 1]; a traced
-    value cannot be, so the loss makes an out-of-range traced ε give NaN instead.
+    A Python 0 returns None, so its term is not even traced. Any other Python number, and
+    any array, is passed on as a traced value: changing it does not recompile. Concrete
+    values go through ``check_range``; traced ones cannot, so the loss turns an
+    out-of-range traced value into NaN instead.
     """
-    if isinstance(label_smoothing, (bool, str, bytes)):
-        raise TypeError(
-            "label_smoothing must be a float in [0, 1]; got "
-            f"{type(label_smoothing).__name__} {label_smoothing!r}"
-        )
-    if isinstance(label_smoothing, numbers.Real):
-        value = float(label_smoothing)
-        _check_smoothing_range(value)
-        return None if value == 0.0 else value
-    if not (hasattr(label_smoothing, "shape") and hasattr(label_smoothing, "dtype")):
-        raise TypeError(
-            "label_smoothing must be a float in [0, 1] or a scalar array; got "
-            f"{type(label_smoothing).__name__}"
-        )
-    if label_smoothing.shape != ():
-        raise ValueError(
-            f"label_smoothing must be a scalar; got an array of shape {label_smoothing.shape}"
-        )
-    if not (is_float_dtype(label_smoothing.dtype) or is_int_dtype(label_smoothing.dtype)):
-        raise TypeError(
-            "label_smoothing must have a real dtype; got " + dtype_name(label_smoothing.dtype)
-        )
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        check_range(number)
+        return None if number == 0.0 else number
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(f"{name} must be {expected} or a scalar array; got {type(value).__name__}")
+    if value.shape != ():
+        raise ValueError(f"{name} must be a scalar; got an array of shape {value.shape}")
+    if not (is_float_dtype(value.dtype) or is_int_dtype(value.dtype)):
+        raise TypeError(f"{name} must have a real dtype; got " + dtype_name(value.dtype))
     try:
-        value = float(label_smoothing)
+        number = float(value)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return label_smoothing  # traced: range enforced in the computation (NaN if outside)
-    _check_smoothing_range(value)
-    return label_smoothing
+        return value  # traced: range enforced in the computation (NaN if outside)
+    check_range(number)
+    return value
 
 
-def _check_smoothing_range(value: float) -> None:
+def check_label_smoothing(label_smoothing: Any) -> Any:
+    """Validates ε: None (no smoothing), a Python float, or a scalar array; concrete
+    values must lie in [0, 1] (a traced ε outside gives NaN)."""
+    return _scalar_option(label_smoothing, "label_smoothing", "a float in [0, 1]", _smoothing_range)
+
+
+def _smoothing_range(value: float) -> None:
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"label_smoothing must be in [0, 1]; got {value}")
 
@@ -250,28 +246,12 @@ def check_z_loss(z_loss: Any) -> Any:
 
     Concrete values must be finite and >= 0; a traced negative value makes the loss NaN.
     """
-    if isinstance(z_loss, (bool, str, bytes)) or z_loss is None:
-        raise TypeError(f"z_loss must be a float >= 0; got {type(z_loss).__name__} {z_loss!r}")
-    if isinstance(z_loss, numbers.Real):
-        value = float(z_loss)
-        if not (0.0 <= value < float("inf")):
-            raise ValueError(f"z_loss must be a finite float >= 0; got {value}")
-        return None if value == 0.0 else value
-    if not (hasattr(z_loss, "shape") and hasattr(z_loss, "dtype")):
-        raise TypeError(
-            f"z_loss must be a float >= 0 or a scalar array; got {type(z_loss).__name__}"
-        )
-    if z_loss.shape != ():
-        raise ValueError(f"z_loss must be a scalar; got an array of shape {z_loss.shape}")
-    if not (is_float_dtype(z_loss.dtype) or is_int_dtype(z_loss.dtype)):
-        raise TypeError("z_loss must have a real dtype; got " + dtype_name(z_loss.dtype))
-    try:
-        value = float(z_loss)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return z_loss
-    if not (0.0 <= value < float("inf")):
+    return _scalar_option(z_loss, "z_loss", "a float >= 0", _z_loss_range)
+
+
+def _z_loss_range(value: float) -> None:
+    if not 0.0 <= value < float("inf"):  # also rejects NaN
         raise ValueError(f"z_loss must be a finite float >= 0; got {value}")
-    return z_loss
 
 
 def check_softcap(logit_softcap: Any) -> float | None:
