@@ -476,13 +476,7 @@ def sharded_linear_cross_entropy(
             f"the number of tokens ({hidden.shape[0]}) must divide evenly over mesh axis "
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
-    if where is not None:
-        where = jnp.asarray(where)
-        if where.dtype != jnp.bool_ or where.shape != target.shape:
-            raise ValueError(
-                f"where must be a boolean mask of target's shape {tuple(target.shape)}; got "
-                f"{where.dtype} {tuple(where.shape)}"
-            )
+    where = _validate.check_where(where, tuple(target.shape), "target's shape")
     P = jax.sharding.PartitionSpec
     rows, vocab = P(batch_axis), P(vocab_axis)
     eps = jnp.asarray(label_smoothing)
