@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._core import lean_spelling
+from jaxce._core import lean_spelling, softcap
+from jaxce._validate import compute_dtype
 
 # Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
 CHUNK_BYTES = 16 * 2**20
@@ -117,3 +118,45 @@ def running_argmax(z, start, top, arg):
     chunk_arg = start + jnp.argmax(z, axis=1).astype(jnp.int32)
     better = chunk_top > top
     return jnp.where(better, chunk_top, top), jnp.where(better, chunk_arg, arg)
+
+
+def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
+    """One pass over the vocabulary chunks of ``hidden @ kernel + bias`` (soft-capped by
+    ``cap``), keeping per-token statistics only: ``(lse, z_y, wz, top, arg)``.
+
+    ``lse``: online log-sum-exp (running max and rescaled sum); ``z_y``: the logit of
+    class ``idx`` where ``here`` (else 0); ``wz``: ``Σ_c w_c z_c`` (None unless
+    ``with_wz``); ``top``/``arg``: the raw logits' row max and its first class (None
+    unless ``with_argmax``).
+    """
+    dtype = compute_dtype(hidden.dtype)
+    n, vocab = hidden.shape[0], kernel.shape[1]
+    w = None if weight is None else weight.astype(dtype)
+
+    def body(start, size, carry):
+        m, s, z_y, wz, top, arg = carry
+        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
+        z = softcap(raw, cap)
+        new_m = jnp.maximum(m, jnp.max(z, axis=1))
+        safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
+        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
+        # A gather, not a masked sum over the chunk (which XLA:CPU materialises).
+        local = idx - start
+        hit = here & (local >= 0) & (local < size)
+        picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
+        z_y = z_y + jnp.where(hit, picked, jnp.zeros_like(picked))
+        if with_wz:
+            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            wz = wz + jnp.sum(wc * z, axis=1)
+        if with_argmax:
+            top, arg = running_argmax(raw, start, top, arg)
+        return new_m, s, z_y, wz, top, arg
+
+    zeros = jnp.zeros((n,), dtype)
+    lowest = jnp.full((n,), -jnp.inf, dtype)
+    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
+    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init)
+    lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
+    if not with_argmax:
+        top = arg = None
+    return lse, z_y, (wz if with_wz else None), top, arg

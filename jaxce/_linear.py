@@ -36,8 +36,8 @@ from jaxce._chunking import (
     chunk_logits,
     chunk_logits_tangent,
     chunk_loop,
+    chunk_stats,
     chunks,
-    running_argmax,
 )
 from jaxce._core import (
     checked_eps,
@@ -86,33 +86,11 @@ _linear_index_loss.defjvp(_jvp, symbolic_zeros=True)
 def _fwd(hidden, kernel, bias, target, weight, eps, chunk, ignore_index, cap=None, stats=False):
     eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
-    n, vocab = hidden.shape[0], kernel.shape[1]
+    vocab = kernel.shape[1]
     valid, in_range, idx = target_info(target, vocab, ignore_index)
-    w = None if weight is None else weight.astype(dtype)
-
-    def body(start, size, carry):
-        m, s, z_y, wz, top, arg = carry
-        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
-        z = softcap(raw, cap)
-        new_m = jnp.maximum(m, jnp.max(z, axis=1))
-        safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
-        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
-        local = idx - start
-        here = (local >= 0) & (local < size)
-        picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
-        z_y = z_y + jnp.where(here, picked, jnp.zeros_like(picked))
-        if eps is not None:
-            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
-            wz = wz + jnp.sum(wc * z, axis=1)
-        if stats:  # running argmax of the raw logits; the first maximal class wins
-            top, arg = running_argmax(raw, start, top, arg)
-        return new_m, s, z_y, wz, top, arg
-
-    zeros = jnp.zeros((n,), dtype)
-    lowest = jnp.full((n,), -jnp.inf, dtype)
-    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
-    m, s, z_y, wz, _, arg = chunk_loop(chunks(vocab, chunk), body, init)
-    lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
+    lse, z_y, wz, _, arg = chunk_stats(
+        hidden, kernel, bias, idx, in_range, weight, eps is not None, chunk, cap, stats
+    )
     nll = lse - z_y
     w_y = target_weight(weight, idx, valid, in_range, dtype)
     smooth = None

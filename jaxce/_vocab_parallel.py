@@ -29,8 +29,8 @@ from jaxce._chunking import (
     chunk_logits,
     chunk_logits_tangent,
     chunk_loop,
+    chunk_stats,
     chunks,
-    running_argmax,
 )
 from jaxce._core import (
     checked_eps,
@@ -61,35 +61,14 @@ def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, wi
 
 
 def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
-    dtype = compute_dtype(hidden.dtype)
-    n, vocab = hidden.shape[0], kernel.shape[1]
-    w = None if weight is None else weight.astype(dtype)
-
-    def body(start, size, carry):
-        m, s, z_y, wz, top, arg = carry
-        raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
-        new_m = jnp.maximum(m, jnp.max(z, axis=1))
-        safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
-        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
-        hit = here[:, None] & (cls == idx[:, None])
-        z_y = z_y + jnp.sum(jnp.where(hit, z, 0), axis=1)
-        if with_wz:
-            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
-            wz = wz + jnp.sum(wc * z, axis=1)
-        if with_argmax:
-            top, arg = running_argmax(raw, start, top, arg)
-        return new_m, s, z_y, wz, top, arg
-
-    zeros = jnp.zeros((n,), dtype)
-    lowest = jnp.full((n,), -jnp.inf, dtype)
-    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
-    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init)
-    lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
-    if not with_argmax:
-        return lse, z_y, (wz if with_wz else None), None, None
-    # The class as a float (exact below 2**24 classes): a float output can take the zero
-    # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
-    return lse, z_y, (wz if with_wz else None), top, arg.astype(dtype)
+    lse, z_y, wz, top, arg = chunk_stats(
+        hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax
+    )
+    if with_argmax:
+        # The class as a float (exact below 2**24 classes): a float output can take the zero
+        # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
+        arg = arg.astype(lse.dtype)
+    return lse, z_y, wz, top, arg
 
 
 @shard_stats.defjvp
