@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +52,9 @@ def test_values_are_bit_identical_eager_and_jit_gradients_within_rounding(prob, 
     # The documented determinism contract. Values: bit-identical between an eager call
     # and jax.jit when the inputs are passed as arguments (closed-over constants can be
     # constant-folded by XLA, which rounds differently). Gradients: bit-identical run to
-    # run; eager vs jit within a couple of roundings, because XLA:CPU fuses (and contracts
-    # multiply-adds in) the backward pass differently when compiled with the forward.
+    # run; eager vs jit within a couple of roundings, because XLA:CPU contracts
+    # multiply-adds into FMAs differently when the backward is compiled with the forward
+    # (bit-identical without FMA: the next test).
     rng = rng_for("determinism", prob, reduction, str(dtype))
     x = jnp.asarray(rng.standard_normal((64, 3, 33)), dtype)
     if prob:
@@ -71,6 +78,25 @@ def test_values_are_bit_identical_eager_and_jit_gradients_within_rounding(prob, 
         # A few roundings of the gradient's scale (its terms cancel, so not of each element).
         scale = float(jnp.finfo(dtype).eps) * float(np.nanmax(np.abs(jitted)))
         np.testing.assert_allclose(eager, jitted, rtol=0, atol=2 * scale)
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="--xla_cpu_max_isa=AVX is x86"
+)
+def test_eager_and_jit_gradients_are_bit_identical_without_fma_contraction():
+    # The rounding differences pinned above come from FMA contraction alone: with an ISA
+    # that has no FMA (AVX), eager and jit values and gradients (logits, weight; hidden,
+    # kernel, bias) must agree bit for bit over reductions x dtypes x smoothing x target
+    # kinds. Runs in its own process: XLA_FLAGS are read when the backend starts.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = root / "tests" / "scripts" / "determinism_no_fma.py"
+    env = dict(os.environ, PYTHONPATH=str(root), XLA_FLAGS="--xla_cpu_max_isa=AVX")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no-fma determinism ok" in result.stdout
+    assert result.stdout.count(": 0 differing elements") == 28
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
