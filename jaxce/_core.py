@@ -171,21 +171,31 @@ def _split_rows(x: Any, axis: int) -> int | None:
     return None
 
 
-def _reduce_rows(fn: Any, x: Any, axis: int, elementwise: Any = None, shift: Any = None) -> Any:
-    """``fn(elementwise(x, shift), axis)`` with keepdims (``elementwise`` None: ``x``).
+def _reduce_rows(
+    fn: Any, x: Any, axis: int, elementwise: Any = None, shift: Any = None, per_class: Any = None
+) -> Any:
+    """``fn(elementwise(x, shift, per_class), axis)`` with keepdims (``elementwise`` None:
+    ``x``). ``shift``: per row (keepdims); ``per_class``: broadcastable to ``x``, varying
+    along ``axis`` only.
 
     Long rows (see ``_split_rows``) are reduced as sub-rows of a barrier-held view of
-    ``x``, with the per-row ``shift`` (keepdims) repeated for each sub-row, then once more.
+    ``x``, with the per-row ``shift`` repeated for each sub-row and ``per_class`` tiled
+    over the rows, then once more.
     """
     k = _split_rows(x, axis)
     if k is None:
-        values = x if elementwise is None else elementwise(x, shift)
+        values = x if elementwise is None else elementwise(x, shift, per_class)
         return fn(values, axis=axis, keepdims=True)
     per_row = x.shape[-1] // k
     parts = lax.optimization_barrier(x.reshape(-1, k))
     if elementwise is not None:
         sub_shift = None if shift is None else jnp.repeat(shift.reshape(-1), per_row)[:, None]
-        parts = elementwise(parts, sub_shift)
+        sub_class = None
+        if per_class is not None:
+            rows = parts.shape[0] // per_row
+            sub_class = jnp.broadcast_to(per_class.reshape(per_row, k), (rows, per_row, k))
+            sub_class = sub_class.reshape(-1, k)
+        parts = elementwise(parts, sub_shift, sub_class)
     partial_ = fn(parts, axis=1).reshape((*x.shape[:-1], per_row))
     return fn(partial_, axis=-1, keepdims=True)
 
@@ -203,7 +213,9 @@ def _row_max(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
 
 def _sum_exp(x: Any, m: Any, axis: int, dtype: Any) -> Any:
     """``Σ_c exp(x_c - m)`` (keepdims): the one pass that upcasts with a plain convert."""
-    return _reduce_rows(jnp.sum, x, axis, lambda v, shift: jnp.exp(v.astype(dtype) - shift), m)
+    return _reduce_rows(
+        jnp.sum, x, axis, lambda v, shift, _: jnp.exp(v.astype(dtype) - shift), m
+    )
 
 
 def _add_reduce(operands: tuple[Any, ...], axis: int) -> tuple[Any, ...]:
@@ -488,11 +500,14 @@ def _index_stats(x, target, weight, eps, axis, ignore_index, cap=None):
     else:
         sum_exp = _sum_exp(x, m, axis, dtype)
         neg_m = lax.stop_gradient(jnp.where(jnp.isneginf(mx), jnp.zeros_like(mx), -mx))
-        gap = (-x).astype(dtype) - neg_m  # m - x, spelled apart from the sum_exp pass
-        if w is None:
-            smooth_gap = jnp.sum(gap, axis=axis, keepdims=True)
-        else:
-            smooth_gap = -jnp.sum(-w * gap, axis=axis, keepdims=True)
+
+        def gap(v, shift, w):  # m - x, spelled apart from the sum_exp pass
+            g = (-v).astype(dtype) - shift
+            return g if w is None else -w * g
+
+        smooth_gap = _reduce_rows(jnp.sum, x, axis, gap, neg_m, w)
+        if w is not None:
+            smooth_gap = -smooth_gap
     lse = m + jnp.log(sum_exp)
     nll = jnp.squeeze(lse - x_y, axis)
     w_y = target_weight(weight, idx, valid, in_range, dtype)

@@ -261,3 +261,40 @@ def test_long_rows_reduced_in_parts_match_float64(num_classes, dtype):
     expected = np.exp(xf[:3] - lse[:, None])
     expected[np.arange(3), t[:3]] -= 1
     np.testing.assert_allclose(np.float64(grad) * 3, expected, atol=tol)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_long_rows_smoothed_reduced_in_parts_match_float64(dtype, weighted):
+    # The smoothing sum Σ_c w_c (m - x_c) of long rows is also reduced as sub-rows (the
+    # class weights tiled over them): same values and gradients as the plain formula.
+    num_classes, eps = 98_304, 0.2
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, num_classes)) * 3
+    x[1, 5] = 40.0
+    x[2, -1] = 40.0
+    t = np.array([0, 5, num_classes - 1])
+    w = rng.uniform(0.5, 2.0, num_classes) if weighted else np.ones(num_classes)
+    xj = jnp.asarray(x, dtype)
+    wj = jnp.asarray(w, dtype) if weighted else None
+
+    def plain(x):  # float64, differentiated by autodiff
+        lse = jax.nn.logsumexp(x, axis=1, keepdims=True)
+        gap = lse - x
+        nll = jnp.take_along_axis(gap, jnp.asarray(t)[:, None], axis=1)[:, 0]
+        smooth = jnp.sum(jnp.asarray(w)[None, :] * gap, axis=1)
+        return jnp.sum((1 - eps) * jnp.asarray(w)[t] * nll + eps / num_classes * smooth)
+
+    def ours(x):
+        return jaxce.cross_entropy(x, jnp.asarray(t), wj, reduction="sum", label_smoothing=eps)
+
+    x64 = jnp.asarray(np.asarray(xj.astype(jnp.float64)))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-12
+    np.testing.assert_allclose(np.float64(ours(xj)), np.float64(plain(x64)), rtol=tol)
+    np.testing.assert_allclose(
+        np.float64(jax.grad(ours)(xj)), np.float64(jax.grad(plain)(x64)), rtol=0, atol=tol
+    )
+    x[0, :] = -np.inf  # an all -inf row: NaN, as in PyTorch
+    assert np.isnan(
+        jaxce.cross_entropy(jnp.asarray(x, dtype), jnp.asarray(t), wj, label_smoothing=eps)
+    )
