@@ -213,9 +213,7 @@ def _row_max(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
 
 def _sum_exp(x: Any, m: Any, axis: int, dtype: Any) -> Any:
     """``Σ_c exp(x_c - m)`` (keepdims): the one pass that upcasts with a plain convert."""
-    return _reduce_rows(
-        jnp.sum, x, axis, lambda v, shift, _: jnp.exp(v.astype(dtype) - shift), m
-    )
+    return _reduce_rows(jnp.sum, x, axis, lambda v, shift, _: jnp.exp(v.astype(dtype) - shift), m)
 
 
 def _add_reduce(operands: tuple[Any, ...], axis: int) -> tuple[Any, ...]:

@@ -26,6 +26,7 @@ def cross_entropy(
     z_loss: float | jax.typing.ArrayLike = 0.0,
     logit_softcap: float | None = None,
     return_aux: bool = False,
+    check_targets: bool = False,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Cross-entropy between logits and targets, exactly as PyTorch defines it.
 
@@ -77,6 +78,11 @@ def cross_entropy(
         from the same pass and carrying no gradient. Exact gradient accumulation over
         micro-batches: sum the ``reduction='sum'`` losses and the ``denominator``\s,
         then divide once.
+      check_targets: also trace a ``checkify.debug_check`` that names the first class
+        index outside ``[0, C)`` (and not ``ignore_index``) and its flat position, for
+        ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``. Off by
+        default: the check is an effect, and a jitted function with an effect loses
+        JAX's C++ dispatch fast path. (Concrete targets outside jit are checked anyway.)
 
     Returns:
       The loss: shape ``target.shape`` (index targets) or ``input.shape`` without ``axis``
@@ -115,6 +121,7 @@ def cross_entropy(
     z = _validate.check_z_loss(z_loss)
     cap = _validate.check_softcap(logit_softcap)
     return_aux = _validate.check_flag(return_aux, "return_aux")
+    check_targets = _validate.check_flag(check_targets, "check_targets")
     target, spec = _validate.check_target(input, target, axis, ignore_index)
     weight = _validate.check_weight(weight, spec.num_classes)
     element_shape = tuple(d for i, d in enumerate(input.shape) if i != axis)
@@ -141,16 +148,19 @@ def cross_entropy(
         out_dtype=out_dtype,
         cap=cap,
         return_aux=return_aux,
+        check=check_targets,
     )
 
 
 @partial(
     jax.jit,
-    static_argnames=("axis", "ignore_index", "reduction", "kind", "out_dtype", "cap", "return_aux"),
-)
+    static_argnames=(
+        "axis", "ignore_index", "reduction", "kind", "out_dtype", "cap", "return_aux", "check"
+    ),
+)  # fmt: skip
 def _cross_entropy(
     input, target, weight, eps, where, z, *, axis, ignore_index, reduction, kind, out_dtype,
-    cap, return_aux,
+    cap, return_aux, check,
 ):  # fmt: skip
     stats = return_aux or z is not None
     if kind == "prob":
@@ -162,7 +172,8 @@ def _cross_entropy(
         count = loss.size if where is None else jnp.sum(where)
         denominator = jnp.asarray(count, loss.dtype)  # PyTorch: numel / C, not the weights
     else:
-        debug_check_targets(target, input.shape[axis], ignore_index)
+        if check:
+            debug_check_targets(target, input.shape[axis], ignore_index)
         out = index_loss(input, target, weight, eps, axis, ignore_index, cap, stats)
         loss = out[0] if stats else out
         valid = target_info(target, input.shape[axis], ignore_index)[0] if stats else None
@@ -187,8 +198,8 @@ class CrossEntropyLoss:
       reduction: ``'none'``, ``'mean'`` or ``'sum'``.
       label_smoothing: ε in [0, 1].
       axis: the class axis of the input (default -1; ``axis=1`` is PyTorch's layout).
-      z_loss, logit_softcap: see :func:`cross_entropy` (``where`` is given per call:
-        ``loss(input, target, where=mask)``).
+      z_loss, logit_softcap, check_targets: see :func:`cross_entropy` (``where`` is
+        given per call: ``loss(input, target, where=mask)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -212,7 +223,9 @@ class CrossEntropyLoss:
         axis: int = -1,
         z_loss: float | jax.typing.ArrayLike = 0.0,
         logit_softcap: float | None = None,
+        check_targets: bool = False,
     ) -> None:
+        _validate.check_flag(check_targets, "check_targets")
         _validate.check_z_loss(z_loss)
         _validate.check_softcap(logit_softcap)
         _validate.check_reduction(reduction)
@@ -233,6 +246,7 @@ class CrossEntropyLoss:
         self.axis = axis
         self.z_loss = z_loss
         self.logit_softcap = logit_softcap
+        self.check_targets = check_targets
 
     def __call__(
         self,
@@ -252,6 +266,7 @@ class CrossEntropyLoss:
             where=where,
             z_loss=self.z_loss,
             logit_softcap=self.logit_softcap,
+            check_targets=self.check_targets,
         )
 
     def __repr__(self) -> str:
@@ -262,5 +277,6 @@ class CrossEntropyLoss:
             f"axis={self.axis}"
             + ("" if not self.z_loss else f", z_loss={self.z_loss}")
             + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
+            + (", check_targets=True" if self.check_targets else "")
             + ")"
         )

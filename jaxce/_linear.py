@@ -217,6 +217,7 @@ def linear_cross_entropy(
     z_loss: float | jax.typing.ArrayLike = 0.0,
     logit_softcap: float | None = None,
     return_aux: bool = False,
+    check_targets: bool = False,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -241,7 +242,8 @@ def linear_cross_entropy(
         class indices, and the per-token statistics are combined with ``psum``/``pmax``
         (O(tokens) communication). Every device returns the full loss; the gradient
         w.r.t. a ``hidden`` replicated over the axis is summed across it.
-      where, z_loss, logit_softcap, return_aux: as in :func:`jaxce.cross_entropy`
+      where, z_loss, logit_softcap, return_aux, check_targets: as in
+        :func:`jaxce.cross_entropy`
         (``where`` has ``target``'s shape; the cap applies to ``hidden @ kernel + bias``
         chunk by chunk, nothing logits-sized is stored).
 
@@ -313,6 +315,7 @@ def linear_cross_entropy(
     z = _validate.check_z_loss(z_loss)
     cap = _validate.check_softcap(logit_softcap)
     return_aux = _validate.check_flag(return_aux, "return_aux")
+    check_targets = _validate.check_flag(check_targets, "check_targets")
     where = _validate.check_where(where, tuple(target.shape), "target's shape")
     target = mask_targets(target, where, ignore_index)
     if axis_name is None:
@@ -322,17 +325,19 @@ def linear_cross_entropy(
     return _linear(
         hidden, kernel, bias, target, weight, eps, z,
         chunk=chunk, ignore_index=ignore_index, reduction=reduction, axis_name=axis_name,
-        cap=cap, return_aux=return_aux,
+        cap=cap, return_aux=return_aux, check=check_targets,
     )  # fmt: skip
 
 
 @partial(
     jax.jit,
-    static_argnames=("chunk", "ignore_index", "reduction", "axis_name", "cap", "return_aux"),
-)
+    static_argnames=(
+        "chunk", "ignore_index", "reduction", "axis_name", "cap", "return_aux", "check"
+    ),
+)  # fmt: skip
 def _linear(
     hidden, kernel, bias, target, weight, eps, z, *, chunk, ignore_index, reduction, axis_name,
-    cap, return_aux,
+    cap, return_aux, check,
 ):  # fmt: skip
     shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -341,7 +346,8 @@ def _linear(
     want_denominator = reduction == "mean" or return_aux
     if axis_name is not None:
         vocab = kernel.shape[1] * lax.axis_size(axis_name)
-        debug_check_targets(t1, vocab, ignore_index)
+        if check:
+            debug_check_targets(t1, vocab, ignore_index)
         loss, valid, w_y, st = vocab_parallel_loss(
             h2, kernel, bias, t1, weight, eps,
             chunk=chunk, ignore_index=ignore_index, axis_name=axis_name, cap=cap, stats=stats,
@@ -351,7 +357,8 @@ def _linear(
             denominator = jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
     else:
         vocab = kernel.shape[1]
-        debug_check_targets(t1, vocab, ignore_index)
+        if check:
+            debug_check_targets(t1, vocab, ignore_index)
         out = _linear_index_loss(h2, kernel, bias, t1, weight, eps, chunk, ignore_index, cap, stats)
         loss, st = (out[0], out[1:]) if stats else (out, None)
         valid = target_info(t1, vocab, ignore_index)[0] if stats else None
@@ -388,6 +395,7 @@ def sharded_linear_cross_entropy(
     z_loss: float | jax.typing.ArrayLike = 0.0,
     logit_softcap: float | None = None,
     return_aux: bool = False,
+    check_targets: bool = False,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """:func:`jaxce.linear_cross_entropy` over a device mesh, vocabulary-parallel.
 
@@ -407,7 +415,7 @@ def sharded_linear_cross_entropy(
         :func:`jaxce.linear_cross_entropy` (``chunk_size`` applies per device).
       mesh: the ``jax.sharding.Mesh`` holding ``vocab_axis`` (and ``batch_axis``).
       where: optional ``[N]`` boolean mask, split like ``target``.
-      z_loss, logit_softcap, return_aux: as in :func:`jaxce.cross_entropy`.
+      z_loss, logit_softcap, return_aux, check_targets: as in :func:`jaxce.cross_entropy`.
 
     Returns:
       The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar. With
@@ -459,7 +467,12 @@ def sharded_linear_cross_entropy(
     rows, vocab = P(batch_axis), P(vocab_axis)
     eps = jnp.asarray(label_smoothing)
     local_reduction = "none" if reduction == "none" else "sum"
-    options = {"z_loss": z_loss, "logit_softcap": logit_softcap, "return_aux": return_aux}
+    options = {
+        "z_loss": z_loss,
+        "logit_softcap": logit_softcap,
+        "return_aux": return_aux,
+        "check_targets": check_targets,
+    }
 
     def batch_sum(v):
         return v if batch_axis is None else lax.psum(v, batch_axis)

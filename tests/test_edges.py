@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,10 +220,10 @@ def test_checkify_reports_the_offending_index(fused):
     h = jnp.asarray(rng.standard_normal((4, 3)))
     k = jnp.asarray(rng.standard_normal((3, 5)))
 
-    def loss(target):
+    def loss(target, check=True):
         if fused:
-            return jaxce.linear_cross_entropy(h, k, target)
-        return jaxce.cross_entropy(h @ k, target)
+            return jaxce.linear_cross_entropy(h, k, target, check_targets=check)
+        return jaxce.cross_entropy(h @ k, target, check_targets=check)
 
     checked = checkify.checkify(jax.jit(loss), errors=checkify.user_checks)
     err, value = checked(jnp.array([0, 4, 7, -100]))
@@ -232,8 +234,29 @@ def test_checkify_reports_the_offending_index(fused):
     err, value = checked(jnp.array([0, 4, 1, -100]))
     assert err.get() is None
     assert np.isfinite(value)
-    # Without checkify the check is a no-op and the loss stays NaN (tested above).
+    # Without check_targets nothing is reported; without checkify the loss stays NaN.
+    unchecked = checkify.checkify(jax.jit(partial(loss, check=False)), errors=checkify.user_checks)
+    err, value = unchecked(jnp.array([0, 4, 7, -100]))
+    assert err.get() is None
+    assert np.isnan(value)
     assert np.isnan(jax.jit(loss)(jnp.array([0, 4, 7, -100])))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_traced_losses_carry_no_effect_unless_check_targets(fused):
+    # An effect in a jitted program (such as a checkify.debug_check) disables JAX's C++
+    # dispatch fast path for the user's whole jitted step, so the check is opt-in.
+    h = jnp.ones((4, 3))
+    k = jnp.ones((3, 5))
+    t = jnp.array([0, 4, 1, -100])
+
+    def step(h, t, check):
+        if fused:
+            return jax.value_and_grad(jaxce.linear_cross_entropy)(h, k, t, check_targets=check)
+        return jax.value_and_grad(jaxce.cross_entropy)(h @ k, t, check_targets=check)
+
+    assert not jax.make_jaxpr(partial(step, check=False))(h, t).effects
+    assert jax.make_jaxpr(partial(step, check=True))(h, t).effects
 
 
 @pytest.mark.parametrize("num_classes", [40_000, 98_304])

@@ -102,6 +102,8 @@ BAD = [
      r"logit_softcap must be a positive finite float; got inf"),
     ("return_aux_int", dict(input=X, target=Y, return_aux=1), TypeError,
      r"return_aux must be a bool; got int 1"),
+    ("check_targets_str", dict(input=X, target=Y, check_targets="yes"), TypeError,
+     r"check_targets must be a bool; got str 'yes'"),
 ]  # fmt: skip
 
 
@@ -134,6 +136,7 @@ def test_bad_input_raises_clear_error_under_jit(kw, exc, pattern):
         (dict(ignore_index="x"), TypeError, "ignore_index must be an int"),
         (dict(weight=np.ones((2, 2))), ValueError, "weight must be 1-D"),
         (dict(axis=1.0), TypeError, "axis must be an int"),
+        (dict(check_targets=1), TypeError, "check_targets must be a bool"),
     ],
 )
 def test_module_validates_options_at_construction(kw, exc, pattern):
@@ -203,6 +206,7 @@ def test_linear_cross_entropy_axis_name_must_be_a_string():
         (dict(logit_softcap=-1.0), ValueError, r"logit_softcap must be a positive finite float"),
         (dict(z_loss=-1.0), ValueError, r"z_loss must be a finite float >= 0"),
         (dict(return_aux="yes"), TypeError, r"return_aux must be a bool"),
+        (dict(check_targets=None), TypeError, r"check_targets must be a bool; got NoneType"),
     ],
 )  # fmt: skip
 def test_linear_cross_entropy_option_errors(kw, exc, pattern):
