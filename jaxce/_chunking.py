@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._core import lean_spelling, softcap
+from jaxce._core import softcap
 from jaxce._validate import compute_dtype
 
 # Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
@@ -25,26 +25,9 @@ def chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def kernel_chunk(kernel, start, size):
-    """``kernel[:, start:start+size]``; 16-bit kernels are sliced as integer bits.
-
-    XLA CPU computes 16-bit dots in float32: with a plain slice it rewrites
-    ``convert(slice(kernel))`` into ``slice(convert(kernel))`` and hoists the upcast out
-    of the loop, a float32 copy of the whole kernel (+2 GiB at 4,096 x 131,072). Slicing
-    the bits avoids that, at the price of one 16-bit bitcast copy of the kernel on CPU
-    (+1 GiB there; see the issue notes). Differentiated as the plain slice.
-    """
-    if kernel.dtype.itemsize != 2:
-        return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
-
-    def lean(res, v):
-        bits = lax.bitcast_convert_type(v[0], jnp.uint16)
-        chunk = lax.dynamic_slice_in_dim(bits, res[0], size, axis=1)
-        return (lax.bitcast_convert_type(chunk, v[0].dtype),)
-
-    def plain(res, v):
-        return (lax.dynamic_slice_in_dim(v[0], res[0], size, axis=1),)
-
-    return lean_spelling(lean, plain, (jnp.asarray(start, jnp.int32),), (kernel,))[0]
+    """``kernel[:, start:start+size]``. Inside :func:`chunk_loop` the kernel must come in
+    through ``pinned``, or XLA:CPU hoists a whole-kernel conversion out of the loop."""
+    return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
 
 
 def chunk_logits(hidden, kernel, bias, start, size, dtype):
@@ -56,23 +39,37 @@ def chunk_logits(hidden, kernel, bias, start, size, dtype):
     return z
 
 
-def chunk_loop(chunks, body, carry):
-    """Runs ``body(start, size, carry)`` over static chunks: the first chunk, a fori_loop
-    over the other full ones (a dynamic start), then the remainder.
+def chunk_loop(chunks, body, carry, pinned=()):
+    """Runs ``body(start, size, carry, *pinned)`` over static chunks: the first chunk, a
+    fori_loop over the other full ones (a dynamic start), then the remainder.
 
     The first chunk is peeled off so that the loop's carry is built from the data: inside
     ``shard_map`` its type then already varies over the same mesh axes as the body's
     output (a zero-initialised carry would not, and the loop would be rejected).
+
+    ``pinned``: the arrays the body slices chunks from (the kernel). Inside the loop they
+    travel in the carry through an optimization barrier, so they are not loop-invariant
+    for XLA, which then cannot hoist a whole-array conversion out of the loop: XLA:CPU
+    upcasts a 16-bit ``dynamic-slice``'s operand to float32 and moves that convert out
+    of the loop (a float32 copy of the kernel, 2 GiB at 4,096 x 131,072 bf16); a uint16
+    bitcast, which avoids the f32 copy, is hoisted the same way (a 1 GiB copy). Pinned,
+    only the chunk is converted. The barrier is an alias: the arrays are not copied.
     """
     if not chunks:
         return carry
     full = [c for c in chunks if c[1] == chunks[0][1]]
     size = chunks[0][1]
-    carry = body(0, size, carry)
+    carry = body(0, size, carry, *pinned)
     if len(full) > 1:
-        carry = lax.fori_loop(1, len(full), lambda i, c: body(i * size, size, c), carry)
+
+        def step(i, state):
+            carry, held = state
+            held = lax.optimization_barrier(held)
+            return body(i * size, size, carry, *held), held
+
+        carry = lax.fori_loop(1, len(full), step, (carry, tuple(pinned)))[0]
     for start, rest in chunks[len(full) :]:
-        carry = body(start, rest, carry)
+        carry = body(start, rest, carry, *pinned)
     return carry
 
 
@@ -96,6 +93,33 @@ def chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype):
     return dz
 
 
+def _transposed(x, dtype):
+    """``x.T`` as a row-major array, exactly (non-finite entries included).
+
+    XLA:CPU multiplies 16-bit matrices natively only when both are row-major with the
+    contracted dimension of the left one last. ``hidden.T @ dz`` is not such a product,
+    so XLA upcasts both operands to float32 and hoists the whole ``hidden`` upcast out of
+    the chunk loop (+256 MiB at 16,384 x 4,096 bf16); ``dz.T @ hidden`` is, but a plain
+    ``.T`` is only a layout change, which XLA rejects the same way. An identity matmul
+    writes the transposed chunk for real: each output is one product ``1 * x`` (exact).
+    Non-finite entries would spread through the zeros (``0 * inf``): in a chunk holding
+    any, they are kept out of the product and added back transposed elementwise (a
+    ``lax.cond``: the slower branch, never taken in training).
+    """
+    eye = jnp.eye(x.shape[1], dtype=x.dtype)
+    dims = (((1,), (1,)), ((), ()))
+
+    def by_matmul(x):
+        return lax.dot_general(eye, x, dims, preferred_element_type=dtype).astype(x.dtype)
+
+    def non_finite_apart(x):
+        finite = jnp.isfinite(x)
+        t = lax.dot_general(eye, jnp.where(finite, x, 0), dims, preferred_element_type=dtype)
+        return (t + jnp.where(finite, 0, x).T.astype(dtype)).astype(x.dtype)
+
+    return lax.cond(jnp.all(jnp.isfinite(x)), by_matmul, non_finite_apart, x)
+
+
 def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
     """Adds a chunk's logit gradient ``dz`` to the backward carries: ``dh += dz @ k_c.T``
     (float32 accumulator), writes ``dk[:, chunk] = hidden.T @ dz`` and ``db[chunk]`` (None:
@@ -103,7 +127,19 @@ def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
     dz_in = dz.astype(hidden.dtype)
     k = kernel_chunk(kernel, start, size)
     dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-    dk_c = lax.dot_general(hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+    if hidden.dtype.itemsize == 2:
+        dk_t = lax.dot_general(
+            _transposed(dz_in, dtype),
+            hidden,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=dtype,
+        )
+        # The barrier keeps XLA from folding this transpose back into the matmul.
+        dk_c = lax.optimization_barrier(dk_t).T
+    else:
+        dk_c = lax.dot_general(
+            hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+        )
     dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
     if db is not None:
         db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
@@ -133,7 +169,7 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, wi
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, carry):
+    def body(start, size, carry, kernel):
         m, s, z_y, wz, top, arg = carry
         raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
         z = softcap(raw, cap)
@@ -155,7 +191,7 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, wi
     zeros = jnp.zeros((n,), dtype)
     lowest = jnp.full((n,), -jnp.inf, dtype)
     init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
-    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init)
+    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init, (kernel,))
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     if not with_argmax:
         top = arg = None

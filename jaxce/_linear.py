@@ -116,7 +116,7 @@ def _bwd(chunk, ignore_index, cap, stats, res, ct):
     rows = index_grad_rows(g, valid, w_y, lse, eps, weight, vocab, dtype, g_lse)
     keep, a, b, coef, lse_sel = rows
 
-    def body(start, size, carry):
+    def body(start, size, carry, kernel):
         dh, dk, db, dw = carry
         raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
         z = softcap(raw, cap)
@@ -146,7 +146,7 @@ def _bwd(chunk, ignore_index, cap, stats, res, ct):
         None if bias is None else jnp.zeros_like(bias),
         None if weight is None else jnp.zeros_like(weight),
     )
-    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init)
+    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init, (kernel,))
     deps = index_eps_grad(g, valid, w_y, nll, smooth, eps, vocab)
     return dh.astype(hidden.dtype), dk, db, None, dw, deps
 
@@ -171,7 +171,7 @@ def _tangent(chunk, ignore_index, cap, stats, res, tangents):
         jnp.ones_like(lse), valid, w_y, lse, eps, weight, vocab, dtype
     )
 
-    def body(start, size, acc):
+    def body(start, size, acc, kernel, dk):
         acc, d_lse = acc
         raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
         z = softcap(raw, cap)
@@ -193,7 +193,7 @@ def _tangent(chunk, ignore_index, cap, stats, res, tangents):
             acc = acc + jnp.sum(dwc * gap, axis=1)
         return acc, d_lse
 
-    out, d_lse = chunk_loop(chunks(vocab, chunk), body, (zero, zero))
+    out, d_lse = chunk_loop(chunks(vocab, chunk), body, (zero, zero), (kernel, dk))
     if dw is not None:
         out = out + jnp.where(valid, keep * nll * dw.astype(dtype)[idx], zero)
     if deps is not None:

@@ -99,7 +99,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, acc):
+    def body(start, size, acc, kernel, dk):
         d_lse, d_zy, d_wz = acc
         raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
@@ -118,7 +118,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
         return d_lse, d_zy, d_wz
 
     zero = jnp.zeros_like(lse)
-    d_lse, d_zy, d_wz = chunk_loop(chunks(vocab, chunk), body, (zero, zero, zero))
+    d_lse, d_zy, d_wz = chunk_loop(chunks(vocab, chunk), body, (zero, zero, zero), (kernel, dk))
     return (d_lse, d_zy, d_wz) if with_wz else (d_lse, d_zy)
 
 
@@ -130,7 +130,7 @@ def _transpose(res, cts, with_wz, chunk, cap):
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, carry):
+    def body(start, size, carry, kernel):
         dh, dk, db, dw = carry
         raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
@@ -151,7 +151,7 @@ def _transpose(res, cts, with_wz, chunk, cap):
         None if bias is None else jnp.zeros_like(bias),
         None if (weight is None or not with_wz) else jnp.zeros_like(weight),
     )
-    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init)
+    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init, (kernel,))
     return dh.astype(hidden.dtype), dk, db, dw
 
 
