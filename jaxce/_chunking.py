@@ -93,6 +93,13 @@ def chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype):
     return dz
 
 
+# The identity transpose costs tokens x chunk^2 multiply-adds (the kernel-gradient matmul:
+# tokens x chunk x D) and a chunk^2 identity. It is used only for chunks no wider than D and
+# this bound: wide chunks come from few tokens, where the float32 upcast of ``hidden`` that
+# it avoids is small anyway.
+_MAX_EYE = 2048
+
+
 def _transposed(x, dtype):
     """``x.T`` as a row-major array, exactly (non-finite entries included).
 
@@ -127,7 +134,7 @@ def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
     dz_in = dz.astype(hidden.dtype)
     k = kernel_chunk(kernel, start, size)
     dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-    if hidden.dtype.itemsize == 2:
+    if hidden.dtype.itemsize == 2 and size <= min(hidden.shape[1], _MAX_EYE):
         dk_t = lax.dot_general(
             _transposed(dz_in, dtype),
             hidden,
