@@ -112,3 +112,18 @@ def covering_grid(*factors):
         marks = () if combo in chosen else (pytest.mark.slow,)
         params.append(pytest.param(*args, id="-".join(ids), marks=marks))
     return params
+
+
+def determinism_inputs(rng, prob, dtype):
+    """``(x, t, w)`` for the eager-vs-jit determinism checks (``tests/test_transforms.py``
+    and ``tests/scripts/determinism_no_fma.py``): logits ``[64, 3, 33]`` in ``dtype``,
+    class indices with one ``-100`` (or probabilities when ``prob``), float32 weights."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(rng.standard_normal((64, 3, 33)), dtype)
+    if prob:
+        t = jnp.asarray(rng.random((64, 3, 33)), dtype)
+    else:
+        t = jnp.asarray(rng.integers(0, 33, (64, 3))).at[0, 0].set(-100)
+    w = jnp.asarray(rng.uniform(0.5, 2, 33), jnp.float32)
+    return x, t, w

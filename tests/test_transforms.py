@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import REDUCTIONS, covering_grid, rng_for
+from cases import REDUCTIONS, covering_grid, determinism_inputs, rng_for
 
 import jaxce
 from jaxce import _cross_entropy
@@ -56,12 +56,7 @@ def test_values_are_bit_identical_eager_and_jit_gradients_within_rounding(prob, 
     # multiply-adds into FMAs differently when the backward is compiled with the forward
     # (bit-identical without FMA: the next test).
     rng = rng_for("determinism", prob, reduction, str(dtype))
-    x = jnp.asarray(rng.standard_normal((64, 3, 33)), dtype)
-    if prob:
-        t = jnp.asarray(rng.random((64, 3, 33)), dtype)
-    else:
-        t = jnp.asarray(rng.integers(0, 33, (64, 3))).at[0, 0].set(-100)
-    w = jnp.asarray(rng.uniform(0.5, 2, 33), jnp.float32)
+    x, t, w = determinism_inputs(rng, prob, dtype)
 
     def loss(x, t, w, e):
         return jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=e)

@@ -9,6 +9,7 @@ Prints the number of differing gradient elements per case, then "no-fma determin
 """
 
 import itertools
+import pathlib
 import sys
 
 import jax
@@ -16,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: cases.py
+from cases import determinism_inputs
 
 jax.config.update("jax_enable_x64", True)
 
@@ -26,12 +30,7 @@ def cross_entropy_cases():
         [False, True], ["none", "mean", "sum"], [jnp.float32, jnp.bfloat16], [0.0, 0.1]
     )
     for prob, reduction, dtype, eps in grid:
-        x = jnp.asarray(rng.standard_normal((64, 3, 33)), dtype)
-        if prob:
-            t = jnp.asarray(rng.random((64, 3, 33)), dtype)
-        else:
-            t = jnp.asarray(rng.integers(0, 33, (64, 3))).at[0, 0].set(-100)
-        w = jnp.asarray(rng.uniform(0.5, 2, 33), jnp.float32)
+        x, t, w = determinism_inputs(rng, prob, dtype)
 
         def total(x, w, t, reduction=reduction, eps=eps):
             loss = jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=eps)
