@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cases import REDUCTIONS, rng_for
-from reference import numpy_cross_entropy
+from reference import numpy_cross_entropy, plain_cross_entropy
 
 import jaxce
 
@@ -289,7 +289,7 @@ def test_long_rows_reduced_in_parts_match_float64(num_classes, dtype):
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_long_rows_smoothed_reduced_in_parts_match_float64(dtype, weighted):
-    # The smoothing sum Σ_c w_c (m - x_c) of long rows is also reduced as sub-rows (the
+    # The smoothing sum Σ_c w_c (lse - x_c) of long rows is also reduced as sub-rows (the
     # class weights tiled over them): same values and gradients as the plain formula.
     num_classes, eps = 98_304, 0.2
     rng = np.random.default_rng(7)
@@ -321,3 +321,106 @@ def test_long_rows_smoothed_reduced_in_parts_match_float64(dtype, weighted):
     assert np.isnan(
         jaxce.cross_entropy(jnp.asarray(x, dtype), jnp.asarray(t), wj, label_smoothing=eps)
     )
+
+
+# The forward's log-sum-exp is one pass over the logits, shifted by each row's target
+# logit (_core.target_lse); rows where that sum overflows (a target far below the row max,
+# a non-finite logit, an ignored row whose placeholder class 0 is such a logit) take the
+# max-shifted two-pass form instead, inside a while_loop that runs only when needed.
+def _one_pass_rows(num_classes):
+    """Logits [8, C] and targets covering both forms, as float64 NumPy."""
+    rng = np.random.default_rng(num_classes)
+    x = rng.standard_normal((8, num_classes)) * 2
+    t = rng.integers(1, num_classes, 8)
+    x[1, t[1]] = x[1].max() - 120.0  # exp(120) overflows float32: max-shifted form
+    x[2] = 1000.0 + x[2]  # large logits, target at the max: one pass
+    t[2] = int(np.argmax(x[2]))
+    x[3] = -1000.0 + x[3]  # very negative logits: one pass (the shift is the target)
+    t[4] = -100  # ignored, with the placeholder class 0 at -inf: max-shifted form
+    x[4, 0] = -np.inf
+    x[5, :] = -np.inf  # -inf everywhere but the target: loss exactly 0 unsmoothed
+    x[5, t[5]] = 3.0
+    x[6, t[6]] = 25.0  # a confident row: a loss below float32 resolution near 1
+    return x, t
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("num_classes", [33, 40_000])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_pass_and_max_shifted_rows_match_float64(dtype, num_classes, weighted, eps):
+    x, t = _one_pass_rows(num_classes)
+    w = np.random.default_rng(1).uniform(0.5, 2.0, num_classes) if weighted else None
+    xj = jnp.asarray(x, dtype)
+    wj = None if w is None else jnp.asarray(w, jnp.float32)
+    x64 = np.asarray(xj.astype(jnp.float64))  # the rounded inputs, exactly
+    loss = np.float64(
+        jaxce.cross_entropy(xj, jnp.asarray(t), wj, reduction="none", label_smoothing=eps)
+    )
+    expected = numpy_cross_entropy(x64, t, w, reduction="none", label_smoothing=eps)
+    if eps > 0:  # a -inf logit makes the smoothing sum +inf, as in PyTorch
+        assert np.isposinf(loss[5])
+        assert np.isposinf(expected[5])
+    else:
+        assert loss[5] == 0.0
+    assert loss[4] == 0.0
+    # lse is rounded once to float32: an absolute error of ~ulp(lse) where the smoothing
+    # sum uses it, largest in the rows of logits near +-1000 (as before this pass existed).
+    scale = np.maximum(1.0, np.max(np.abs(np.where(np.isfinite(x64), x64, 0)), axis=1))
+    finite = np.isfinite(expected)
+    err = np.abs(loss[finite] - expected[finite])
+    rtol = 1e-6 if dtype == jnp.float32 else 8e-3
+    assert np.all(err <= rtol * np.abs(expected[finite]) + 2e-7 * scale[finite]), err
+
+    def ours(x):
+        return jaxce.cross_entropy(x, jnp.asarray(t), wj, reduction="sum", label_smoothing=eps)
+
+    def plain(x):
+        wp = None if w is None else jnp.asarray(w)
+        return plain_cross_entropy(x, jnp.asarray(t), wp, reduction="sum", label_smoothing=eps)
+
+    grad = np.float64(jax.grad(ours)(xj))
+    expected_grad = np.asarray(jax.grad(plain)(jnp.asarray(x64)))
+    # The softmax is exp(x - lse): the same ~ulp(lse) error.
+    err = np.abs(grad - expected_grad)
+    assert np.all(err <= (1e-6 if dtype == jnp.float32 else 1e-2) * scale[:, None]), np.max(err)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_rows_do_not_depend_on_another_row_taking_the_max_shifted_form(eps):
+    # The fallback replaces only the rows that need it, so every other row's loss and
+    # gradient are bit-identical with or without such a row in the batch, and under vmap
+    # with or without it in another batch element.
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 6, 33)).astype(np.float32)
+    t = rng.integers(0, 33, (2, 6))
+    x[1, 2, t[1, 2]] = -150.0  # only this row overflows its target-shifted sum
+
+    def f(x, t):
+        def total(x):
+            return jnp.sum(jaxce.cross_entropy(x, t, reduction="none", label_smoothing=eps))
+
+        return jaxce.cross_entropy(x, t, reduction="none", label_smoothing=eps), jax.grad(total)(x)
+
+    keep = np.array([0, 1, 3, 4, 5])
+    alone = jax.jit(f)(x[1][keep], t[1][keep])
+    mixed = jax.jit(f)(x[1], t[1])
+    for a, b in zip(alone, mixed, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b)[keep])
+    batched = jax.jit(jax.vmap(f))(x, t)
+    for a, b in zip(jax.jit(f)(x[0], t[0]), batched, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b)[0])
+
+
+def test_max_shifted_form_is_not_hoisted_out_of_its_loop():
+    # XLA hoists loop-invariant work out of a while loop, which would run the fallback's
+    # two passes on every call; an optimization barrier on the loop state prevents it.
+    # No instruction of the loop body may appear in the compiled program's entry.
+    x = jax.ShapeDtypeStruct((64, 1024), jnp.float32)
+    t = jax.ShapeDtypeStruct((64,), jnp.int32)
+    for eps in (0.0, 0.1):
+        step = jax.jit(jax.value_and_grad(partial(jaxce.cross_entropy, label_smoothing=eps)))
+        hlo = step.lower(x, t).compile().as_text()
+        entry = hlo.split("\nENTRY ", 1)[1]
+        assert "while/body" in hlo
+        assert not [line for line in entry.splitlines() if "while/body" in line]

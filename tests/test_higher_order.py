@@ -139,6 +139,31 @@ def test_index_target(name, shape, axis, weight_mode, ignore_mode, eps, reductio
     _check(transform, ours, plain, tuple(primals), (name, reduction, transform))
 
 
+@pytest.mark.parametrize("transform", ["jvp", "hvp", "hessian", "grad_grad"])
+def test_index_target_rows_needing_the_max_shifted_pass(transform):
+    # The one-pass log-sum-exp (_core.target_lse) shifts each row by its target logit
+    # and falls back to the max-shifted form inside a while_loop where that sum
+    # overflows: here row 1 (its target sits 800 below the max; float64 overflows past
+    # ~709) and row 2 (ignored, placeholder class 0 at -1000). Derivatives of every order
+    # go through target_lse's own jvp rule, never through the loop.
+    rng = rng_for("ho-fallback")
+    x = make_logits(rng, (4, 5))
+    x[1, 3] = 800.0
+    x[2, 0] = -1000.0
+    x = jnp.asarray(x)
+    target = jnp.asarray([2, 0, -100, 4])
+    weight = jnp.asarray(make_weight(rng, "positive", 5))
+    eps = jnp.asarray(0.1)
+
+    def ours(x, w, e):
+        return jaxce.cross_entropy(x, target, w, label_smoothing=e, reduction="sum")
+
+    def plain(x, w, e):
+        return plain_cross_entropy(x, target, w, label_smoothing=e, reduction="sum")
+
+    _check(transform, ours, plain, (x, weight, eps), ("fallback", transform))
+
+
 PROB_GRID = [
     ("NC", (4, 5), -1, False, None, "mean"),
     ("NCd_w_eps", (2, 5, 3), 1, True, 0.1, "none"),
