@@ -111,12 +111,14 @@ def lse_pass(x):
     backward needs the finished log-sum-exp of a row before it writes that row). Rows
     longer than 32,768 are summed as sub-rows (XLA:CPU's long-row reductions are slow).
     """
-    xf = x.astype(jnp.float32)
-    shifted = jnp.exp(xf - xf[:, :1])
-    c = x.shape[-1]
-    if c > 32768 and c % 32768 == 0:
-        shifted = jnp.sum(shifted.reshape(x.shape[0], -1, 32768), axis=-1)
-    return jnp.log(jnp.sum(shifted, axis=-1)) + xf[:, 0]
+    n, c = x.shape
+    shift = x[:, :1].astype(jnp.float32)
+    if c > 32768 and c % 32768 == 0:  # a barrier-held [n * parts, 32768] view, as jaxce
+        parts = c // 32768
+        x = jax.lax.optimization_barrier(x.reshape(-1, 32768))
+        shift = jnp.repeat(shift, parts, axis=0)
+    sums = jnp.sum(jnp.exp(x.astype(jnp.float32) - shift), axis=-1)
+    return jnp.log(jnp.sum(sums.reshape(n, -1), axis=-1)) + shift.reshape(n, -1)[:, 0]
 
 
 LINEAR_LOSSES = {
