@@ -18,11 +18,8 @@ Notation (see ``shared/SEMANTICS.md``): logits ``x``, class axis ``axis`` with `
 classes, weight ``w`` (all ones when absent), smoothing ``eps``, ``lse`` the per-element
 log-sum-exp, ``m`` the per-element max (0 for all ``-inf`` rows).
 
-Numerics: the index-target log-sum-exp is one pass shifted by the target logit,
-``lse - x_y = log Σ_c exp(x_c - x_y)``, with the max-shifted form for the rows where that
-overflows (see ``target_lse``). Smoothing sums ``Σ_c w_c (lse - x_c)`` add non-negative
-terms (no cancellation); where the row max is at hand they are computed as
-``Σ_c w_c (m - x_c) + (lse - m) Σ_c w_c`` in the same pass as the log-sum-exp. Non-finite
+Numerics: sums of ``lse - x_c`` are computed as ``Σ_c w_c (m - x_c) + (lse - m) Σ_c w_c``,
+two non-negative terms (no cancellation), in the same pass as the log-sum-exp. Non-finite
 logits propagate as in PyTorch: a ``+inf`` or NaN logit makes its row NaN, an all
 ``-inf`` row is NaN, a ``-inf`` logit in a non-target class is harmless without
 smoothing and makes the smoothed loss ``+inf`` (its gradient stays finite).
@@ -217,57 +214,6 @@ def _row_max(x: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
 def _sum_exp(x: Any, m: Any, axis: int, dtype: Any) -> Any:
     """``Σ_c exp(x_c - m)`` (keepdims): the one pass that upcasts with a plain convert."""
     return _reduce_rows(jnp.sum, x, axis, lambda v, shift, _: jnp.exp(v.astype(dtype) - shift), m)
-
-
-# ---------------------------------------------------------------------------------------
-# The log-sum-exp in one pass, shifted by the target logit
-#
-# ``nll = log Σ_c exp(x_c - x_y)`` is exactly ``lse - x_y`` and needs no row max: the
-# target logit ``x_y`` (one gather) is the shift. The sum includes ``exp(0) = 1``, so it
-# is at least 1 and nothing that matters underflows; it is exact to rounding whenever it is
-# finite, i.e. unless the target's logit lies ~88 below the row max (a loss of ~88 nats)
-# or a logit is non-finite. Those rows -- and ignored rows, whose placeholder class 0 may
-# be such a logit -- take the max-shifted two-pass form instead. That fallback runs in a
-# ``while_loop`` at most once and only when some row needs it: a ``cond`` would turn into
-# a select that always runs both forms under ``vmap``.
-#
-# When the target is the row max this is PyTorch's own formula (``log Σ exp(x - max)``);
-# otherwise it is as accurate. Profiled in ``value_and_grad`` at [4096, 32768] float32 on
-# a 2-core CPU: the one pass takes 46 ms where the row max and the max-shifted sum took
-# 27 + 44 ms (the whole step: 190-200 vs 210-220 ms).
-# ---------------------------------------------------------------------------------------
-
-
-@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def target_lse(x: Any, idx: Any, axis: int, dtype: Any) -> tuple[Any, Any]:
-    """``(lse, nll)`` per element (keepdims, in ``dtype``): the log-sum-exp along ``axis``
-    and ``lse - x_y`` at class ``idx`` (in range), one pass over ``x`` for every row whose
-    target-shifted sum is finite (see above), two for the others."""
-    x_y = _take_class(x, idx, axis).astype(dtype)
-    nll = jnp.log(_sum_exp(x, x_y, axis, dtype))
-
-    def max_shifted(state):
-        # The barrier ties x to the loop state: XLA would otherwise hoist this
-        # loop-invariant work out of the loop and always run it.
-        xs, (lse, nll, unsafe) = lax.optimization_barrier((x, state))
-        _, m = _row_max(xs, axis, dtype)
-        exact = m + jnp.log(_sum_exp(xs, m, axis, dtype))
-        lse = jnp.where(unsafe, exact, lse)
-        return lse, jnp.where(unsafe, exact - x_y, nll), jnp.zeros_like(unsafe)
-
-    unsafe = ~(nll <= jnp.finfo(dtype).max)  # +inf or NaN
-    state = (x_y + nll, nll, unsafe)
-    lse, nll, _ = lax.while_loop(lambda s: jnp.any(s[2]), max_shifted, state)
-    return lse, nll
-
-
-@target_lse.defjvp
-def _target_lse_jvp(axis, dtype, primals, tangents):
-    x, idx = primals
-    dx = tangents[0].astype(dtype)
-    lse, nll = target_lse(x, idx, axis, dtype)
-    d_lse = jnp.sum(jnp.exp(x.astype(dtype) - lse) * dx, axis=axis, keepdims=True)
-    return (lse, nll), (d_lse, d_lse - jnp.take_along_axis(dx, jnp.expand_dims(idx, axis), axis))
 
 
 def _add_reduce(operands: tuple[Any, ...], axis: int) -> tuple[Any, ...]:
@@ -515,27 +461,10 @@ def _index_stats(x, target, weight, eps, axis, ignore_index, cap=None):
     dtype = compute_dtype(x.dtype)
     num_classes = x.shape[axis]
     valid, in_range, idx = target_info(target, num_classes, ignore_index)
-    w_y = target_weight(weight, idx, valid, in_range, dtype)
-    w = _weight_along(weight, x.ndim, axis, dtype)
-    if cap is None and x.dtype != jnp.float16:
-        lse, nll = target_lse(x, idx, axis, dtype)
-        smooth = None
-        if eps is not None:
-            # Σ_c w_c (lse - x_c): non-negative terms, no cancellation, spelled as
-            # (-x) - (-lse) so that YNN absorbs the weight. A 16-bit input is read
-            # through a barrier (an alias, no copy): CSE would otherwise share one
-            # float32 upcast with the log-sum-exp pass and materialise it.
-            def gap(v, shift, w):
-                g = (-v).astype(dtype) - shift
-                return g if w is None else -w * g
-
-            xs = lax.optimization_barrier(x) if x.dtype.itemsize == 2 else x
-            smooth = _reduce_rows(jnp.sum, xs, axis, gap, -lse, w)
-            smooth = jnp.squeeze(smooth if w is None else -smooth, axis)
-        return valid, w_y, jnp.squeeze(lse, axis), jnp.squeeze(nll, axis), smooth
     mx, m = _row_max(x, axis, dtype)
     x_y = softcap(_take_class(x, idx, axis).astype(dtype), cap)
     smooth_gap = None
+    w = _weight_along(weight, x.ndim, axis, dtype)
     if cap is not None:
         # The capped logits are recomputed elementwise inside each reduction; the capped
         # row max (tanh is increasing) is the shift.
@@ -552,20 +481,34 @@ def _index_stats(x, target, weight, eps, axis, ignore_index, cap=None):
         sum_exp = _keep_alive(sum_exp, gap)
         if eps is not None:
             smooth_gap = gap
-    elif eps is None:
+    elif eps is None and x.dtype == jnp.float16:
         # float16 has no exact bit-trick upcast, so the backward's convert is CSE'd with
         # this one: keep this pass out of YNN (a multi-output reduce) so both fuse it.
         xf = x.astype(dtype)
         sum_exp, shifted = _add_reduce((jnp.exp(xf - m), xf - m), axis)
         sum_exp = _keep_alive(sum_exp, shifted)
-    else:
-        # float16, smoothed: Σ exp(x - m) and Σ w (m - x) in one multi-output reduce.
+    elif eps is None:
+        sum_exp = _sum_exp(x, m, axis, dtype)
+    elif x.dtype.itemsize == 2:
+        # Σ exp(x - m) and Σ w (m - x) in one multi-output reduce over a distinct upcast.
         xf = _upcast_mul(x, dtype)
         gap = m - xf if w is None else w * (m - xf)
         sum_exp, smooth_gap = _add_reduce((jnp.exp(xf - m), gap), axis)
         sum_exp = _keep_alive(sum_exp, smooth_gap)
+    else:
+        sum_exp = _sum_exp(x, m, axis, dtype)
+        neg_m = lax.stop_gradient(jnp.where(jnp.isneginf(mx), jnp.zeros_like(mx), -mx))
+
+        def gap(v, shift, w):  # m - x, spelled apart from the sum_exp pass
+            g = (-v).astype(dtype) - shift
+            return g if w is None else -w * g
+
+        smooth_gap = _reduce_rows(jnp.sum, x, axis, gap, neg_m, w)
+        if w is not None:
+            smooth_gap = -smooth_gap
     lse = m + jnp.log(sum_exp)
     nll = jnp.squeeze(lse - x_y, axis)
+    w_y = target_weight(weight, idx, valid, in_range, dtype)
     smooth = None
     if eps is not None:
         # Σ_c w_c (lse - x_c) = Σ_c w_c (m - x_c) + (lse - m) Σ_c w_c: two non-negative

@@ -289,7 +289,7 @@ def test_long_rows_reduced_in_parts_match_float64(num_classes, dtype):
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_long_rows_smoothed_reduced_in_parts_match_float64(dtype, weighted):
-    # The smoothing sum Σ_c w_c (lse - x_c) of long rows is also reduced as sub-rows (the
+    # The smoothing sum Σ_c w_c (m - x_c) of long rows is also reduced as sub-rows (the
     # class weights tiled over them): same values and gradients as the plain formula.
     num_classes, eps = 98_304, 0.2
     rng = np.random.default_rng(7)
@@ -323,20 +323,19 @@ def test_long_rows_smoothed_reduced_in_parts_match_float64(dtype, weighted):
     )
 
 
-# The forward's log-sum-exp is one pass over the logits, shifted by each row's target
-# logit (_core.target_lse); rows where that sum overflows (a target far below the row max,
-# a non-finite logit, an ignored row whose placeholder class 0 is such a logit) take the
-# max-shifted two-pass form instead, inside a while_loop that runs only when needed.
-def _one_pass_rows(num_classes):
+# Rows at the edges of the log-sum-exp's range: a target far below the row max, logits
+# near +-1000, -inf logits, an ignored row whose placeholder class 0 is -inf, a confident
+# row. Values and gradients against float64, and every row independent of the others.
+def _edge_rows(num_classes):
     """Logits [8, C] and targets covering both forms, as float64 NumPy."""
     rng = np.random.default_rng(num_classes)
     x = rng.standard_normal((8, num_classes)) * 2
     t = rng.integers(1, num_classes, 8)
-    x[1, t[1]] = x[1].max() - 120.0  # exp(120) overflows float32: max-shifted form
-    x[2] = 1000.0 + x[2]  # large logits, target at the max: one pass
+    x[1, t[1]] = x[1].max() - 120.0  # a target far below the max (exp(120) overflows)
+    x[2] = 1000.0 + x[2]  # large logits, target at the max
     t[2] = int(np.argmax(x[2]))
-    x[3] = -1000.0 + x[3]  # very negative logits: one pass (the shift is the target)
-    t[4] = -100  # ignored, with the placeholder class 0 at -inf: max-shifted form
+    x[3] = -1000.0 + x[3]  # very negative logits
+    t[4] = -100  # ignored, with the placeholder class 0 at -inf
     x[4, 0] = -np.inf
     x[5, :] = -np.inf  # -inf everywhere but the target: loss exactly 0 unsmoothed
     x[5, t[5]] = 3.0
@@ -348,8 +347,8 @@ def _one_pass_rows(num_classes):
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("num_classes", [33, 40_000])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_one_pass_and_max_shifted_rows_match_float64(dtype, num_classes, weighted, eps):
-    x, t = _one_pass_rows(num_classes)
+def test_rows_at_the_edges_of_the_lse_range_match_float64(dtype, num_classes, weighted, eps):
+    x, t = _edge_rows(num_classes)
     w = np.random.default_rng(1).uniform(0.5, 2.0, num_classes) if weighted else None
     xj = jnp.asarray(x, dtype)
     wj = None if w is None else jnp.asarray(w, jnp.float32)
@@ -365,7 +364,7 @@ def test_one_pass_and_max_shifted_rows_match_float64(dtype, num_classes, weighte
         assert loss[5] == 0.0
     assert loss[4] == 0.0
     # lse is rounded once to float32: an absolute error of ~ulp(lse) where the smoothing
-    # sum uses it, largest in the rows of logits near +-1000 (as before this pass existed).
+    # sum uses it, largest in the rows of logits near +-1000.
     scale = np.maximum(1.0, np.max(np.abs(np.where(np.isfinite(x64), x64, 0)), axis=1))
     finite = np.isfinite(expected)
     err = np.abs(loss[finite] - expected[finite])
@@ -387,14 +386,14 @@ def test_one_pass_and_max_shifted_rows_match_float64(dtype, num_classes, weighte
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_rows_do_not_depend_on_another_row_taking_the_max_shifted_form(eps):
-    # The fallback replaces only the rows that need it, so every other row's loss and
-    # gradient are bit-identical with or without such a row in the batch, and under vmap
-    # with or without it in another batch element.
+def test_rows_do_not_depend_on_an_extreme_row(eps):
+    # Every row's loss and gradient are bit-identical with or without a row whose target
+    # lies far below its max in the batch, and under vmap with or without it in another
+    # batch element.
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 6, 33)).astype(np.float32)
     t = rng.integers(0, 33, (2, 6))
-    x[1, 2, t[1, 2]] = -150.0  # only this row overflows its target-shifted sum
+    x[1, 2, t[1, 2]] = -150.0
 
     def f(x, t):
         def total(x):
@@ -410,17 +409,3 @@ def test_rows_do_not_depend_on_another_row_taking_the_max_shifted_form(eps):
     batched = jax.jit(jax.vmap(f))(x, t)
     for a, b in zip(jax.jit(f)(x[0], t[0]), batched, strict=True):
         np.testing.assert_array_equal(a, np.asarray(b)[0])
-
-
-def test_max_shifted_form_is_not_hoisted_out_of_its_loop():
-    # XLA hoists loop-invariant work out of a while loop, which would run the fallback's
-    # two passes on every call; an optimization barrier on the loop state prevents it.
-    # No instruction of the loop body may appear in the compiled program's entry.
-    x = jax.ShapeDtypeStruct((64, 1024), jnp.float32)
-    t = jax.ShapeDtypeStruct((64,), jnp.int32)
-    for eps in (0.0, 0.1):
-        step = jax.jit(jax.value_and_grad(partial(jaxce.cross_entropy, label_smoothing=eps)))
-        hlo = step.lower(x, t).compile().as_text()
-        entry = hlo.split("\nENTRY ", 1)[1]
-        assert "while/body" in hlo
-        assert not [line for line in entry.splitlines() if "while/body" in line]

@@ -140,12 +140,10 @@ def test_index_target(name, shape, axis, weight_mode, ignore_mode, eps, reductio
 
 
 @pytest.mark.parametrize("transform", ["jvp", "hvp", "hessian", "grad_grad"])
-def test_index_target_rows_needing_the_max_shifted_pass(transform):
-    # The one-pass log-sum-exp (_core.target_lse) shifts each row by its target logit
-    # and falls back to the max-shifted form inside a while_loop where that sum
-    # overflows: here row 1 (its target sits 800 below the max; float64 overflows past
-    # ~709) and row 2 (ignored, placeholder class 0 at -1000). Derivatives of every order
-    # go through target_lse's own jvp rule, never through the loop.
+def test_index_target_rows_at_the_edges_of_the_lse_range(transform):
+    # Row 1's target sits 800 below its max (exp(800) overflows float64), row 2 is
+    # ignored with its placeholder class 0 at -1000: derivatives of every order stay
+    # finite and match the plain formula.
     rng = rng_for("ho-fallback")
     x = make_logits(rng, (4, 5))
     x[1, 3] = 800.0
