@@ -69,6 +69,7 @@ import optax
 from jax import lax
 
 import jaxce
+from jaxce._core import _sum_exp
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -105,20 +106,15 @@ def floor_pass(x):
 
 def lse_pass(x):
     """The least a cross-entropy forward computes: one read of the logits and one ``exp``
-    per element (a row log-sum-exp shifted by a known logit, as jaxce's forward does).
+    per element (a row log-sum-exp shifted by a known logit, not the row max).
 
     floor + this is the least a forward+backward made of separate passes can take (the
-    backward needs the finished log-sum-exp of a row before it writes that row). Rows
-    longer than 32,768 are summed as sub-rows (XLA:CPU's long-row reductions are slow).
+    backward needs the finished log-sum-exp of a row before it writes that row). The sum is
+    jaxce's own ``_sum_exp``, so rows longer than 32,768 are summed as sub-rows as jaxce
+    does (XLA:CPU's long-row reductions are slow).
     """
-    n, c = x.shape
     shift = x[:, :1].astype(jnp.float32)
-    if c > 32768 and c % 32768 == 0:  # a barrier-held [n * parts, 32768] view, as jaxce
-        parts = c // 32768
-        x = jax.lax.optimization_barrier(x.reshape(-1, 32768))
-        shift = jnp.repeat(shift, parts, axis=0)
-    sums = jnp.sum(jnp.exp(x.astype(jnp.float32) - shift), axis=-1)
-    return jnp.log(jnp.sum(sums.reshape(n, -1), axis=-1)) + shift.reshape(n, -1)[:, 0]
+    return (shift + jnp.log(_sum_exp(x, shift, 1, jnp.float32)))[:, 0]
 
 
 LINEAR_LOSSES = {

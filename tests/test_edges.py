@@ -327,7 +327,7 @@ def test_long_rows_smoothed_reduced_in_parts_match_float64(dtype, weighted):
 # near +-1000, -inf logits, an ignored row whose placeholder class 0 is -inf, a confident
 # row. Values and gradients against float64, and every row independent of the others.
 def _edge_rows(num_classes):
-    """Logits [8, C] and targets covering both forms, as float64 NumPy."""
+    """Logits [8, C] and targets for the rows described above, as float64 NumPy."""
     rng = np.random.default_rng(num_classes)
     x = rng.standard_normal((8, num_classes)) * 2
     t = rng.integers(1, num_classes, 8)
