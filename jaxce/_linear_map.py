@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxce._compat import cast_varying, varying_axes
+
 Flat = tuple[Any, ...]
 FlatFn = Callable[[Flat, Flat], Flat]
 
@@ -47,32 +49,14 @@ def linear_map(fun: FlatFn, fun_t: FlatFn, res: Sequence[Any], lin: Sequence[Any
     # cast, whose transpose sums over those axes): the hand-written transpose then returns
     # cotangents of the inputs' exact types, and an input that is replicated over an axis
     # receives the sum of the per-device cotangents.
-    axes = frozenset().union(*(_varying(v) for v in (*res, *lin)))
+    axes = frozenset().union(*(varying_axes(v) for v in (*res, *lin)))
     if axes:
-        res = tuple(_cast_varying(v, axes) for v in res)
-        lin = tuple(_cast_varying(v, axes) for v in lin)
+        res = tuple(cast_varying(v, axes) for v in res)
+        lin = tuple(cast_varying(v, axes) for v in lin)
     out_avals = tuple(jax.make_jaxpr(fun)(res, lin).out_avals)
     return tuple(
         _linear_map_p.bind(*res, *lin, fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals)
     )
-
-
-def _varying(x) -> frozenset:
-    """The shard_map mesh axes over which ``x`` varies (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))  # older and newer spellings
-
-
-def _cast_varying(x, axes):
-    missing = tuple(sorted(axes - _varying(x)))
-    if not missing:
-        return x
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)
 
 
 def _split(args, num_res):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import itertools
 import zlib
 
+import jax
 import numpy as np
 import pytest
+
+# A context manager switching float64 on or off: jax.enable_x64 (jax >= 0.8), or
+# jax.experimental.enable_x64 (jax 0.7, the oldest supported).
+enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
 
 # (name, input shape, class axis)
 LAYOUTS = [

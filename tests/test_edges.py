@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import REDUCTIONS, rng_for
+from cases import REDUCTIONS, enable_x64, rng_for
 from reference import numpy_cross_entropy, plain_cross_entropy
 
 import jaxce
@@ -200,7 +200,7 @@ def test_ignore_index_variants_drop_exactly_those_elements(ignore_index):
 
 
 def test_float32_without_x64():
-    with jax.enable_x64(False):
+    with enable_x64(False):
         x = jnp.asarray(rng_for("x32").standard_normal((5, 7)), jnp.float32)
         y = jnp.asarray([0, 6, 3, 2, 1])
         value, grad = jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1))(

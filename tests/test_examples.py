@@ -10,6 +10,7 @@ from types import ModuleType
 
 import jax
 import pytest
+from cases import enable_x64
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -34,7 +35,7 @@ def user_config() -> Iterator[None]:
     to the power of an int32 step count), which strict promotion rejects, so the examples run
     with the defaults; rank promotion stays ``"raise"``.
     """
-    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+    with enable_x64(False), jax.numpy_dtype_promotion("standard"):
         yield
 
 

@@ -1,0 +1,38 @@
+"""Spellings that differ between the JAX versions jaxce supports (0.7.2 ... 0.12).
+
+Each entry names the versions it serves, so it can go when the oldest supported JAX
+(``pyproject.toml``'s ``jax>=`` bound, tested in CI) moves past them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def varying_axes(x: Any) -> frozenset:
+    """The ``shard_map`` mesh axes over which ``x`` varies (empty outside shard_map).
+
+    jax >= 0.10: ``aval.manual_axis_type.varying``; jax 0.7 - 0.9: ``aval.vma``.
+    """
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def cast_varying(x: Any, axes: frozenset) -> Any:
+    """``x`` made to vary over ``axes`` too, with JAX's own cast (whose transpose sums
+    over the added axes).
+
+    jax >= 0.9: ``lax.pcast(x, axes, to="varying")``; jax 0.7 - 0.8: ``lax.pvary(x, axes)``
+    (removed in 0.10).
+    """
+    missing = tuple(sorted(axes - varying_axes(x)))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
