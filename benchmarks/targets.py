@@ -31,6 +31,9 @@ from typing import Any, NamedTuple
 # libtpu reads these when it loads; without them it prints start-up warnings and errors.
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# Compile-only use needs no exclusive hold on a TPU: let several processes (pytest-xdist
+# workers) load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The CUDA plugin checks the CUDA libraries of a machine that runs kernels; compiling
 # needs none of them.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")

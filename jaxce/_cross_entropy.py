@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
-from jaxce._core import debug_check_targets, index_loss, mask_targets, prob_loss, target_info
+from jaxce._index import index_loss
+from jaxce._options import Options, compute_dtype, promote_float_dtypes
+from jaxce._prob import prob_loss
 from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator
-from jaxce._validate import compute_dtype, promote_float_dtypes
+from jaxce._targets import debug_check_targets, mask_targets, target_info
 
 
 def cross_entropy(
@@ -130,60 +132,56 @@ def cross_entropy(
         target = mask_targets(target, where, ignore_index)
         where = None
         _validate.check_target_values(target, spec.num_classes, ignore_index)
-        out_dtype = input.dtype
+        out_dtype = jnp.dtype(input.dtype)
     else:
         dtypes = [input.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
         out_dtype = promote_float_dtypes(*dtypes)
-    return _cross_entropy(
-        input,
-        target,
-        weight,
-        eps,
-        where,
-        z,
+    opts = Options(
         axis=axis,
         ignore_index=ignore_index,
-        reduction=reduction,
-        kind=spec.kind,
-        out_dtype=out_dtype,
         cap=cap,
+        stats=return_aux or z is not None,
+        reduction=reduction,
         return_aux=return_aux,
         check=check_targets,
+        out_dtype=out_dtype,
     )
+    if spec.kind == "index":
+        return _index_cross_entropy(input, target, weight, eps, z, opts=opts)
+    return _prob_cross_entropy(input, target, weight, eps, where, z, opts=opts)
 
 
-@partial(
-    jax.jit,
-    static_argnames=(
-        "axis", "ignore_index", "reduction", "kind", "out_dtype", "cap", "return_aux", "check"
-    ),
-)  # fmt: skip
-def _cross_entropy(
-    input, target, weight, eps, where, z, *, axis, ignore_index, reduction, kind, out_dtype,
-    cap, return_aux, check,
-):  # fmt: skip
-    stats = return_aux or z is not None
-    if kind == "prob":
-        out = prob_loss(input, target, weight, eps, axis, cap, stats)
-        valid = where
-        loss = out[0] if stats else out
-        if where is not None:
-            loss = jnp.where(where, loss, jnp.zeros_like(loss))
-        count = loss.size if where is None else jnp.sum(where)
-        denominator = jnp.asarray(count, loss.dtype)  # PyTorch: numel / C, not the weights
-    else:
-        if check:
-            debug_check_targets(target, input.shape[axis], ignore_index)
-        out = index_loss(input, target, weight, eps, axis, ignore_index, cap, stats)
-        loss = out[0] if stats else out
-        valid = target_info(target, input.shape[axis], ignore_index)[0] if stats else None
-        denominator = None
-        if reduction == "mean" or return_aux:
-            dtype = compute_dtype(input.dtype)
-            denominator = index_denominator(target, weight, input.shape[axis], ignore_index, dtype)
-    return finish_loss(
-        loss, out[1:] if stats else None, valid, denominator, z, reduction, return_aux, out_dtype
-    )
+@partial(jax.jit, static_argnames=("opts",))
+def _index_cross_entropy(input, target, weight, eps, z, *, opts):
+    num_classes = input.shape[opts.axis]
+    if opts.check:
+        debug_check_targets(target, num_classes, opts.ignore_index)
+    out = index_loss(input, target, weight, eps, opts)
+    loss, stats, valid = out, None, None
+    if opts.stats:
+        loss, lse, argmax = out
+        info = target_info(target, num_classes, opts.ignore_index)
+        valid = info.valid
+        stats = (lse, valid & info.in_range & (argmax == info.idx))
+    denominator = None
+    if opts.reduction == "mean" or opts.return_aux:
+        dtype = compute_dtype(input.dtype)
+        denominator = index_denominator(target, weight, num_classes, opts, dtype)
+    return finish_loss(loss, stats, valid, denominator, z, opts)
+
+
+@partial(jax.jit, static_argnames=("opts",))
+def _prob_cross_entropy(input, target, weight, eps, where, z, *, opts):
+    out = prob_loss(input, target, weight, eps, opts)
+    loss, stats = out, None
+    if opts.stats:
+        loss, lse, argmax = out
+        stats = (lse, argmax == jnp.argmax(target, axis=opts.axis).astype(jnp.int32))
+    if where is not None:
+        loss = jnp.where(where, loss, jnp.zeros_like(loss))
+    count = loss.size if where is None else jnp.sum(where)
+    denominator = jnp.asarray(count, loss.dtype)  # PyTorch: numel / C, not the weights
+    return finish_loss(loss, stats, where, denominator, z, opts)
 
 
 class CrossEntropyLoss:

@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
-from jaxce._core import index_loss, prob_loss, target_info
+from jaxce._index import index_loss
+from jaxce._options import Options
+from jaxce._prob import prob_loss
+from jaxce._targets import target_info
 
 Axis = int | tuple[int, ...]
 
@@ -68,7 +71,9 @@ def _masked_lse(x: Any, class_mask: Any) -> Any:
     alive = jnp.any(class_mask, axis=-1, keepdims=True)
     x = jnp.where(class_mask | ~alive, x, jnp.full_like(x, -jnp.inf))
     ignored = jnp.full(x.shape[:-1], -1, jnp.int32)  # every row ignored: only lse is used
-    return index_loss(x, ignored, None, None, x.ndim - 1, -1, None, True)[1]
+    return index_loss(
+        x, ignored, None, None, Options(axis=x.ndim - 1, ignore_index=-1, stats=True)
+    )[1]
 
 
 def _check_logits(logits: Any) -> Any:
@@ -144,7 +149,7 @@ _NEVER = -(2**70)
 def _integer_rows(x, labels, row_mask):
     if row_mask is not None:  # masked rows: any in-range label, then zeroed (no gradient)
         labels = jnp.where(row_mask, labels, jnp.zeros_like(labels))
-    loss = index_loss(x, labels, None, None, x.ndim - 1, _NEVER, None, False)
+    loss = index_loss(x, labels, None, None, Options(axis=x.ndim - 1, ignore_index=_NEVER))
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.zeros_like(loss))
     return loss.astype(x.dtype)
@@ -213,7 +218,7 @@ def softmax_cross_entropy(
 @jax.jit
 def _prob_rows(x, t, row_mask):
     out_dtype = jnp.promote_types(x.dtype, t.dtype)
-    loss = prob_loss(x, t, None, None, x.ndim - 1, None, False)
+    loss = prob_loss(x, t, None, None, Options(axis=x.ndim - 1))
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.zeros_like(loss))
     return loss.astype(out_dtype)

@@ -11,21 +11,19 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._core import target_info, target_weight
+from jaxce._options import Options
+from jaxce._targets import counted_sum, target_info, target_weight
 
 
-def index_denominator(
-    target: Any, weight: Any, num_classes: int, ignore_index: int, dtype: Any
-) -> Any:
+def index_denominator(target: Any, weight: Any, num_classes: int, opts: Options, dtype) -> Any:
     """``W = Σ_{n not ignored} w[y_n]`` (the count of non-ignored elements if unweighted).
 
     Not N and not Σ_c w_c: PyTorch's weighted mean. 0 (all ignored, empty batch, or zero
     weights on every present class) makes the mean NaN. A counted out-of-range target
     contributes NaN.
     """
-    valid, in_range, idx = target_info(target, num_classes, ignore_index)
-    w_y = target_weight(weight, idx, valid, in_range, dtype)
-    return jnp.sum(jnp.where(valid, w_y, jnp.zeros_like(w_y)))
+    info = target_info(target, num_classes, opts.ignore_index)
+    return counted_sum(info.valid, target_weight(weight, info, dtype))
 
 
 def reduce_loss(loss: Any, reduction: str, denominator: Any) -> Any:
@@ -69,21 +67,16 @@ class CrossEntropyAux(NamedTuple):
 
 
 def finish_loss(
-    loss: Any,
-    stats: tuple[Any, Any] | None,
-    valid: Any,
-    denominator: Any,
-    z_loss: Any,
-    reduction: str,
-    return_aux: bool,
-    out_dtype: Any,
+    loss: Any, stats: tuple[Any, Any] | None, valid: Any, denominator: Any, z_loss: Any, opts
 ) -> Any:
-    """Adds the z-loss, reduces, and packs the auxiliary outputs.
+    """Adds the z-loss, reduces (``opts.reduction``), casts to ``opts.out_dtype`` and with
+    ``opts.return_aux`` packs the auxiliary outputs.
 
     ``loss``: per-element losses; ``stats``: ``(lse, correct)`` per element (None when
     neither z-loss nor aux outputs are wanted); ``valid``: counted elements (None: all);
     ``denominator``: the 'mean' denominator (may be None unless needed).
     """
+    reduction, out_dtype = opts.reduction, opts.out_dtype
     z_term = None
     if z_loss is not None:
         lse = stats[0]
@@ -94,7 +87,7 @@ def finish_loss(
             z_term = jnp.where(valid, z_term, jnp.zeros_like(z_term))
         loss = loss + z_term
     out = reduce_loss(loss, reduction, denominator).astype(out_dtype)
-    if not return_aux:
+    if not opts.return_aux:
         return out
     lse, correct = stats
     if valid is not None:

@@ -44,21 +44,6 @@ def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
-def promote_float_dtypes(*dtypes: Any) -> np.dtype:
-    """PyTorch's promotion among float dtypes: f16 + bf16 -> f32, anything + f64 -> f64."""
-    names = {dtype_name(d) for d in dtypes}
-    if "float64" in names:
-        return np.dtype(jnp.float64)
-    if "float32" in names or names == {"float16", "bfloat16"}:
-        return np.dtype(jnp.float32)
-    return np.dtype(dtypes[0])
-
-
-def compute_dtype(dtype: Any) -> np.dtype:
-    """The dtype the loss is computed in: at least float32, float64 stays float64."""
-    return np.dtype(jnp.float64) if dtype_name(dtype) == "float64" else np.dtype(jnp.float32)
-
-
 def check_input(input: Any) -> Any:
     """Checks the logits: a floating array of rank >= 1."""
     input = as_array(input, "input")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._chunking import (
+from jaxce._chunked import (
     accumulate_chunk_grads,
     chunk_logits,
     chunk_logits_tangent,
@@ -32,16 +32,10 @@ from jaxce._chunking import (
     chunk_stats,
     chunks,
 )
-from jaxce._core import (
-    checked_eps,
-    combine_index_loss,
-    lean_tangent,
-    softcap,
-    softcap_slope,
-    target_info,
-    times_slope,
-)
-from jaxce._validate import compute_dtype
+from jaxce._derivatives import lean_tangent
+from jaxce._options import Options, checked_eps, compute_dtype
+from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
+from jaxce._targets import nan_if_out_of_range, target_info
 
 
 def _parts(kernel, start, size, dtype, hidden, bias, cap):
@@ -51,20 +45,18 @@ def _parts(kernel, start, size, dtype, hidden, bias, cap):
     return raw, softcap(raw, cap), cls
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
-def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
+@partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts: Options):
     """``(lse_d, z_y_d, wz_d, top_d, arg_d)`` over this device's vocabulary slice:
     log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target index),
     ``Σ w z`` (None without smoothing) of the (capped) logits, and the raw logits' row max
-    and its local class (None unless ``with_argmax``; no derivative)."""
-    return _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax)
+    and its local class (None unless ``opts.stats``; no derivative)."""
+    return _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts)
 
 
-def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
-    lse, z_y, wz, top, arg = chunk_stats(
-        hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax
-    )
-    if with_argmax:
+def _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
+    lse, z_y, wz, top, arg = chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts)
+    if opts.stats:
         # The class as a float (exact below 2**24 classes): a float output can take the zero
         # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
         arg = arg.astype(lse.dtype)
@@ -72,20 +64,20 @@ def _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_ar
 
 
 @shard_stats.defjvp
-def _stats_jvp(with_wz, chunk, cap, with_argmax, primals, tangents):
+def _stats_jvp(with_wz, opts, primals, tangents):
     hidden, kernel, bias, idx, here, weight = primals
-    out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax)
+    out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts)
     dh, dk, db, _, _, dw = tangents
     t_out = lean_tangent(
-        lambda res, t: _tangent(res, t, with_wz, chunk, cap),
-        lambda res, cts, present: _transpose(res, cts, with_wz, chunk, cap),
+        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
+        lambda res, cts: _transpose(res, cts, with_wz, opts.chunk, opts.cap),
         (hidden, kernel, bias, idx, here, weight, out[0]),
         (dh, dk, db, dw if with_wz else None),
         tuple(o for o in out[:3] if o is not None),
     )
     t_iter = iter(t_out)
     tangent = tuple(None if o is None else next(t_iter) for o in out[:3])
-    if with_argmax:
+    if opts.stats:
         tangent = (*tangent, jnp.zeros_like(out[3]), jnp.zeros_like(out[4]))
     else:
         tangent = (*tangent, None, None)
@@ -99,7 +91,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, acc, kernel, dk):
+    def body(start, size, acc, hidden, kernel, dk):
         d_lse, d_zy, d_wz = acc
         raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
@@ -118,7 +110,8 @@ def _tangent(res, tangents, with_wz, chunk, cap):
         return d_lse, d_zy, d_wz
 
     zero = jnp.zeros_like(lse)
-    d_lse, d_zy, d_wz = chunk_loop(chunks(vocab, chunk), body, (zero, zero, zero), (kernel, dk))
+    pinned = (hidden, kernel, dk)
+    d_lse, d_zy, d_wz = chunk_loop(chunks(vocab, chunk), body, (zero, zero, zero), pinned)
     return (d_lse, d_zy, d_wz) if with_wz else (d_lse, d_zy)
 
 
@@ -130,7 +123,7 @@ def _transpose(res, cts, with_wz, chunk, cap):
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, carry, kernel):
+    def body(start, size, carry, hidden, kernel):
         dh, dk, db, dw = carry
         raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
         dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
@@ -151,7 +144,7 @@ def _transpose(res, cts, with_wz, chunk, cap):
         None if bias is None else jnp.zeros_like(bias),
         None if (weight is None or not with_wz) else jnp.zeros_like(weight),
     )
-    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init, (kernel,))
+    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel))
     return dh.astype(hidden.dtype), dk, db, dw
 
 
@@ -165,9 +158,10 @@ class ShardTargets(NamedTuple):
 
 
 def shard_targets(target, weight, v_local, ignore_index, axis_name, dtype) -> ShardTargets:
-    valid, in_range, gidx = target_info(target, v_local * lax.axis_size(axis_name), ignore_index)
-    local = gidx - lax.axis_index(axis_name) * v_local
-    here = valid & in_range & (local >= 0) & (local < v_local)
+    info = target_info(target, v_local * lax.axis_size(axis_name), ignore_index)
+    valid = info.valid
+    local = info.idx - lax.axis_index(axis_name) * v_local
+    here = valid & info.in_range & (local >= 0) & (local < v_local)
     idx = jnp.where(here, local, 0)
     if weight is None:
         w_y = jnp.ones(target.shape, dtype)
@@ -175,15 +169,13 @@ def shard_targets(target, weight, v_local, ignore_index, axis_name, dtype) -> Sh
         picked = weight.astype(dtype)[idx]
         w_y = lax.psum(jnp.where(here, picked, jnp.zeros_like(picked)), axis_name)
     # A counted target outside [0, V) is NaN, never a plausible finite loss.
-    w_y = jnp.where(in_range | ~valid, w_y, jnp.full_like(w_y, jnp.nan))
-    return ShardTargets(valid, here, idx, w_y)
+    return ShardTargets(valid, here, idx, nan_if_out_of_range(w_y, info))
 
 
-def vocab_parallel_loss(
-    hidden, kernel, bias, target, weight, eps, *, chunk, ignore_index, axis_name, cap, stats
-):
+def vocab_parallel_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
     """Per-token losses over the whole vocabulary from per-device slices (see the module
-    doc), with ``(valid, w_y)`` and, with ``stats``, ``(lse, correct)``."""
+    doc), with ``(valid, w_y)`` and, with ``opts.stats``, ``(lse, argmax)``."""
+    axis_name, ignore_index = opts.axis_name, opts.ignore_index
     eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
     shards = lax.axis_size(axis_name)
@@ -191,7 +183,7 @@ def vocab_parallel_loss(
     vocab = v_local * shards
     valid, here, idx, w_y = shard_targets(target, weight, v_local, ignore_index, axis_name, dtype)
     lse_d, z_y_d, wz_d, top_d, arg_d = shard_stats(
-        hidden, kernel, bias, idx, here, weight, eps is not None, chunk, cap, stats
+        hidden, kernel, bias, idx, here, weight, eps is not None, opts
     )
     top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
     top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
@@ -202,13 +194,11 @@ def vocab_parallel_loss(
         sum_w = vocab if weight is None else lax.psum(jnp.sum(weight.astype(dtype)), axis_name)
         smooth = lse * sum_w - lax.psum(wz_d, axis_name)
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
-    if not stats:
+    if not opts.stats:
         return loss, valid, w_y, None
     # Global argmax: the smallest global class among the devices holding the row max.
     best = lax.pmax(top_d, axis_name)
     first = jnp.iinfo(jnp.int32).max
     gidx = arg_d.astype(jnp.int32) + lax.axis_index(axis_name) * v_local
     arg = lax.pmin(jnp.where(top_d == best, gidx, first), axis_name)
-    _, in_range, target_idx = target_info(target, vocab, ignore_index)
-    correct = valid & in_range & (arg == target_idx)
-    return loss, valid, w_y, (lse, correct)
+    return loss, valid, w_y, (lse, arg)

@@ -13,7 +13,7 @@ from cases import make_index_target, make_logits, make_prob_target, make_weight,
 from reference import plain_cross_entropy
 
 import jaxce
-from jaxce._linear_map import linear_map
+from jaxce._derivatives import linear_map
 
 RTOL, ATOL = 1e-9, 1e-11
 

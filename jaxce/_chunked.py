@@ -1,12 +1,19 @@
-"""Vocabulary chunks shared by the fused linear losses (single-device and vocab-parallel)."""
+"""Vocabulary chunks shared by the fused linear losses (single-device and vocab-parallel).
+
+The chunk loop, a chunk's logits and their tangent, the backward pass's per-chunk
+gradient updates, and the forward pass's online statistics: the portable spelling, with
+XLA:CPU's spelling of the 16-bit kernel-gradient product in ``_backends/xla_cpu.py``.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._core import softcap
-from jaxce._validate import compute_dtype
+from jaxce._backends import spelled, xla_cpu
+from jaxce._options import compute_dtype
+from jaxce._rows import softcap
 
 # Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
 CHUNK_BYTES = 16 * 2**20
@@ -47,13 +54,20 @@ def chunk_loop(chunks, body, carry, pinned=()):
     ``shard_map`` its type then already varies over the same mesh axes as the body's
     output (a zero-initialised carry would not, and the loop would be rejected).
 
-    ``pinned``: the arrays the body slices chunks from (the kernel). Inside the loop they
-    travel in the carry through an optimization barrier, so they are not loop-invariant
-    for XLA, which then cannot hoist a whole-array conversion out of the loop: XLA:CPU
-    upcasts a 16-bit ``dynamic-slice``'s operand to float32 and moves that convert out
-    of the loop (a float32 copy of the kernel, 2 GiB at 4,096 x 131,072 bf16); a uint16
-    bitcast, which avoids the f32 copy, is hoisted the same way (a 1 GiB copy). Pinned,
-    only the chunk is converted. The barrier is an alias: the arrays are not copied.
+    ``pinned``: the arrays the body reads every chunk from (``hidden``, the kernel). They
+    travel in the loop's carry, so that XLA sees no loop-invariant array whose conversion
+    it could hoist out of the loop (a whole converted copy), and only each chunk is
+    converted:
+
+    * XLA:CPU upcasts a 16-bit ``dynamic-slice``'s operand to float32 and moves that
+      convert out of the loop (a float32 copy of the kernel, 2 GiB at 4,096 x 131,072
+      bf16): the carry passes through an optimization barrier (an alias, no copy);
+    * the TPU compiler feeds float32 matmuls bfloat16 operands (default precision) and
+      converts a loop-invariant operand once, before the loop, even a loop-carried one
+      that is only ever converted; barriers do not stop it (measured with libtpu 0.0.52,
+      8192 x 2048 x 131072 f32: 544 MiB of bf16 copies of the kernel and ``hidden``). An
+      exact zero computed from each pinned array after the loop (:func:`_exact_zero`)
+      keeps them float32 to the end: 0.1 MiB.
     """
     if not chunks:
         return carry
@@ -64,13 +78,31 @@ def chunk_loop(chunks, body, carry, pinned=()):
 
         def step(i, state):
             carry, held = state
-            held = lax.optimization_barrier(held)
+            # One barrier per array: inside shard_map a joint one would make each output
+            # vary over the mesh axes of all of them.
+            held = tuple(None if a is None else lax.optimization_barrier(a) for a in held)
             return body(i * size, size, carry, *held), held
 
-        carry = lax.fori_loop(1, len(full), step, (carry, tuple(pinned)))[0]
+        carry, held = lax.fori_loop(1, len(full), step, (carry, tuple(pinned)))
+        carry = _add_to_first_float(carry, sum(_exact_zero(a) for a in held if a is not None))
     for start, rest in chunks[len(full) :]:
         carry = body(start, rest, carry, *pinned)
     return carry
+
+
+def _exact_zero(a):
+    """0, computed from ``a`` (a use of it in its own dtype that no compiler folds away)."""
+    e = a[(0,) * a.ndim].astype(jnp.float32)
+    return 0 * jnp.where(jnp.isfinite(e), e, jnp.zeros_like(e))
+
+
+def _add_to_first_float(tree, zero):
+    """``zero`` added to the smallest floating array of ``tree``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    i = min(floats, key=lambda i: leaves[i].size)
+    leaves[i] = leaves[i] + zero.astype(leaves[i].dtype)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype):
@@ -93,38 +125,14 @@ def chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype):
     return dz
 
 
-# The identity transpose costs tokens x chunk^2 multiply-adds (the kernel-gradient matmul:
-# tokens x chunk x D) and a chunk^2 identity. It is used only for chunks no wider than D and
-# this bound: wide chunks come from few tokens, where the float32 upcast of ``hidden`` that
-# it avoids is small anyway.
-_MAX_EYE = 2048
+def _add_hidden_grad(dh, dz, k, dtype):
+    """``dh + dz @ k.T`` (``dtype`` accumulation): a chunk's share of the hidden gradient."""
+    return dh + lax.dot_general(dz, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
 
 
-def _transposed(x, dtype):
-    """``x.T`` as a row-major array, exactly (non-finite entries included).
-
-    XLA:CPU multiplies 16-bit matrices natively only when both are row-major with the
-    contracted dimension of the left one last. ``hidden.T @ dz`` is not such a product,
-    so XLA upcasts both operands to float32 and hoists the whole ``hidden`` upcast out of
-    the chunk loop (+256 MiB at 16,384 x 4,096 bf16); ``dz.T @ hidden`` is, but a plain
-    ``.T`` is only a layout change, which XLA rejects the same way. An identity matmul
-    writes the transposed chunk for real: each output is one product ``1 * x`` (exact).
-    Non-finite entries would spread through the zeros (``0 * inf``): in a chunk holding
-    any, they are kept out of the product and added back transposed elementwise (a
-    ``lax.cond``: the slower branch, never taken in training).
-    """
-    eye = jnp.eye(x.shape[1], dtype=x.dtype)
-    dims = (((1,), (1,)), ((), ()))
-
-    def by_matmul(x):
-        return lax.dot_general(eye, x, dims, preferred_element_type=dtype).astype(x.dtype)
-
-    def non_finite_apart(x):
-        finite = jnp.isfinite(x)
-        t = lax.dot_general(eye, jnp.where(finite, x, 0), dims, preferred_element_type=dtype)
-        return (t + jnp.where(finite, 0, x).T.astype(dtype)).astype(x.dtype)
-
-    return lax.cond(jnp.all(jnp.isfinite(x)), by_matmul, non_finite_apart, x)
+def _kernel_grad(hidden, dz, dtype):
+    """``hidden.T @ dz`` with ``dtype`` accumulation: a chunk's kernel gradient."""
+    return lax.dot_general(hidden, dz, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
 
 
 def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
@@ -133,20 +141,10 @@ def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
     not wanted). Matmuls take ``dz`` in ``hidden``'s dtype with ``dtype`` accumulation."""
     dz_in = dz.astype(hidden.dtype)
     k = kernel_chunk(kernel, start, size)
-    dh = dh + lax.dot_general(dz_in, k, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-    if hidden.dtype.itemsize == 2 and size <= min(hidden.shape[1], _MAX_EYE):
-        dk_t = lax.dot_general(
-            _transposed(dz_in, dtype),
-            hidden,
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=dtype,
-        )
-        # The barrier keeps XLA from folding this transpose back into the matmul.
-        dk_c = lax.optimization_barrier(dk_t).T
-    else:
-        dk_c = lax.dot_general(
-            hidden, dz_in, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-        )
+    add_hidden_grad = spelled(_add_hidden_grad, {"dtype": dtype}, cpu=xla_cpu.add_hidden_grad)
+    dh = add_hidden_grad(dh, dz_in, k)
+    kernel_grad = spelled(_kernel_grad, {"dtype": dtype}, cpu=xla_cpu.chunk_kernel_grad)
+    dk_c = kernel_grad(hidden, dz_in)
     dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
     if db is not None:
         db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
@@ -163,23 +161,24 @@ def running_argmax(z, start, top, arg):
     return jnp.where(better, chunk_top, top), jnp.where(better, chunk_arg, arg)
 
 
-def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, with_argmax):
-    """One pass over the vocabulary chunks of ``hidden @ kernel + bias`` (soft-capped by
-    ``cap``), keeping per-token statistics only: ``(lse, z_y, wz, top, arg)``.
+def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
+    """One pass over the vocabulary chunks (``opts.chunk``) of ``hidden @ kernel + bias``
+    (soft-capped by ``opts.cap``), keeping per-token statistics only: ``(lse, z_y, wz, top,
+    arg)``.
 
     ``lse``: online log-sum-exp (running max and rescaled sum); ``z_y``: the logit of
     class ``idx`` where ``here`` (else 0); ``wz``: ``Σ_c w_c z_c`` (None unless
     ``with_wz``); ``top``/``arg``: the raw logits' row max and its first class (None
-    unless ``with_argmax``).
+    unless ``opts.stats``).
     """
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, carry, kernel):
+    def body(start, size, carry, hidden, kernel):
         m, s, z_y, wz, top, arg = carry
         raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
-        z = softcap(raw, cap)
+        z = softcap(raw, opts.cap)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
         s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
@@ -191,15 +190,15 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, chunk, cap, wi
         if with_wz:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             wz = wz + jnp.sum(wc * z, axis=1)
-        if with_argmax:
+        if opts.stats:
             top, arg = running_argmax(raw, start, top, arg)
         return new_m, s, z_y, wz, top, arg
 
     zeros = jnp.zeros((n,), dtype)
     lowest = jnp.full((n,), -jnp.inf, dtype)
     init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
-    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, chunk), body, init, (kernel,))
+    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, opts.chunk), body, init, (hidden, kernel))
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
-    if not with_argmax:
+    if not opts.stats:
         top = arg = None
     return lse, z_y, (wz if with_wz else None), top, arg

@@ -1,4 +1,4 @@
-"""A linear map with a hand-written transpose that stays differentiable.
+"""Derivatives: a linear map with a hand-written transpose that stays differentiable.
 
 Why: ``jax.custom_vjp`` gives the lean backward passes but refuses forward mode
 (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``). So each loss is a ``jax.custom_jvp``
@@ -29,6 +29,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -54,9 +56,8 @@ def linear_map(fun: FlatFn, fun_t: FlatFn, res: Sequence[Any], lin: Sequence[Any
         res = tuple(cast_varying(v, axes) for v in res)
         lin = tuple(cast_varying(v, axes) for v in lin)
     out_avals = tuple(jax.make_jaxpr(fun)(res, lin).out_avals)
-    return tuple(
-        _linear_map_p.bind(*res, *lin, fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals)
-    )
+    params = dict(fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals)
+    return tuple(_linear_map_p.bind(*res, *lin, **params))
 
 
 def _split(args, num_res):
@@ -101,18 +102,15 @@ def _jvp(primals, tangents, *, fun, fun_t, num_res, out_avals):
 
 
 def _transpose(cts, *args, fun, fun_t, num_res, out_avals):
+    del out_avals
     res, lin = _split(args, num_res)
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError("linear_map is not linear in its residual arguments")
     cts = [ad.instantiate_zeros(ct) for ct in cts]
-    lin_avals = _lin_avals(lin)
+    lin_avals = tuple(x.aval if ad.is_undefined_primal(x) else jax.typeof(x) for x in lin)
     out = _linear_map_p.bind(*res, *cts, fun=fun_t, fun_t=fun, num_res=num_res, out_avals=lin_avals)
     grads = [o if ad.is_undefined_primal(x) else None for o, x in zip(out, lin, strict=True)]
     return [None] * num_res + grads
-
-
-def _lin_avals(lin):
-    return tuple(x.aval if ad.is_undefined_primal(x) else jax.typeof(x) for x in lin)
 
 
 def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
@@ -122,8 +120,8 @@ def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
     res_dims, lin_dims = _split(dims, num_res)
     res, lin = _split(args, num_res)
 
-    def vfun(r, x):
-        return tuple(jax.vmap(fun, in_axes=(res_dims, lin_dims))(r, x))
+    def batched(f):
+        return lambda r, x: tuple(jax.vmap(f, in_axes=(res_dims, lin_dims))(r, x))
 
     def vfun_t(r, ct):
         out = jax.vmap(fun_t, in_axes=(res_dims, 0))(r, ct)
@@ -132,7 +130,7 @@ def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
             o if d == 0 else jnp.sum(o, axis=0) for o, d in zip(out, lin_dims, strict=True)
         )
 
-    out = linear_map(vfun, vfun_t, res, lin)
+    out = linear_map(batched(fun), vfun_t, res, lin)
     return list(out), [0] * len(out)
 
 
@@ -144,3 +142,39 @@ ad.primitive_jvps[_linear_map_p] = _jvp
 ad.primitive_transposes[_linear_map_p] = _transpose
 batching.primitive_batchers[_linear_map_p] = _batch
 mlir.register_lowering(_linear_map_p, mlir.lower_fun(_impl, multiple_results=True))
+
+
+def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
+    """The loss tangent ``tangent_fn(res, tangents)``, whose transpose (used by reverse
+    mode) is the hand-written backward pass ``transpose_fn(res, ct)``.
+
+    ``tangents`` has one entry per differentiable input (None, a symbolic zero, or an
+    array); ``tangent_fn`` receives None for the absent ones, and ``transpose_fn`` returns
+    a cotangent for each input (None where not computed), of which only those with a
+    tangent are kept. ``like``: the primal output, or a tuple of outputs (then
+    ``tangent_fn`` returns, and ``transpose_fn`` receives, a tuple).
+    """
+    multi = isinstance(like, tuple)
+    present = tuple(t is not None and not isinstance(t, SymbolicZero) for t in tangents)
+    if not any(present):
+        return tuple(map(jnp.zeros_like, like)) if multi else jnp.zeros_like(like)
+    leaves, tree = jax.tree.flatten(res)
+    lin = tuple(t for t, p in zip(tangents, present, strict=True) if p)
+
+    def fun(leaves, lin):
+        it = iter(lin)
+        full = tuple(next(it) if p else None for p in present)
+        out = tangent_fn(jax.tree.unflatten(tree, leaves), full)
+        return tuple(out) if multi else (out,)
+
+    def fun_t(leaves, cts):
+        out = transpose_fn(jax.tree.unflatten(tree, leaves), tuple(cts) if multi else cts[0])
+        return tuple(o for o, p in zip(out, present, strict=True) if p)
+
+    out = linear_map(fun, fun_t, leaves, lin)
+    return out if multi else out[0]
+
+
+def no_tangent(x: Any) -> Any:
+    """The (float0) zero tangent of an integer or boolean output."""
+    return np.zeros(x.shape, jax.dtypes.float0)

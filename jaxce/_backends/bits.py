@@ -1,0 +1,41 @@
+"""Exact upcasts spelled with integer instructions, shared by backend spellings.
+
+``x.astype(float32)`` of a bfloat16 array, written as the bit pattern moved into the high
+half of a float32 (bfloat16 is float32's top 16 bits): the same values, but a different
+instruction. XLA's common-subexpression elimination merges identical upcasts of one
+input across passes; where the merged upcast then feeds fusions that cannot share it,
+XLA materialises a float32 copy of the logits. A pass that reads its input through its
+own spelling keeps its upcast to itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def _bits_to_f32(x: Any, spelling: str) -> Any:
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    if spelling == "shift":
+        bits = bits.astype(jnp.uint32) << 16
+    else:
+        bits = bits.astype(jnp.int32) * jnp.int32(65536)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _upcast_bits(x: Any, dtype: Any, spelling: str) -> Any:
+    if x.dtype != jnp.bfloat16 or dtype != jnp.float32:
+        return x.astype(dtype)
+    return _bits_to_f32(x, spelling)
+
+
+def upcast_shift(x: Any, dtype: Any) -> Any:
+    """``x.astype(dtype)``, spelled as a bit shift for bfloat16 to float32."""
+    return _upcast_bits(x, dtype, "shift")
+
+
+def upcast_mul(x: Any, dtype: Any) -> Any:
+    """``x.astype(dtype)``, spelled as an integer multiply for bfloat16 to float32."""
+    return _upcast_bits(x, dtype, "mul")
