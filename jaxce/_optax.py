@@ -199,6 +199,7 @@ def softmax_cross_entropy_with_integer_labels(
 
 def _integer_empty(batch, dtype, row_mask, class_mask):
     """No rows: an empty result. No classes: -inf (an empty row's lse), 0 where masked."""
+    dtype = jax.dtypes.canonicalize_dtype(dtype)  # NumPy float64 logits without x64
     if math.prod(batch) == 0 or class_mask is not None:  # a class mask leaves no class
         return jnp.zeros(batch, dtype)
     loss = jnp.full(batch, -jnp.inf, dtype)
@@ -289,8 +290,10 @@ def softmax_cross_entropy(
     axes = _class_axes(axis, logits.ndim, allow_none=True)
     row_mask, class_mask = _masks(where, logits, axis, axes)
     if not _validate.is_float_dtype(labels.dtype):
-        labels = jnp.asarray(labels).astype(logits.dtype)
-    out_dtype = jnp.promote_types(logits.dtype, labels.dtype)
+        labels = jnp.asarray(labels).astype(jax.dtypes.canonicalize_dtype(logits.dtype))
+    out_dtype = jax.dtypes.canonicalize_dtype(
+        _validate.promote_float_dtypes(logits.dtype, labels.dtype)
+    )
     if math.prod(logits.shape) == 0:  # no rows, or empty rows: -(an empty sum)
         return jnp.full(_batch_shape(tuple(logits.shape), axes), -0.0, out_dtype)
     x = _to_last(logits, axes)
@@ -316,7 +319,7 @@ def _broadcast_labels(labels: Any, shape: tuple[int, ...], axes: tuple[int, ...]
 
 @jax.jit
 def _prob_rows(x, t, row_mask):
-    out_dtype = jnp.promote_types(x.dtype, t.dtype)
+    out_dtype = _validate.promote_float_dtypes(x.dtype, t.dtype)
     loss = prob_loss(x, t, None, None, x.ndim - 1, None, False)
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.full_like(loss, -0.0))
@@ -327,9 +330,11 @@ def _prob_rows(x, t, row_mask):
 def _prob_terms(x, t, row_mask, class_mask):
     """``Σ_c t_c (lse - x_c)`` from the (masked) lse. ``t`` may keep size-1 dimensions
     (broadcast labels): the product broadcasts them, so the residual is ``t`` itself."""
-    out_dtype = jnp.promote_types(x.dtype, t.dtype)
+    out_dtype = _validate.promote_float_dtypes(x.dtype, t.dtype)
     dtype = _validate.compute_dtype(_validate.promote_float_dtypes(x.dtype, t.dtype))
-    lse = _lse(x) if class_mask is None else _masked_lse(x, class_mask)
+    # The lse in the logits' compute dtype (wider labels do not widen a copy of the logits;
+    # optax's log-softmax is in the logits' dtype too).
+    lse = (_lse(x) if class_mask is None else _masked_lse(x, class_mask)).astype(dtype)
     terms = t.astype(dtype) * (lse[..., None] - x.astype(dtype))
     if class_mask is not None:
         terms = jnp.where(class_mask, terms, jnp.zeros_like(terms))

@@ -394,6 +394,47 @@ def test_zero_classes_give_optax_values(integer):
     assert jax.grad(lambda x: jnp.sum(fn(x, labels)))(x).shape == (3, 0)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "labels_dtype"),
+    [
+        (jnp.float32, jnp.float64),
+        (jnp.float32, jnp.float16),
+        (jnp.bfloat16, jnp.float16),
+        (jnp.float16, jnp.float32),
+    ],
+)
+@pytest.mark.parametrize("where_shape", [None, (4, 1), (4, 5)])
+def test_mixed_float_dtypes_promote_as_optax(dtype, labels_dtype, where_shape):
+    """The result's dtype is the standard promotion of the two, as optax's, whatever the
+    jax_numpy_dtype_promotion setting (strict here)."""
+    x, labels, where = _problem((4, 5), -1, None, where_shape, False)
+    x, labels = x.astype(dtype), labels.astype(labels_dtype)
+    ours = jaxce.softmax_cross_entropy(x, labels, where=where)
+    want = _optax(x, labels, where=where)
+    assert ours.dtype == want.dtype
+    rtol, atol = _tolerance(jnp.bfloat16 if want.dtype != jnp.float64 else jnp.float32)
+    np.testing.assert_allclose(np.float64(ours), _reference(x, labels, -1, where), rtol, atol)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (2, 3)])
+@pytest.mark.parametrize("labels_kind", ["index", "float", "one-hot int"])
+def test_numpy_float64_inputs_without_x64(shape, labels_kind):
+    """optax's default setting (x64 off) with NumPy float64 inputs, as optax's own tests
+    pass them: float32 results, no dtype warning (warnings are errors here)."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    labels = {
+        "index": np.zeros(shape[:1], np.int64),
+        "float": np.full(shape, 0.5),
+        "one-hot int": np.ones(shape, np.int64),
+    }[labels_kind]
+    fn = _drop_in(labels_kind == "index")
+    with _x64_off():
+        out = fn(x, labels)
+        want = _optax(x, labels, integer=labels_kind == "index")
+    assert out.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
 @pytest.mark.parametrize("labels_dtype", [jnp.int32, jnp.uint8, jnp.bool_])
 def test_one_hot_labels_of_integer_or_bool_dtype(dtype, labels_dtype):
@@ -449,3 +490,9 @@ def test_broadcasting_keeps_no_logits_sized_residual(shape, labels_shape, where_
     assert len([line for line in big if "from the argument" in line]) == 1, big
     # Full-shaped labels are closed over: listed "from a constant", not made by the loss.
     assert all("from the argument" in line or "from a constant" in line for line in big), big
+
+
+def _x64_off():
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(False)
+    return jax.experimental.disable_x64()  # jax < 0.8
