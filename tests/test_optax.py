@@ -5,7 +5,15 @@ optax's semantics written out in float64."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import importlib.util
+import inspect
 import io
+import os
+import pathlib
+import types
+import unittest
 
 import jax
 import jax.numpy as jnp
@@ -492,7 +500,127 @@ def test_broadcasting_keeps_no_logits_sized_residual(shape, labels_shape, where_
     assert all("from the argument" in line or "from a constant" in line for line in big), big
 
 
+# ---------------------------------------------------------------------------------------
+# optax's own tests, run with the drop-ins in place of optax's two functions.
+# ---------------------------------------------------------------------------------------
+
+_OPTAX_TESTS = pathlib.Path(optax.losses.__file__).parent / "_classification_test.py"
+_OPTAX_MODULE = "optax.losses._classification"  # what the test module calls _classification
+_DROP_INS = {
+    "softmax_cross_entropy": jaxce.softmax_cross_entropy,
+    "softmax_cross_entropy_with_integer_labels": jaxce.softmax_cross_entropy_with_integer_labels,
+}
+# NumPy seeds for the tests that draw from np.random (JAXCE_OPTAX_SEEDS=n: the first n).
+_SEEDS = range(int(os.environ.get("JAXCE_OPTAX_SEEDS", "3")))
+# A seed with which SoftmaxCrossEntropyTest.test_mask (size 5) draws an all-False mask, so
+# that it calls softmax_cross_entropy with zero classes (test_optax_suite_zero_classes checks).
+_ALL_MASKED_SEED = 9
+
+
+def _names_in(code):
+    """The global and attribute names a code object (and the code nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_in(const)
+    return names
+
+
+@functools.cache
+def _optax_suite():
+    """A private copy of optax's test module (optax itself is left untouched), or ``(None,
+    why)`` where it cannot be loaded."""
+    if not _OPTAX_TESTS.is_file():
+        return None, f"optax {optax.__version__} ships no {_OPTAX_TESTS.name}"
+    if importlib.util.find_spec("absl") is None:
+        return None, f"{_OPTAX_TESTS.name} needs absl-py"
+    spec = importlib.util.spec_from_file_location("_optax_classification_test", _OPTAX_TESTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, ""
+
+
+def _swap_in_drop_ins(module, calls):
+    """Points ``module._classification`` at a copy of optax's module with the drop-ins in
+    place of the two functions, each logging ``(name, logits shape)`` to ``calls`` (new
+    functions each time, so no earlier jit trace hides a call)."""
+
+    def logged(name, fn):
+        def call(logits, *args, **kwargs):
+            calls.append((name, tuple(np.shape(logits))))
+            return fn(logits, *args, **kwargs)
+
+        return call
+
+    swapped = types.SimpleNamespace(**vars(importlib.import_module(_OPTAX_MODULE)))
+    for name, fn in _DROP_INS.items():
+        setattr(swapped, name, logged(name, fn))
+    module._classification = swapped
+
+
+def _optax_cases():
+    """``(class, method, seed)`` for each of optax's test methods that calls one of the two
+    functions; one per seed for those that draw from np.random, else seed None."""
+    module, why = _optax_suite()
+    if module is None:
+        return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=why))]
+    cases = []
+    for cls in vars(module).values():
+        if not (isinstance(cls, type) and issubclass(cls, unittest.TestCase)):
+            continue
+        for method in unittest.TestLoader().getTestCaseNames(cls):
+            fn = getattr(cls, method)
+            fn = getattr(fn, "__wrapped__", fn)  # absl's parameterized wrapper
+            if not _names_in(fn.__code__) & set(_DROP_INS):
+                continue
+            seeds = _SEEDS if "np.random." in inspect.getsource(fn) else [None]
+            ids = [f"{cls.__name__}.{method}" + ("" if s is None else f"-seed{s}") for s in seeds]
+            cases += [
+                pytest.param(cls.__name__, method, s, id=i) for s, i in zip(seeds, ids, strict=True)
+            ]
+    return cases
+
+
 def _x64_off():
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(False)
     return jax.experimental.disable_x64()  # jax < 0.8
+
+
+def _run_optax_test(cls_name, method, seed):
+    """Runs one of optax's test methods with the drop-ins, as optax runs them (x64 off,
+    standard promotion) and with ``seed`` for np.random; returns the drop-ins' calls."""
+    module = _optax_suite()[0]
+    calls = []
+    _swap_in_drop_ins(module, calls)
+    state = np.random.get_state()  # noqa: NPY002 (optax's tests draw from np.random)
+    result = unittest.TestResult()
+    try:
+        if seed is not None:
+            np.random.seed(seed)  # noqa: NPY002
+        with _x64_off(), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+            getattr(module, cls_name)(method).run(result)
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    problems = result.errors + result.failures
+    assert not problems, "\n".join(text for _, text in problems)
+    assert result.testsRun == 1
+    assert not result.skipped, result.skipped
+    return calls
+
+
+@pytest.mark.parametrize(("cls_name", "method", "seed"), _optax_cases())
+def test_optax_suite_passes_with_drop_ins(cls_name, method, seed):
+    """optax's own tests that call softmax_cross_entropy[_with_integer_labels], with the
+    drop-ins swapped in (their own classes, and the other losses' tests that compare
+    with them), for several NumPy seeds where they draw random data."""
+    assert _run_optax_test(cls_name, method, seed)  # the drop-ins were called
+
+
+def test_optax_suite_zero_classes():
+    """With this seed optax's test_mask masks every class: the drop-in sees zero classes
+    (optax's result, -0.0, is what the test compares with)."""
+    if _optax_suite()[0] is None:
+        pytest.skip(_optax_suite()[1])
+    calls = _run_optax_test("SoftmaxCrossEntropyTest", "test_mask0", _ALL_MASKED_SEED)
+    assert ("softmax_cross_entropy", (0,)) in calls
