@@ -5,21 +5,31 @@ Same signatures and results as ``optax.softmax_cross_entropy`` and
 ``where`` included, computed by jaxce's cores: the backward pass keeps the per-row
 log-sum-exp, not a log-softmax copy of the logits.
 
-``where`` follows optax: either the batch shape (a row mask: masked rows give 0) or the
-logits' shape (a class mask: masked classes are left out of the normaliser; rows with no
-class left give 0). A class mask costs one logits-sized masked copy in the residuals.
+``where`` follows optax: a boolean mask that broadcasts to the logits' shape, after
+size-1 class axes are inserted when its rank differs from the logits' (so a batch-shaped
+mask works). A mask constant along the class axes (the batch shape, ``[B, 1]``, ...) is a
+row mask: masked rows give 0. Any other is a class mask: masked classes are left out of
+the normaliser (and of the sum for probability labels); rows with no class left give 0.
+A class mask costs one logits-sized masked copy in the residuals; a row mask nothing.
+
+Empty inputs give optax's results without computing anything: no rows give an empty
+result, no classes give -0.0 (probability labels: an empty sum) or -inf (integer labels:
+the log-sum-exp of an empty row; 0 at masked rows).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxce import _validate
 from jaxce._index import index_loss
-from jaxce._options import Options
+from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._prob import prob_loss
 from jaxce._targets import target_info
 
@@ -27,16 +37,24 @@ Axis = int | tuple[int, ...]
 
 
 def _class_axes(axis: Any, ndim: int, allow_none: bool) -> tuple[int, ...]:
+    """The class axes in ``[0, ndim)``, in the order given. Raises ValueError, as optax
+    does for an axis of the wrong type."""
     if axis is None and allow_none:
         return tuple(range(ndim))
-    if isinstance(axis, bool) or not isinstance(axis, (int, tuple)):
-        expected = "an int, a tuple of ints or None" if allow_none else "an int or a tuple of ints"
-        raise TypeError(f"axis must be {expected}; got {type(axis).__name__} {axis!r}")
-    axes = (axis,) if isinstance(axis, int) else axis
-    out = tuple(_validate.normalize_axis(a, ndim) for a in axes)
+    expected = "an int, a tuple of ints or None" if allow_none else "an int or a tuple of ints"
+    items = axis if isinstance(axis, tuple) else (axis,)
+    if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items):
+        raise ValueError(f"axis must be {expected}; got {type(axis).__name__} {axis!r}")
+    if not items and not allow_none:
+        raise ValueError("axis must name at least one class axis; got ()")
+    out = tuple(_validate.normalize_axis(a, ndim) for a in items)
     if len(set(out)) != len(out):
         raise ValueError(f"axis must not repeat an axis; got {axis!r}")
     return out
+
+
+def _batch_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
 def _to_last(x: Any, axes: tuple[int, ...]) -> Any:
@@ -44,36 +62,70 @@ def _to_last(x: Any, axes: tuple[int, ...]) -> Any:
     rest = tuple(i for i in range(x.ndim) if i not in axes)
     if axes != tuple(range(x.ndim - len(axes), x.ndim)):
         x = jnp.transpose(x, rest + axes)
-    return x.reshape((*x.shape[: len(rest)], -1))
+    num_classes = math.prod(x.shape[len(rest) :])
+    return jnp.reshape(x, (*x.shape[: len(rest)], num_classes))
 
 
-def _masks(where: Any, logits: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
-    """``(row_mask, class_mask)`` (each None or an array in the flattened layout)."""
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
+def _expanded_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...] | None:
+    """The shape of ``jnp.expand_dims(where, axis)`` (None where that raises)."""
+    axis = axis if isinstance(axis, tuple) else (axis,)
+    ndim = len(shape) + len(axis)
+    if not all(-ndim <= a < ndim for a in axis):
+        return None
+    ones = {a % ndim for a in axis}
+    if len(ones) != len(axis):
+        return None
+    dims = iter(shape)
+    return tuple(1 if i in ones else next(dims) for i in range(ndim))
+
+
+def _masks(where: Any, logits: Any, axis: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """``(row_mask, class_mask)``: None, a batch-shaped row mask, or a class mask in the
+    flattened ``[batch..., C]`` layout."""
     if where is None:
         return None, None
     where = _validate.as_array(where, "where")
     if where.dtype != jnp.bool_:
-        raise TypeError(f"where must be a boolean mask; got dtype {where.dtype.name}")
-    batch = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
-    if tuple(where.shape) == batch:
-        return where, None
-    if tuple(where.shape) == tuple(logits.shape):
-        return None, _to_last(where, axes)
-    raise ValueError(
-        f"where must have the batch shape {batch} or the logits' shape "
-        f"{tuple(logits.shape)}; got {tuple(where.shape)}"
-    )
+        raise ValueError(
+            f"where must be a boolean mask; got dtype {_validate.dtype_name(where.dtype)}"
+        )
+    shape = tuple(where.shape)
+    if len(shape) != logits.ndim:  # optax: jnp.expand_dims(where, axis)
+        shape = _expanded_shape(shape, axes if axis is None else axis)
+    if shape is None or not _broadcasts_to(shape, tuple(logits.shape)):
+        batch = _batch_shape(tuple(logits.shape), axes)
+        raise ValueError(
+            f"where must broadcast to the logits' shape {tuple(logits.shape)} (a mask of "
+            f"the batch shape {batch} gets size-1 class axes, as in optax); got "
+            f"{tuple(where.shape)}"
+        )
+    where = jnp.reshape(where, (1,) * (logits.ndim - len(shape)) + shape)
+    if all(where.shape[a] == 1 for a in axes):  # constant along the classes: a row mask
+        rows = jnp.reshape(where, _batch_shape(where.shape, axes))
+        return jnp.broadcast_to(rows, _batch_shape(tuple(logits.shape), axes)), None
+    return None, _to_last(jnp.broadcast_to(where, logits.shape), axes)
+
+
+def _lse(x: Any) -> Any:
+    """Per-row log-sum-exp along the last axis, with the lean gradient (the softmax)."""
+    ignored = jnp.full(x.shape[:-1], -1, jnp.int32)  # every row ignored: only lse is used
+    return index_loss(
+        x, ignored, None, None, Options(axis=x.ndim - 1, ignore_index=-1, stats=True)
+    )[1]
 
 
 def _masked_lse(x: Any, class_mask: Any) -> Any:
     """Per-row log-sum-exp over the unmasked classes, with the lean gradient (softmax over
     them). Rows with no class left get a finite placeholder (the callers zero them)."""
     alive = jnp.any(class_mask, axis=-1, keepdims=True)
-    x = jnp.where(class_mask | ~alive, x, jnp.full_like(x, -jnp.inf))
-    ignored = jnp.full(x.shape[:-1], -1, jnp.int32)  # every row ignored: only lse is used
-    return index_loss(
-        x, ignored, None, None, Options(axis=x.ndim - 1, ignore_index=-1, stats=True)
-    )[1]
+    return _lse(jnp.where(class_mask | ~alive, x, jnp.full_like(x, -jnp.inf)))
 
 
 def _check_logits(logits: Any) -> Any:
@@ -96,16 +148,22 @@ def softmax_cross_entropy_with_integer_labels(
     ``σ_n = lse(x_n) - x_{n, y_n}`` per row, no reduction. One deliberate difference:
     a label outside ``[0, C)`` gives NaN (optax wraps ``-1 … -C`` to a class, so a
     PyTorch-style ``-100`` label silently becomes class ``C - 100``; it gives NaN for the
-    others). Masked rows may hold any label.
+    others). Masked rows may hold any label. With no classes (``C = 0``) every row gives
+    -inf, the log-sum-exp of an empty row, as in optax; no rows give an empty result.
 
     Args:
       logits: ``[..., num_classes]`` (classes along ``axis``), floating.
-      labels: integer class indices, ``logits``' shape without the class axes. With a
-        tuple ``axis`` a label is a flat (row-major) index into those axes, taken in the
-        order given.
-      axis: the class axis, or a tuple of axes.
-      where: optional boolean mask of the batch shape (masked rows give 0) or of the
-        logits' shape (masked classes leave the normaliser; rows with none left give 0).
+      labels: integer class indices of the logits' shape without the class axes (size-1
+        dimensions broadcast, as in optax). With a tuple ``axis`` a label is a flat
+        (row-major) index into those axes, taken in the order given.
+      axis: the class axis, or a non-empty tuple of axes. NumPy integers work (optax
+        raises ValueError for them); anything else (a list, None, a string, a bool)
+        raises ValueError, as optax does for all of these but a bool.
+      where: optional boolean mask that broadcasts to the logits' shape once size-1
+        class axes are inserted where its rank differs: constant along the classes
+        (e.g. the batch shape or ``[B, 1]``), masked rows give 0; otherwise masked
+        classes leave the normaliser and rows with none left give 0. A non-boolean mask
+        raises ValueError, as in optax.
 
     Returns:
       ``[batch...]`` losses in ``logits``' dtype (computed in float32 or wider).
@@ -128,17 +186,31 @@ def softmax_cross_entropy_with_integer_labels(
             f"labels must have an integer dtype; got {_validate.dtype_name(labels.dtype)}"
         )
     axes = _class_axes(axis, logits.ndim, allow_none=False)
-    batch = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
-    if tuple(labels.shape) != batch:
+    batch = _batch_shape(tuple(logits.shape), axes)
+    if labels.ndim != len(batch) or not _broadcasts_to(tuple(labels.shape), batch):
         raise ValueError(
-            f"labels must have shape {batch} (logits' shape without axis {axis!r}); got "
-            f"{tuple(labels.shape)}"
+            f"labels must have shape {batch} (logits' shape without axis {axis!r}; size-1 "
+            f"dimensions broadcast); got {tuple(labels.shape)}"
         )
-    row_mask, class_mask = _masks(where, logits, axes)
+    row_mask, class_mask = _masks(where, logits, axis, axes)
+    if math.prod(logits.shape) == 0:
+        return _integer_empty(batch, logits.dtype, row_mask, class_mask)
+    labels = jnp.broadcast_to(labels, batch)
     x = _to_last(logits, axes)
     if class_mask is None:
         return _integer_rows(x, labels, row_mask)
     return _integer_class_mask(x, labels, class_mask)
+
+
+def _integer_empty(batch, dtype, row_mask, class_mask):
+    """No rows: an empty result. No classes: -inf (an empty row's lse), 0 where masked."""
+    dtype = jax.dtypes.canonicalize_dtype(dtype)  # NumPy float64 logits without x64
+    if math.prod(batch) == 0 or class_mask is not None:  # a class mask leaves no class
+        return jnp.zeros(batch, dtype)
+    loss = jnp.full(batch, -jnp.inf, dtype)
+    if row_mask is None:
+        return loss
+    return jnp.where(row_mask, loss, jnp.zeros_like(loss))
 
 
 # An ignore_index no integer dtype can hold: every label counts.
@@ -174,17 +246,27 @@ def softmax_cross_entropy(
     r"""``optax.softmax_cross_entropy``, with jaxce's lean gradient.
 
     ``σ_n = -Σ_c y_{n,c} log softmax(x_n)_c`` per row, no reduction; ``labels`` are any
-    real class weights (probabilities, one-hot), differentiable.
+    real class weights (probabilities, one-hot), differentiable when floating. Masked
+    rows, and rows with no classes (``C = 0``), give -0.0 as in optax; no rows give an
+    empty result.
 
     Args:
       logits: floating logits, classes along ``axis``.
-      labels: ``logits``' shape.
-      axis: the class axis, a tuple of axes, or None (all axes: one scalar).
-      where: optional boolean mask of the batch shape or of the logits' shape (masked
-        classes leave the normaliser and the sum), as in optax.
+      labels: floating, integer or boolean (one-hot) labels that broadcast to the
+        logits' shape (e.g. one distribution ``[C]`` for every row), as in optax; they
+        do not broadcast the logits up (optax does; jaxce raises ValueError). Broadcast
+        labels are not copied to the logits' shape in the residuals.
+      axis: the class axis, a tuple of axes, or None (all axes: one scalar). Anything
+        else (a list, a string, a bool) raises ValueError, as optax does for a list.
+      where: optional boolean mask that broadcasts to the logits' shape once size-1
+        class axes are inserted where its rank differs: constant along the classes
+        (e.g. the batch shape or ``[B, 1]``), masked rows give -0.0; otherwise masked
+        classes leave the normaliser and the sum, as in optax. A non-boolean mask raises
+        ValueError, as in optax.
 
     Returns:
-      ``[batch...]`` losses, dtype the promotion of ``logits`` and ``labels``.
+      ``[batch...]`` losses, dtype the promotion of ``logits`` and ``labels`` (the
+      logits' dtype for integer or boolean labels).
 
     Example:
       >>> import jax.numpy as jnp
@@ -199,35 +281,69 @@ def softmax_cross_entropy(
     """
     logits = _check_logits(logits)
     labels = _validate.as_array(labels, "labels")
-    if not _validate.is_float_dtype(labels.dtype):
+    real = (jnp.floating, jnp.integer, jnp.bool_)
+    if not any(jnp.issubdtype(labels.dtype, kind) for kind in real):
         raise TypeError(
-            f"labels must have a floating dtype; got {_validate.dtype_name(labels.dtype)}"
+            "labels must have a floating, integer or boolean dtype; got "
+            f"{_validate.dtype_name(labels.dtype)}"
         )
-    if tuple(labels.shape) != tuple(logits.shape):
+    if not _broadcasts_to(tuple(labels.shape), tuple(logits.shape)):
         raise ValueError(
-            f"labels must have the logits' shape {tuple(logits.shape)}; got {tuple(labels.shape)}"
+            f"labels must have (or broadcast to) the logits' shape {tuple(logits.shape)}; "
+            f"got {tuple(labels.shape)}"
         )
     axes = _class_axes(axis, logits.ndim, allow_none=True)
-    row_mask, class_mask = _masks(where, logits, axes)
-    x, t = _to_last(logits, axes), _to_last(labels, axes)
-    if class_mask is None:
-        return _prob_rows(x, t, row_mask)
-    return _prob_class_mask(x, t, class_mask)
+    row_mask, class_mask = _masks(where, logits, axis, axes)
+    if not _validate.is_float_dtype(labels.dtype):
+        labels = jnp.asarray(labels).astype(jax.dtypes.canonicalize_dtype(logits.dtype))
+    out_dtype = jax.dtypes.canonicalize_dtype(promote_float_dtypes(logits.dtype, labels.dtype))
+    if math.prod(logits.shape) == 0:  # no rows, or empty rows: -(an empty sum)
+        return jnp.full(_batch_shape(tuple(logits.shape), axes), -0.0, out_dtype)
+    x = _to_last(logits, axes)
+    if tuple(labels.shape) == tuple(logits.shape):
+        t = _to_last(labels, axes)
+        if class_mask is None:
+            return _prob_rows(x, t, row_mask)
+    else:
+        t = _broadcast_labels(labels, tuple(logits.shape), axes)
+    return _prob_terms(x, t, row_mask, class_mask)
+
+
+def _broadcast_labels(labels: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
+    """Labels that broadcast to ``shape``, in the flattened ``[batch..., C]`` layout
+    without being broadcast: size-1 batch dimensions stay, and labels constant along
+    all class axes keep one class entry (broadcast only along some: broadcast there)."""
+    labels = jnp.reshape(labels, (1,) * (len(shape) - labels.ndim) + tuple(labels.shape))
+    if any(labels.shape[a] == 1 for a in axes) and any(labels.shape[a] != 1 for a in axes):
+        full = tuple(shape[i] if i in axes else d for i, d in enumerate(labels.shape))
+        labels = jnp.broadcast_to(labels, full)
+    return _to_last(labels, axes)
 
 
 @jax.jit
 def _prob_rows(x, t, row_mask):
-    out_dtype = jnp.promote_types(x.dtype, t.dtype)
+    out_dtype = promote_float_dtypes(x.dtype, t.dtype)
     loss = prob_loss(x, t, None, None, Options(axis=x.ndim - 1))
     if row_mask is not None:
-        loss = jnp.where(row_mask, loss, jnp.zeros_like(loss))
+        loss = jnp.where(row_mask, loss, jnp.full_like(loss, -0.0))
     return loss.astype(out_dtype)
 
 
 @jax.jit
-def _prob_class_mask(x, t, class_mask):
-    out_dtype = jnp.promote_types(x.dtype, t.dtype)
-    lse = _masked_lse(x, class_mask)
-    dtype = lse.dtype
+def _prob_terms(x, t, row_mask, class_mask):
+    """``Σ_c t_c (lse - x_c)`` from the (masked) lse. ``t`` may keep size-1 dimensions
+    (broadcast labels): the product broadcasts them, so the residual is ``t`` itself."""
+    out_dtype = promote_float_dtypes(x.dtype, t.dtype)
+    dtype = compute_dtype(promote_float_dtypes(x.dtype, t.dtype))
+    # The lse in the logits' compute dtype (wider labels do not widen a copy of the logits;
+    # optax's log-softmax is in the logits' dtype too).
+    lse = (_lse(x) if class_mask is None else _masked_lse(x, class_mask)).astype(dtype)
     terms = t.astype(dtype) * (lse[..., None] - x.astype(dtype))
-    return jnp.sum(jnp.where(class_mask, terms, jnp.zeros_like(terms)), axis=-1).astype(out_dtype)
+    if class_mask is not None:
+        terms = jnp.where(class_mask, terms, jnp.zeros_like(terms))
+    loss = jnp.sum(terms, axis=-1)
+    if class_mask is not None:  # rows with no class left: -(an empty sum), as optax
+        row_mask = jnp.any(class_mask, axis=-1)  # (_masks gives a row or a class mask)
+    if row_mask is not None:
+        loss = jnp.where(row_mask, loss, jnp.full_like(loss, -0.0))
+    return loss.astype(out_dtype)
