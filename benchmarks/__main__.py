@@ -27,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import cases, targets
@@ -126,6 +125,29 @@ class Run:
                 )
         return rows
 
+    def compile_rows(self, target, todo):
+        """Compile-only rows for ``todo``, [(row, (specs, {variant: loss}, argnums,
+        shardings))]: value_and_grad w.r.t. argnums (None: the loss itself)."""
+        rows = []
+        for row, (specs, variants, argnums, shardings) in todo:
+            done = []
+            for variant, f in variants.items() if self.left() > 0 else ():
+                tok = variant == "tokamax" and cases.tokamax_context(
+                    target, targets.devices(target)
+                )
+                f = f if argnums is None else jax.value_and_grad(f, argnums)
+                mem, c = compiled(target, f, *specs, context=tok, shardings=shardings)
+                if shardings and c:  # the kernel's [D, V]
+                    mem["all_gather"] = all_gathers(c.as_text(), *specs[1].shape)
+                done.append(dict(row, variant=variant, **mem))
+            self.log(
+                " | ".join(
+                    [target, *map(str, row.values()), *(f"{r['variant']} {cell(r)}" for r in done)]
+                )
+            )
+            rows += done
+        return rows
+
 
 def join(shape):
     return "x".join(map(str, shape))
@@ -154,15 +176,10 @@ def ce_time(run):
 
 
 def ce_memory(run):
-    (n, classes), rows = run.sizes["ce_memory"], []
-    for dtype in DTYPES:
-        for c in classes:
-            specs = cases.S((n, c), jnp.dtype(dtype)), cases.S((n,), jnp.int32)
-            for variant, f in cases.CE_LOSSES.items():
-                row = dict(dtype=dtype, tokens=n, classes=c, variant=variant)
-                rows.append(dict(row, **compiled("local", jax.value_and_grad(f), *specs)[0]))
-        run.log(f"ce_memory {dtype}: {len(classes)} class counts")
-    return {"ce_memory.csv": rows}
+    n, classes = run.sizes["ce_memory"]
+    todo = [(dict(dtype=d, tokens=n, classes=c), (d, (n, c))) for d in DTYPES for c in classes]
+    todo = [(row, cases.ce_cases(n, c, d)["index"]) for row, (d, (n, c)) in todo]
+    return {"ce_memory.csv": run.compile_rows("local", todo)}
 
 
 def peak(run):
@@ -171,16 +188,12 @@ def peak(run):
 
 
 def linear_memory(run):
-    rows = []
+    todo = []
     for dtype in DTYPES:
         for name, n, d, v in run.sizes["linear_memory"]:
-            specs = cases.linear_case(n, d, v, dtype, None)[0]
-            for variant, f in cases.LINEAR_LOSSES.items():
-                mem = compiled("local", jax.value_and_grad(f, argnums=(0, 1)), *specs)[0]
-                row = dict(shape_name=name, tokens=n, hidden=d, vocab=v, dtype=dtype)
-                rows.append(dict(row, variant=variant, **mem))
-            run.log(f"linear_memory {name} {dtype}")
-    return {"linear.csv": rows}
+            row = dict(shape_name=name, tokens=n, hidden=d, vocab=v, dtype=dtype)
+            todo.append((row, cases.linear_case(n, d, v, dtype)))
+    return {"linear.csv": run.compile_rows("local", todo)}
 
 
 def linear_time(run):
@@ -232,9 +245,12 @@ def higher_order(run):
         times += run.timing({"loss": loss, "shape": join(shape), "dtype": "float32"}, calls)
         del args, calls
         *specs, ys = jax.eval_shape(partial(cases.inputs, big, "float32"))
-        for v, t, g in todo:
-            row = dict(loss=loss, shape=join(big), variant=v, transform=t)
-            memory.append(dict(row, **compiled("local", g, *specs, ys, *specs)[0]))
+        base = dict(loss=loss, shape=join(big))
+        todo = [
+            (dict(base, transform=t), ((*specs, ys, *specs), {v: g}, None, None))
+            for v, t, g in todo
+        ]
+        memory += run.compile_rows("local", todo)
     return {"higher_order.csv": times, "higher_order_memory.csv": memory}
 
 
@@ -255,31 +271,24 @@ def compile_only(run):
     for target in run.targets:
         if why := targets.available(target):
             run.log(f"{target}: unavailable ({why})")
-            rows.append(dict(target=target, status=f"unavailable: {why}"))
+            rows.append(dict(target=target, case="unavailable", status=f"unavailable: {why}"))
             continue
-        devices, todo = targets.devices(target), {}  # {(case, dtype, shape): case}
+        devices, todo = targets.devices(target), []  # [(case, dtype, shape, spec)]
         impl, one = "mosaic_tpu" if target.startswith("tpu") else "chunked_xla", len(devices) == 1
         if not one:
             mesh = jax.sharding.Mesh(np.array(devices).reshape(2, -1), ("data", "model"))
-            todo["sharded 2x2 mesh", "bfloat16", sharded] = cases.sharded_case(mesh, *sharded)
+            todo.append(
+                ("sharded 2x2 mesh", "bfloat16", sharded, cases.sharded_case(mesh, *sharded))
+            )
         for n, c, dtype in ce_shapes if one else ():
             n = n // 2 if "v5e" in target and c > 32768 else n  # 16 GiB of HBM
-            todo |= {(k, dtype, (n, c)): v for k, v in cases.ce_cases(n, c, dtype, impl).items()}
-        for n, d, v, dtype in (
-            (*linear_shapes, *(cpu_only if target == "cpu" else ())) if one else ()
-        ):
-            todo["fused linear", dtype, (n, d, v)] = cases.linear_case(n, d, v, dtype, impl)
-        for (case, dtype, shape), (specs, variants, argnums, shardings) in todo.items():
-            row, done = dict(target=target, case=case, dtype=dtype, shape=join(shape)), []
-            for variant, f in variants.items() if run.left() > 0 else ():
-                tok = variant == "tokamax" and cases.tokamax_context(target, devices)
-                grad = jax.value_and_grad(f, argnums)
-                mem, c = compiled(target, grad, *specs, context=tok, shardings=shardings)
-                if shardings and c:
-                    mem["all_gather"] = all_gathers(c.as_text(), *shape[1:])
-                done.append(dict(row, variant=variant, **mem))
-            rows += done
-            run.log(" | ".join([*row.values(), *(f"{r['variant']} {cell(r)}" for r in done)]))
+            todo += [(k, dtype, (n, c), v) for k, v in cases.ce_cases(n, c, dtype, impl).items()]
+        for n, d, v, dtype in (*linear_shapes, *(cpu_only if target == "cpu" else ())):
+            todo += [
+                ("fused linear", dtype, (n, d, v), cases.linear_case(n, d, v, dtype, impl))
+            ] * one
+        todo = [(dict(target=target, case=k, dtype=dt, shape=join(sh)), v) for k, dt, sh, v in todo]
+        rows += run.compile_rows(target, todo)
     ce = [r for r in rows if r.get("case") not in ("fused linear", "sharded 2x2 mesh")]
     table = "Temporaries in MiB (TPU cost model ms); tokamax: mosaic_tpu on TPU, chunked_xla on"
     table += " CPU/GPU; sharded: which all-gathers the HLO has.\n\n" + markdown(ce)

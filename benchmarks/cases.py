@@ -135,7 +135,7 @@ def _plain_z_capped(x, y):
     return plain_ce(z, y) + 1e-4 * jnp.mean(jax.nn.logsumexp(z, axis=-1) ** 2)
 
 
-def ce_cases(n, c, dtype, tokamax_impl, d=4096):
+def ce_cases(n, c, dtype, tokamax_impl=None, d=4096):
     """{case: (input specs, {variant: loss}, argnums, shardings)}: cross-entropy's mean at
     [n, c], differentiated w.r.t. the logits or whatever they are computed from."""
     dt = jnp.dtype(dtype)
@@ -164,10 +164,9 @@ def ce_cases(n, c, dtype, tokamax_impl, d=4096):
     }
 
 
-def linear_case(n, d, v, dtype, tokamax_impl):
+def linear_case(n, d, v, dtype, tokamax_impl=None):
     """(specs, {variant: loss}, argnums, None): the fused loss against the unfused ones."""
-    variants = {k: f for k, f in LINEAR_LOSSES.items() if k != "plain unfused"}
-    variants = _with_tokamax(variants, tokamax_impl)
+    variants = _with_tokamax(LINEAR_LOSSES, tokamax_impl)
     dt = jnp.dtype(dtype)
     return (S((n, d), dt), S((d, v), dt), S((n,), jnp.int32)), variants, (0, 1), None
 
@@ -178,7 +177,7 @@ def sharded_case(mesh, n, d, v, dtype="bfloat16"):
     from jax.sharding import NamedSharding as Named
     from jax.sharding import PartitionSpec as P
 
-    specs, variants, argnums, _ = linear_case(n, d, v, dtype, None)
+    specs, variants, argnums, _ = linear_case(n, d, v, dtype)
     sharded = lambda h, k, y: jaxce.sharded_linear_cross_entropy(  # noqa: E731
         h, k, y, mesh=mesh, vocab_axis="model", batch_axis="data"
     )

@@ -1,13 +1,9 @@
 """The measuring core of every section: one interleaved timer, one compile-only memory
-helper, one peak-memory child process.
-
-A child (``python -m benchmarks.measure SPEC``, SPEC a JSON dict: kind "ce" or "linear",
-variant, dtype, shape, device) runs one forward+backward in a fresh process and prints one
-JSON line: memory in use before the step, the peak's growth over it, its time. CPU: the
-resident set (VmHWM, reset through /proc/self/clear_refs). GPU: the allocator's peak
-(torch's is reset; JAX's cannot be, so a JAX child compiles before it allocates its inputs
-and the step is what raises the peak). A torch child never imports JAX.
-"""
+helper, and one peak-memory child: ``python -m benchmarks.measure SPEC`` (JSON: variant,
+dtype, shape, device) runs one forward+backward in a fresh process and prints the memory in
+use before it, the peak's growth over it (CPU: resident set, VmHWM reset through
+/proc/self/clear_refs; GPU: the allocator's peak; JAX's cannot be reset, so a JAX child
+compiles before it allocates its inputs) and its time. A torch child never imports JAX."""
 
 from __future__ import annotations
 
@@ -32,13 +28,10 @@ def failure(err):
 
 
 def interleaved(calls, repeats, base, left, warmup=2):
-    """Times zero-argument calls (each returns when its work is done); CSV rows.
-
-    Each call runs ``warmup`` times first (compile, allocator). Then each round runs every
-    call once in a fresh random order (right after a call that allocates and frees GiBs
-    any call is slower, so none may always follow the same one). A call that raises is
-    dropped with its failure ("OOM", ...). Nothing starts once ``left()`` (seconds) < 0.
-    """
+    """CSV rows timing zero-argument calls (each returns when its work is done): ``warmup``
+    calls each (compile), then rounds running every call once in a fresh random order (a
+    call right after one that frees GiBs is slower). A call that raises is dropped with its
+    failure ("OOM", ...); nothing starts once ``left()`` (seconds) < 0."""
     out = {}
     for name, call in calls.items():
         try:
