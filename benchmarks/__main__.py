@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts
@@ -120,31 +121,24 @@ class Run:
                 timeout = min(self.sizes["child_timeout"], self.left())
                 res = run_child(spec, timeout) if timeout > 0 else {"status": "skipped: budget"}
                 rows.append(dict(variant=variant, dtype=dtype, shape=join(shape), **res))
-                self.log(
-                    f"{variant} {join(shape)} {dtype}: {res.get('step_mib')} MiB {res['status']}"
-                )
+                self.log(f"{variant} {join(shape)} {dtype}: {res.get('step_mib')} MiB")
         return rows
 
     def compile_rows(self, target, todo):
         """Compile-only rows for ``todo``, [(row, (specs, {variant: loss}, argnums,
         shardings))]: value_and_grad w.r.t. argnums (None: the loss itself)."""
-        rows = []
+        rows, devices = [], targets.devices(target)
         for row, (specs, variants, argnums, shardings) in todo:
             done = []
             for variant, f in variants.items() if self.left() > 0 else ():
-                tok = variant == "tokamax" and cases.tokamax_context(
-                    target, targets.devices(target)
-                )
+                tok = variant == "tokamax" and cases.tokamax_context(target, devices)
                 f = f if argnums is None else jax.value_and_grad(f, argnums)
                 mem, c = compiled(target, f, *specs, context=tok, shardings=shardings)
                 if shardings and c:  # the kernel's [D, V]
                     mem["all_gather"] = all_gathers(c.as_text(), *specs[1].shape)
                 done.append(dict(row, variant=variant, **mem))
-            self.log(
-                " | ".join(
-                    [target, *map(str, row.values()), *(f"{r['variant']} {cell(r)}" for r in done)]
-                )
-            )
+            cells = [f"{r['variant']} {cell(r)}" for r in done]
+            self.log(" | ".join([*map(str, row.values()), *cells]))
             rows += done
         return rows
 
@@ -163,9 +157,8 @@ def ce_time(run):
         for c in classes:
             run.log(f"ce_time {dtype} [{n}, {c}]")
             x, y = cases.inputs((n, c), dtype)
-            calls = {
-                k: call(jax.jit(jax.value_and_grad(f)), x, y) for k, f in cases.CE_LOSSES.items()
-            }
+            grad = {k: jax.jit(jax.value_and_grad(f)) for k, f in cases.CE_LOSSES.items()}
+            calls = {k: call(f, x, y) for k, f in grad.items()}
             if run.torch:
                 calls["torch"] = run.torch.from_jax("torch", (x, y), run.dev)
             calls["floor"] = call(jax.jit(cases.floor_pass), x)
@@ -176,9 +169,11 @@ def ce_time(run):
 
 
 def ce_memory(run):
-    n, classes = run.sizes["ce_memory"]
-    todo = [(dict(dtype=d, tokens=n, classes=c), (d, (n, c))) for d in DTYPES for c in classes]
-    todo = [(row, cases.ce_cases(n, c, d)["index"]) for row, (d, (n, c)) in todo]
+    (n, classes), todo = run.sizes["ce_memory"], []
+    for d in DTYPES:
+        todo += [
+            (dict(dtype=d, tokens=n, classes=c), cases.ce_cases(n, c, d)["index"]) for c in classes
+        ]
     return {"ce_memory.csv": run.compile_rows("local", todo)}
 
 
@@ -368,6 +363,9 @@ def main(argv=None):
     )
     meta.update(git=subprocess.run(git, capture_output=True, text=True).stdout.strip())
     meta.update(python=sys.version.split()[0], jax=jax.__version__, torch=run.note)
+    for package in ("jaxlib", "optax", "libtpu", "jax-cuda12-plugin", "tokamax"):
+        with contextlib.suppress(PackageNotFoundError):
+            meta[package] = version(package)
     meta.update(device=jax.devices()[0].device_kind, sizes={s: sizes[s] for s in sections})
     run.log(f"{meta['label']}: jax {jax.__version__}, torch {run.note}; writing to {out}")
     for section in sections:
@@ -385,6 +383,7 @@ def main(argv=None):
         from benchmarks import plots
 
         plots.draw(out)
+    run.log(f"done: {out}")
 
 
 if __name__ == "__main__":
