@@ -7,7 +7,7 @@ materialise a logits-sized temporary on a TPU or GPU" without one.
 
 Targets are named by strings:
 
-* ``"cpu"``: the machine's own XLA:CPU;
+* ``"cpu"``: the machine's own XLA:CPU; ``"local"``: JAX's default backend (a real GPU);
 * ``"tpu:v5p:1x1x1"``, ``"tpu:v5e:1x1"``, ``"tpu:v6e:1x1"``, ``"tpu:v5p:2x2x1"`` (4 chips) …:
   a TPU topology from ``libtpu`` (``pip install libtpu``, released in step with jax);
 * ``"gpu:NVIDIA H100 80GB HBM3"``, ``"gpu:NVIDIA H200 141GB HBM3e"``, ``"gpu:NVIDIA
@@ -90,6 +90,8 @@ def devices(target: str) -> tuple[Any, ...]:
     """The (compile-only) devices of ``target``."""
     if target == "cpu":
         return tuple(jax.devices("cpu"))
+    if target == "local":  # the default backend's devices (a real GPU, say)
+        return tuple(jax.devices())
     kind, _, name = target.partition(":")
     if kind == "tpu":
         try:

@@ -1,0 +1,1 @@
+"""jaxce benchmarks: ``python -m benchmarks --help``; figures: ``python -m benchmarks.plots``."""
