@@ -161,7 +161,23 @@ def running_argmax(z, start, top, arg):
     return jnp.where(better, chunk_top, top), jnp.where(better, chunk_arg, arg)
 
 
-def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
+def real_columns(start, size, n_real):
+    """Which of a chunk's columns are real classes (``[1, size]``), or None: all are.
+
+    ``n_real``: None, or the number of real classes in the kernel slice (a traced int32
+    scalar); the columns after them pad an uneven vocabulary split and never count.
+    """
+    if n_real is None:
+        return None
+    return start + lax.broadcasted_iota(jnp.int32, (1, size), 1) < n_real
+
+
+def mask_columns(v, real, fill):
+    """``v`` with ``fill`` at the padding columns (``real`` None: unchanged)."""
+    return v if real is None else jnp.where(real, v, jnp.full_like(v, fill))
+
+
+def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=None):
     """One pass over the vocabulary chunks (``opts.chunk``) of ``hidden @ kernel + bias``
     (soft-capped by ``opts.cap``), keeping per-token statistics only: ``(lse, z_y, wz, top,
     arg)``.
@@ -169,7 +185,8 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
     ``lse``: online log-sum-exp (running max and rescaled sum); ``z_y``: the logit of
     class ``idx`` where ``here`` (else 0); ``wz``: ``Σ_c w_c z_c`` (None unless
     ``with_wz``); ``top``/``arg``: the raw logits' row max and its first class (None
-    unless ``opts.stats``).
+    unless ``opts.stats``). Columns past ``n_real`` (see :func:`real_columns`) are left
+    out of all of them.
     """
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
@@ -177,8 +194,9 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
 
     def body(start, size, carry, hidden, kernel):
         m, s, z_y, wz, top, arg = carry
-        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
-        z = softcap(raw, opts.cap)
+        real = real_columns(start, size, n_real)
+        raw = mask_columns(chunk_logits(hidden, kernel, bias, start, size, dtype), real, -jnp.inf)
+        z = mask_columns(softcap(raw, opts.cap), real, -jnp.inf)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
         s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
@@ -189,7 +207,7 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
         z_y = z_y + jnp.where(hit, picked, jnp.zeros_like(picked))
         if with_wz:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
-            wz = wz + jnp.sum(wc * z, axis=1)
+            wz = wz + jnp.sum(mask_columns(wc * z, real, 0), axis=1)
         if opts.stats:
             top, arg = running_argmax(raw, start, top, arg)
         return new_m, s, z_y, wz, top, arg

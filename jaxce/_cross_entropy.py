@@ -29,6 +29,7 @@ def cross_entropy(
     logit_softcap: float | None = None,
     return_aux: bool = False,
     check_targets: bool = False,
+    loss_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Cross-entropy between logits and targets, exactly as PyTorch defines it.
 
@@ -70,27 +71,35 @@ def cross_entropy(
         elements count as ignored: loss 0, left out of the 'mean' denominator, zero
         gradient. Combines with ``ignore_index``.
       z_loss: coefficient ``z`` of the PaLM z-loss ``z · lse²`` added to each counted
-        element's loss (0 at ignored/masked elements; 'mean' divides by the same
-        denominator; not multiplied by ``weight``). A float >= 0 or a scalar array.
+        element's loss (0 at ignored/masked elements; not multiplied by ``weight``; its
+        'mean' divides by the *number* of counted elements, as in PaLM, t5x and
+        Liger-Kernel, whatever the class weights). A float >= 0 or a scalar array.
       logit_softcap: ``cap`` (a positive Python float): the loss is taken on
         ``cap · tanh(input / cap)`` (Gemma 2), with the exact derivative, without
         storing the capped logits. None (default): no cap.
-      return_aux: also return a :class:`CrossEntropyAux` (per-element log-sum-exp, the
-        z-loss term, the 'mean' denominator, the number of correct argmax predictions),
-        from the same pass and carrying no gradient. Exact gradient accumulation over
-        micro-batches: sum the ``reduction='sum'`` losses and the ``denominator``\s,
-        then divide once.
+      return_aux: also return a :class:`CrossEntropyAux` from the same pass: the
+        per-element log-sum-exp (differentiable), the z-loss term (differentiable), the
+        'mean' denominators (``denominator`` for the cross-entropy, ``count`` for the
+        z-loss), the correct predictions (``correct``, ``accuracy``) and the predicted
+        class per element (``predicted``, -1 where not counted). Exact gradient
+        accumulation over micro-batches: with ``reduction='sum'``, the cross-entropy
+        ``loss - aux.z_loss`` summed over micro-batches divided by the summed
+        ``denominator``, plus ``aux.z_loss`` summed divided by the summed ``count``.
       check_targets: also trace a ``checkify.debug_check`` that names the first class
         index outside ``[0, C)`` (and not ``ignore_index``) and its flat position, for
         ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``. Off by
         default: the check is an effect, and a jitted function with an effect loses
         JAX's C++ dispatch fast path. (Concrete targets outside jit are checked anyway.)
+      loss_dtype: the dtype of the returned loss (and ``aux.z_loss``); None (default):
+        PyTorch's (below). ``jnp.float32`` keeps a bfloat16/float16 loss, computed in
+        float32, from being rounded to the input's precision.
 
     Returns:
       The loss: shape ``target.shape`` (index targets) or ``input.shape`` without ``axis``
-      (probabilities) for ``'none'``, else a scalar. dtype: ``input.dtype`` for index
-      targets; PyTorch's promotion of input, target and weight for probabilities. Math is
-      done in float32 (float64 for float64 inputs). With ``return_aux``: ``(loss, aux)``.
+      (probabilities) for ``'none'``, else a scalar. dtype: ``loss_dtype`` if given, else
+      ``input.dtype`` for index targets and PyTorch's promotion of input, target and weight
+      for probabilities. Math is done in float32 (float64 for float64 inputs). With
+      ``return_aux``: ``(loss, aux)``.
 
     Raises:
       TypeError: a non-float ``input``/``weight``, a non-integer index target, a
@@ -132,10 +141,11 @@ def cross_entropy(
         target = mask_targets(target, where, ignore_index)
         where = None
         _validate.check_target_values(target, spec.num_classes, ignore_index)
-        out_dtype = jnp.dtype(input.dtype)
+        out_dtype = input.dtype
     else:
         dtypes = [input.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
         out_dtype = promote_float_dtypes(*dtypes)
+    out_dtype = _validate.check_loss_dtype(loss_dtype, out_dtype)
     opts = Options(
         axis=axis,
         ignore_index=ignore_index,
@@ -162,7 +172,7 @@ def _index_cross_entropy(input, target, weight, eps, z, *, opts):
         loss, lse, argmax = out
         info = target_info(target, num_classes, opts.ignore_index)
         valid = info.valid
-        stats = (lse, valid & info.in_range & (argmax == info.idx))
+        stats = (lse, argmax, info.in_range & (argmax == info.idx))
     denominator = None
     if opts.reduction == "mean" or opts.return_aux:
         dtype = compute_dtype(input.dtype)
@@ -176,7 +186,7 @@ def _prob_cross_entropy(input, target, weight, eps, where, z, *, opts):
     loss, stats = out, None
     if opts.stats:
         loss, lse, argmax = out
-        stats = (lse, argmax == jnp.argmax(target, axis=opts.axis).astype(jnp.int32))
+        stats = (lse, argmax, argmax == jnp.argmax(target, axis=opts.axis).astype(jnp.int32))
     if where is not None:
         loss = jnp.where(where, loss, jnp.zeros_like(loss))
     count = loss.size if where is None else jnp.sum(where)
@@ -196,8 +206,8 @@ class CrossEntropyLoss:
       reduction: ``'none'``, ``'mean'`` or ``'sum'``.
       label_smoothing: ε in [0, 1].
       axis: the class axis of the input (default -1; ``axis=1`` is PyTorch's layout).
-      z_loss, logit_softcap, check_targets: see :func:`cross_entropy` (``where`` is
-        given per call: ``loss(input, target, where=mask)``).
+      z_loss, logit_softcap, check_targets, loss_dtype: see :func:`cross_entropy`
+        (``where`` is given per call: ``loss(input, target, where=mask)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -222,8 +232,10 @@ class CrossEntropyLoss:
         z_loss: float | jax.typing.ArrayLike = 0.0,
         logit_softcap: float | None = None,
         check_targets: bool = False,
+        loss_dtype: jax.typing.DTypeLike | None = None,
     ) -> None:
         _validate.check_flag(check_targets, "check_targets")
+        _validate.check_loss_dtype(loss_dtype, jnp.float32)
         _validate.check_z_loss(z_loss)
         _validate.check_softcap(logit_softcap)
         _validate.check_reduction(reduction)
@@ -245,6 +257,7 @@ class CrossEntropyLoss:
         self.z_loss = z_loss
         self.logit_softcap = logit_softcap
         self.check_targets = check_targets
+        self.loss_dtype = loss_dtype
 
     def __call__(
         self,
@@ -265,6 +278,7 @@ class CrossEntropyLoss:
             z_loss=self.z_loss,
             logit_softcap=self.logit_softcap,
             check_targets=self.check_targets,
+            loss_dtype=self.loss_dtype,
         )
 
     def __repr__(self) -> str:
@@ -276,5 +290,6 @@ class CrossEntropyLoss:
             + ("" if not self.z_loss else f", z_loss={self.z_loss}")
             + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
             + (", check_targets=True" if self.check_targets else "")
+            + ("" if self.loss_dtype is None else f", loss_dtype={jnp.dtype(self.loss_dtype).name}")
             + ")"
         )

@@ -35,6 +35,8 @@ def linear_cross_entropy(
     logit_softcap: float | None = None,
     return_aux: bool = False,
     check_targets: bool = False,
+    loss_dtype: jax.typing.DTypeLike | None = None,
+    vocab_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -59,13 +61,19 @@ def linear_cross_entropy(
         class indices, and the per-token statistics are combined with ``psum``/``pmax``
         (O(tokens) communication). Every device returns the full loss; the gradient
         w.r.t. a ``hidden`` replicated over the axis is summed across it.
-      where, z_loss, logit_softcap, return_aux, check_targets: as in
+      where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype: as in
         :func:`jaxce.cross_entropy`
         (``where`` has ``target``'s shape; the cap applies to ``hidden @ kernel + bias``
         chunk by chunk, nothing logits-sized is stored).
+      vocab_size: with ``axis_name``, for a vocabulary that does not divide evenly over
+        the ``n`` devices: each device passes an equal slice of ``ceil(V / n)`` columns of
+        the kernel padded at the end to ``n * ceil(V / n)`` (any values), and
+        ``vocab_size=V``; the padding columns never enter the loss and get zero gradient.
+        None: every column is a class.
 
     Returns:
-      The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``.
+      The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``
+      (or ``loss_dtype``).
       With ``return_aux``: ``(loss, aux)``, a :class:`jaxce.CrossEntropyAux`.
 
     Example:
@@ -82,6 +90,20 @@ def linear_cross_entropy(
       ``torch.nn.functional.linear_cross_entropy(hidden, kernel.T, target, bias, ...)``
       (torch's weight has the ``[V, D]`` layout).
     """
+    arrays, opts = prepare(
+        hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
+        chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
+        loss_dtype, vocab_size,
+    )  # fmt: skip
+    return linear_loss(*arrays, opts=opts)
+
+
+def prepare(
+    hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, chunk_size,
+    axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
+):  # fmt: skip
+    """Checks :func:`linear_cross_entropy`'s arguments: ``((hidden, kernel, bias, target,
+    weight, eps, z), opts)`` for :func:`linear_loss`."""
     hidden = _validate.check_input(hidden)
     kernel = _validate.as_array(kernel, "kernel")
     if not _validate.is_float_dtype(kernel.dtype):
@@ -129,6 +151,8 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
+    vocab_size = _validate.check_vocab_size(vocab_size, axis_name)
+    out_dtype = _validate.check_loss_dtype(loss_dtype, hidden.dtype)
     z = _validate.check_z_loss(z_loss)
     cap = _validate.check_softcap(logit_softcap)
     return_aux = _validate.check_flag(return_aux, "return_aux")
@@ -146,15 +170,16 @@ def linear_cross_entropy(
         reduction=reduction,
         return_aux=return_aux,
         check=check_targets,
-        out_dtype=jnp.dtype(hidden.dtype),
+        out_dtype=out_dtype,
         chunk=chunk,
         axis_name=axis_name,
+        vocab_size=vocab_size,
     )
-    return _linear(hidden, kernel, bias, target, weight, eps, z, opts=opts)
+    return (hidden, kernel, bias, target, weight, eps, z), opts
 
 
 @partial(jax.jit, static_argnames=("opts",))
-def _linear(hidden, kernel, bias, target, weight, eps, z, *, opts):
+def linear_loss(hidden, kernel, bias, target, weight, eps, z, *, opts):
     shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1)
@@ -162,10 +187,17 @@ def _linear(hidden, kernel, bias, target, weight, eps, z, *, opts):
     want_denominator = opts.reduction == "mean" or opts.return_aux
     if opts.axis_name is not None:
         vocab = kernel.shape[1] * lax.axis_size(opts.axis_name)
+        if opts.vocab_size is not None:
+            if opts.vocab_size > vocab:
+                raise ValueError(
+                    f"vocab_size ({opts.vocab_size}) must be at most the columns of all "
+                    f"devices' kernel slices ({kernel.shape[1]} x {vocab // kernel.shape[1]})"
+                )
+            vocab = opts.vocab_size
         if opts.check:
             debug_check_targets(t1, vocab, opts.ignore_index)
         loss, valid, w_y, stats = vocab_parallel_loss(h2, kernel, bias, t1, weight, eps, opts)
-        denominator = counted_sum(valid, w_y) if want_denominator else None
+        denominator = counted_sum(valid, w_y, opts.batch_axis) if want_denominator else None
     else:
         vocab = kernel.shape[1]
         if opts.check:
@@ -180,13 +212,13 @@ def _linear(hidden, kernel, bias, target, weight, eps, z, *, opts):
         info = target_info(t1, vocab, opts.ignore_index)
         valid = info.valid
         lse, argmax = stats
-        stats = (lse, valid & info.in_range & (argmax == info.idx))
+        stats = (lse, argmax, info.in_range & (argmax == info.idx))
     out = finish_loss(loss, stats, valid, denominator, z, opts)
-    if opts.reduction != "none":
-        return out
     if not opts.return_aux:
-        return out.reshape(shape)
+        return out.reshape(shape) if opts.reduction == "none" else out
     loss, aux = out
-    return loss.reshape(shape), aux._replace(
-        lse=aux.lse.reshape(shape), z_loss=aux.z_loss.reshape(shape)
-    )
+    per_element = {"lse": aux.lse.reshape(shape), "predicted": aux.predicted.reshape(shape)}
+    if opts.reduction == "none":
+        loss = loss.reshape(shape)
+        per_element.update(z_loss=aux.z_loss.reshape(shape), accuracy=aux.accuracy.reshape(shape))
+    return loss, aux._replace(**per_element)

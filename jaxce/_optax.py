@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from functools import partial
 from typing import Any
 
 import jax
@@ -142,6 +143,8 @@ def softmax_cross_entropy_with_integer_labels(
     labels: jax.typing.ArrayLike,
     axis: Axis = -1,
     where: jax.typing.ArrayLike | None = None,
+    *,
+    loss_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
     r"""``optax.softmax_cross_entropy_with_integer_labels``, with jaxce's lean gradient.
 
@@ -164,6 +167,8 @@ def softmax_cross_entropy_with_integer_labels(
         (e.g. the batch shape or ``[B, 1]``), masked rows give 0; otherwise masked
         classes leave the normaliser and rows with none left give 0. A non-boolean mask
         raises ValueError, as in optax.
+      loss_dtype: the losses' dtype (jaxce only; default: the logits', as optax), e.g.
+        ``jnp.float32`` to keep bfloat16 logits' losses unrounded.
 
     Returns:
       ``[batch...]`` losses in ``logits``' dtype (computed in float32 or wider).
@@ -193,18 +198,19 @@ def softmax_cross_entropy_with_integer_labels(
             f"dimensions broadcast); got {tuple(labels.shape)}"
         )
     row_mask, class_mask = _masks(where, logits, axis, axes)
+    dtype = jax.dtypes.canonicalize_dtype(logits.dtype)  # NumPy float64 logits without x64
+    out_dtype = _validate.check_loss_dtype(loss_dtype, dtype)
     if math.prod(logits.shape) == 0:
-        return _integer_empty(batch, logits.dtype, row_mask, class_mask)
+        return _integer_empty(batch, out_dtype, row_mask, class_mask)
     labels = jnp.broadcast_to(labels, batch)
     x = _to_last(logits, axes)
     if class_mask is None:
-        return _integer_rows(x, labels, row_mask)
-    return _integer_class_mask(x, labels, class_mask)
+        return _integer_rows(x, labels, row_mask, out_dtype=out_dtype)
+    return _integer_class_mask(x, labels, class_mask, out_dtype=out_dtype)
 
 
 def _integer_empty(batch, dtype, row_mask, class_mask):
     """No rows: an empty result. No classes: -inf (an empty row's lse), 0 where masked."""
-    dtype = jax.dtypes.canonicalize_dtype(dtype)  # NumPy float64 logits without x64
     if math.prod(batch) == 0 or class_mask is not None:  # a class mask leaves no class
         return jnp.zeros(batch, dtype)
     loss = jnp.full(batch, -jnp.inf, dtype)
@@ -217,24 +223,24 @@ def _integer_empty(batch, dtype, row_mask, class_mask):
 _NEVER = -(2**70)
 
 
-@jax.jit
-def _integer_rows(x, labels, row_mask):
+@partial(jax.jit, static_argnames="out_dtype")
+def _integer_rows(x, labels, row_mask, *, out_dtype):
     if row_mask is not None:  # masked rows: any in-range label, then zeroed (no gradient)
         labels = jnp.where(row_mask, labels, jnp.zeros_like(labels))
     loss = index_loss(x, labels, None, None, Options(axis=x.ndim - 1, ignore_index=_NEVER))
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.zeros_like(loss))
-    return loss.astype(x.dtype)
+    return loss.astype(out_dtype)
 
 
-@jax.jit
-def _integer_class_mask(x, labels, class_mask):
+@partial(jax.jit, static_argnames="out_dtype")
+def _integer_class_mask(x, labels, class_mask, *, out_dtype):
     lse = _masked_lse(x, class_mask)
     _, in_range, idx = target_info(labels, x.shape[-1], _NEVER)
     x_y = jnp.take_along_axis(x, idx[..., None], axis=-1)[..., 0].astype(lse.dtype)
     out = jnp.where(in_range, lse - x_y, jnp.full_like(lse, jnp.nan))
     out = jnp.where(jnp.any(class_mask, axis=-1), out, jnp.zeros_like(lse))
-    return out.astype(x.dtype)
+    return out.astype(out_dtype)
 
 
 def softmax_cross_entropy(
@@ -242,6 +248,8 @@ def softmax_cross_entropy(
     labels: jax.typing.ArrayLike,
     axis: Axis | None = -1,
     where: jax.typing.ArrayLike | None = None,
+    *,
+    loss_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
     r"""``optax.softmax_cross_entropy``, with jaxce's lean gradient.
 
@@ -263,6 +271,7 @@ def softmax_cross_entropy(
         (e.g. the batch shape or ``[B, 1]``), masked rows give -0.0; otherwise masked
         classes leave the normaliser and the sum, as in optax. A non-boolean mask raises
         ValueError, as in optax.
+      loss_dtype: the losses' dtype (jaxce only; default: as optax, below).
 
     Returns:
       ``[batch...]`` losses, dtype the promotion of ``logits`` and ``labels`` (the
@@ -297,16 +306,17 @@ def softmax_cross_entropy(
     if not _validate.is_float_dtype(labels.dtype):
         labels = jnp.asarray(labels).astype(jax.dtypes.canonicalize_dtype(logits.dtype))
     out_dtype = jax.dtypes.canonicalize_dtype(promote_float_dtypes(logits.dtype, labels.dtype))
+    out_dtype = _validate.check_loss_dtype(loss_dtype, out_dtype)
     if math.prod(logits.shape) == 0:  # no rows, or empty rows: -(an empty sum)
         return jnp.full(_batch_shape(tuple(logits.shape), axes), -0.0, out_dtype)
     x = _to_last(logits, axes)
     if tuple(labels.shape) == tuple(logits.shape):
         t = _to_last(labels, axes)
         if class_mask is None:
-            return _prob_rows(x, t, row_mask)
+            return _prob_rows(x, t, row_mask, out_dtype=out_dtype)
     else:
         t = _broadcast_labels(labels, tuple(logits.shape), axes)
-    return _prob_terms(x, t, row_mask, class_mask)
+    return _prob_terms(x, t, row_mask, class_mask, out_dtype=out_dtype)
 
 
 def _broadcast_labels(labels: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
@@ -320,20 +330,18 @@ def _broadcast_labels(labels: Any, shape: tuple[int, ...], axes: tuple[int, ...]
     return _to_last(labels, axes)
 
 
-@jax.jit
-def _prob_rows(x, t, row_mask):
-    out_dtype = promote_float_dtypes(x.dtype, t.dtype)
+@partial(jax.jit, static_argnames="out_dtype")
+def _prob_rows(x, t, row_mask, *, out_dtype):
     loss = prob_loss(x, t, None, None, Options(axis=x.ndim - 1))
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.full_like(loss, -0.0))
     return loss.astype(out_dtype)
 
 
-@jax.jit
-def _prob_terms(x, t, row_mask, class_mask):
+@partial(jax.jit, static_argnames="out_dtype")
+def _prob_terms(x, t, row_mask, class_mask, *, out_dtype):
     """``Σ_c t_c (lse - x_c)`` from the (masked) lse. ``t`` may keep size-1 dimensions
     (broadcast labels): the product broadcasts them, so the residual is ``t`` itself."""
-    out_dtype = promote_float_dtypes(x.dtype, t.dtype)
     dtype = compute_dtype(promote_float_dtypes(x.dtype, t.dtype))
     # The lse in the logits' compute dtype (wider labels do not widen a copy of the logits;
     # optax's log-softmax is in the logits' dtype too).

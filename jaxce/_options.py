@@ -26,6 +26,8 @@ class Options(NamedTuple):
     out_dtype: Any = None  # the loss's dtype (None: the logits')
     chunk: int = 0  # vocabulary chunk of the fused losses
     axis_name: str | None = None  # the vocabulary-parallel mesh axis (fused losses)
+    vocab_size: int | None = None  # vocabulary-parallel: the classes in all (None: even split)
+    batch_axis: str | None = None  # reductions also sum over this mesh axis (in shard_map)
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:

@@ -1,7 +1,8 @@
 """'none' / 'sum' / 'mean' with PyTorch's denominators.
 
-Reductions act on the per-element losses from ``_core.py`` and are differentiated by
-plain autodiff: everything here is element-sized, never logits-sized.
+Reductions act on the per-element losses of the cores (``_index.py``, ``_prob.py``,
+``_fused.py``, ``_vocab_parallel.py``) and are differentiated by plain autodiff:
+everything here is element-sized, never logits-sized.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce._options import Options
-from jaxce._targets import counted_sum, target_info, target_weight
+from jaxce._targets import batch_total, counted_sum, target_info, target_weight
 
 
 def index_denominator(target: Any, weight: Any, num_classes: int, opts: Options, dtype) -> Any:
@@ -23,14 +24,15 @@ def index_denominator(target: Any, weight: Any, num_classes: int, opts: Options,
     contributes NaN.
     """
     info = target_info(target, num_classes, opts.ignore_index)
-    return counted_sum(info.valid, target_weight(weight, info, dtype))
+    return counted_sum(info.valid, target_weight(weight, info, dtype), opts.batch_axis)
 
 
-def reduce_loss(loss: Any, reduction: str, denominator: Any) -> Any:
-    """Applies ``reduction`` to per-element ``loss``; ``denominator`` is used by 'mean'."""
+def reduce_loss(loss: Any, reduction: str, denominator: Any, batch_axis: str | None = None) -> Any:
+    """Applies ``reduction`` to per-element ``loss``; ``denominator`` is used by 'mean'.
+    ``batch_axis``: a ``shard_map`` mesh axis whose devices hold the other elements."""
     if reduction == "none":
         return loss
-    total = jnp.sum(loss)
+    total = batch_total(loss, batch_axis)
     if reduction == "sum":
         return total
     # W = 0 means NaN, as in torch (whose smoothing path divides the NLL part 0 / 0 too),
@@ -46,57 +48,82 @@ def reduce_loss(loss: Any, reduction: str, denominator: Any) -> Any:
 class CrossEntropyAux(NamedTuple):
     """Auxiliary outputs of a loss call (``return_aux=True``), computed in the same pass.
 
-    None of them carries a gradient (they are ``stop_gradient``-ed).
-
     Attributes:
       lse: per-element log-sum-exp of the (soft-capped) logits, the loss's element shape,
         float32 (float64 for float64 inputs). Present at ignored/masked elements too.
+        Differentiable (its gradient is the softmax), for penalties of one's own.
       z_loss: the z-loss term alone, reduced like the loss (per element for ``'none'``;
-        the loss minus this is the cross-entropy alone). 0 when ``z_loss`` is 0.
-      denominator: what ``'mean'`` divides by, whatever the reduction: ``Σ w[y]`` over
-        counted elements (class indices; their count if unweighted), or the number of
-        counted elements (probabilities).
-      correct: int32 number of counted elements whose argmax (the first maximal class,
-        as ``jnp.argmax``) is the target (for probabilities: the target's argmax).
+        for ``'mean'`` divided by ``count``), differentiable; the loss minus this is the
+        cross-entropy alone. 0 when ``z_loss`` is 0. The loss's dtype.
+      denominator: what the cross-entropy's ``'mean'`` divides by, whatever the
+        reduction: ``Σ w[y]`` over counted elements (class indices; their count if
+        unweighted), or the number of counted elements (probabilities). No gradient.
+      correct: int32 number of counted elements whose prediction is the target (for
+        probabilities: the target's argmax).
+      count: the number of counted elements (not ignored, not masked), unweighted: what
+        the z-loss's ``'mean'`` divides by; a float like ``denominator``. No gradient.
+      accuracy: ``'none'``: per element, 1.0 where the prediction is the target and 0.0
+        elsewhere (ignored/masked elements included); ``'mean'``/``'sum'``: ``correct /
+        count`` (NaN when nothing is counted). float32 (float64 for float64 inputs).
+      predicted: int32 per element: the predicted class, the first maximal logit (as
+        ``jnp.argmax``; the soft cap never changes it), or -1 at ignored/masked elements.
     """
 
     lse: Any
     z_loss: Any
     denominator: Any
     correct: Any
+    count: Any
+    accuracy: Any
+    predicted: Any
 
 
-def finish_loss(
-    loss: Any, stats: tuple[Any, Any] | None, valid: Any, denominator: Any, z_loss: Any, opts
-) -> Any:
+def finish_loss(loss: Any, stats: Any, valid: Any, denominator: Any, z_loss: Any, opts) -> Any:
     """Adds the z-loss, reduces (``opts.reduction``), casts to ``opts.out_dtype`` and with
     ``opts.return_aux`` packs the auxiliary outputs.
 
-    ``loss``: per-element losses; ``stats``: ``(lse, correct)`` per element (None when
-    neither z-loss nor aux outputs are wanted); ``valid``: counted elements (None: all);
-    ``denominator``: the 'mean' denominator (may be None unless needed).
+    ``loss``: per-element cross-entropy; ``stats``: ``(lse, argmax, hit)`` per element
+    (``hit``: the argmax is the target), None when neither the z-loss nor aux outputs are
+    wanted; ``valid``: counted elements (None: all); ``denominator``: the cross-entropy's
+    'mean' denominator (may be None unless needed).
+
+    The z-loss ``z · lse²`` (PaLM) is averaged over the *count* of counted elements, not
+    over the weighted denominator: the convention of PaLM, t5x and Liger-Kernel, under
+    which the penalty does not depend on the scale (or sign) of the class weights.
     """
-    reduction, out_dtype = opts.reduction, opts.out_dtype
-    z_term = None
+    reduction, out_dtype, batch_axis = opts.reduction, opts.out_dtype, opts.batch_axis
+    counted = jnp.ones(loss.shape, bool) if valid is None else valid
+    count = None
+    if stats is not None:
+        count = batch_total(counted, batch_axis, stats[0].dtype)
+    out = reduce_loss(loss, reduction, denominator, batch_axis)
+    z_part = None
     if z_loss is not None:
         lse = stats[0]
         z = jnp.asarray(z_loss, lse.dtype)
         z = jnp.where(z >= 0, z, jnp.full_like(z, jnp.nan))  # a traced z < 0 (or NaN): NaN
-        z_term = z * (lse * lse)
-        if valid is not None:
-            z_term = jnp.where(valid, z_term, jnp.zeros_like(z_term))
-        loss = loss + z_term
-    out = reduce_loss(loss, reduction, denominator).astype(out_dtype)
+        z_term = jnp.where(counted, z * (lse * lse), jnp.zeros_like(lse))
+        z_part = reduce_loss(z_term, reduction, count, batch_axis)
+        out = out + z_part
+    out = out.astype(out_dtype)
     if not opts.return_aux:
         return out
-    lse, correct = stats
-    if valid is not None:
-        correct = correct & valid
-    z_part = jnp.zeros_like(loss) if z_term is None else z_term
+    lse, argmax, hit = stats
+    correct = hit & counted
+    num_correct = batch_total(correct, batch_axis, jnp.int32)
+    if reduction == "none":
+        accuracy = correct.astype(lse.dtype)
+    else:
+        accuracy = num_correct.astype(lse.dtype) / count
+    if z_part is None:
+        z_part = jnp.zeros(() if reduction != "none" else loss.shape, lse.dtype)
     aux = CrossEntropyAux(
-        lse=lax.stop_gradient(lse),
-        z_loss=lax.stop_gradient(reduce_loss(z_part, reduction, denominator)).astype(out_dtype),
+        lse=lse,
+        z_loss=z_part.astype(out_dtype),
         denominator=lax.stop_gradient(denominator),
-        correct=jnp.sum(correct, dtype=jnp.int32),
+        correct=num_correct,
+        count=lax.stop_gradient(count),
+        accuracy=lax.stop_gradient(accuracy),
+        predicted=jnp.where(counted, argmax, jnp.full_like(argmax, -1)),
     )
     return out, aux

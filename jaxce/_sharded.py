@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxce import _validate
-from jaxce._linear import linear_cross_entropy
-from jaxce._options import compute_dtype
-from jaxce._reduction import CrossEntropyAux, reduce_loss
-from jaxce._targets import counted_sum, mask_targets
-from jaxce._vocab_parallel import shard_targets
+from jaxce._linear import linear_loss, prepare
+from jaxce._reduction import CrossEntropyAux
 
 
 def sharded_linear_cross_entropy(
@@ -34,6 +30,7 @@ def sharded_linear_cross_entropy(
     logit_softcap: float | None = None,
     return_aux: bool = False,
     check_targets: bool = False,
+    loss_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """:func:`jaxce.linear_cross_entropy` over a device mesh, vocabulary-parallel.
 
@@ -46,19 +43,22 @@ def sharded_linear_cross_entropy(
     Args:
       hidden: ``[N, D]`` activations; tokens split over ``batch_axis`` (or replicated when
         ``batch_axis`` is None).
-      kernel: ``[D, V]``, split over ``vocab_axis``; ``V`` must divide evenly.
+      kernel: ``[D, V]``, split over ``vocab_axis``. ``V`` need not divide evenly (50,257
+        classes over 4 devices, say): the kernel, ``bias`` and ``weight`` are then padded
+        to ``n * ceil(V / n)`` columns, whose padding never enters the loss.
       target: ``[N]`` global class indices, split like ``hidden``'s tokens.
       weight, bias: optional ``[V]``, split over ``vocab_axis``.
       ignore_index, reduction, label_smoothing, chunk_size: as in
         :func:`jaxce.linear_cross_entropy` (``chunk_size`` applies per device).
       mesh: the ``jax.sharding.Mesh`` holding ``vocab_axis`` (and ``batch_axis``).
       where: optional ``[N]`` boolean mask, split like ``target``.
-      z_loss, logit_softcap, return_aux, check_targets: as in :func:`jaxce.cross_entropy`.
+      z_loss, logit_softcap, return_aux, check_targets, loss_dtype: as in
+        :func:`jaxce.cross_entropy`.
 
     Returns:
       The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar. With
-      ``return_aux``: ``(loss, aux)`` (``aux.lse`` split like the tokens; the counts and
-      sums over the whole batch).
+      ``return_aux``: ``(loss, aux)`` (per-token fields split like the tokens; counts,
+      sums and ratios over the whole batch).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -79,16 +79,14 @@ def sharded_linear_cross_entropy(
     for name, axis in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
         if axis is not None and axis not in mesh.shape:
             raise ValueError(f"{name} must name an axis of mesh {dict(mesh.shape)}; got {axis!r}")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum'; got {reduction!r}")
+    reduction = _validate.check_reduction(reduction)
+    return_aux = _validate.check_flag(return_aux, "return_aux")
     kernel = jnp.asarray(kernel)
     hidden = jnp.asarray(hidden)
     target = jnp.asarray(target)
-    shards = mesh.shape[vocab_axis]
-    if kernel.ndim != 2 or kernel.shape[1] % shards:
+    if kernel.ndim != 2:
         raise ValueError(
-            f"kernel must be [D, V] with V divisible by mesh axis {vocab_axis!r} of size "
-            f"{shards}; got shape {tuple(kernel.shape)}"
+            f"kernel must be [D, V] (D features, V classes); got shape {tuple(kernel.shape)}"
         )
     if hidden.ndim != 2 or target.shape != hidden.shape[:1]:
         raise ValueError(
@@ -101,59 +99,32 @@ def sharded_linear_cross_entropy(
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
     where = _validate.check_where(where, tuple(target.shape), "target's shape")
+    out_dtype = _validate.check_loss_dtype(loss_dtype, hidden.dtype)
+    vocab = kernel.shape[1]
+    shards = mesh.shape[vocab_axis]
+    padding = -vocab % shards
+    if padding:  # an uneven split: pad to equal slices, whose extra columns never count
+        kernel = jnp.pad(kernel, ((0, 0), (0, padding)))
+        weight = None if weight is None else jnp.pad(jnp.asarray(weight), (0, padding))
+        bias = None if bias is None else jnp.pad(jnp.asarray(bias), (0, padding))
     P = jax.sharding.PartitionSpec
-    rows, vocab = P(batch_axis), P(vocab_axis)
-    eps = jnp.asarray(label_smoothing)
-    local_reduction = "none" if reduction == "none" else "sum"
-    options = {
-        "z_loss": z_loss,
-        "logit_softcap": logit_softcap,
-        "return_aux": return_aux,
-        "check_targets": check_targets,
-    }
-
-    def batch_sum(v):
-        return v if batch_axis is None else lax.psum(v, batch_axis)
+    rows, classes = P(batch_axis), P(vocab_axis)
 
     def local(h, k, t, w, b, e, m):
-        out = linear_cross_entropy(
-            h, k, t, w, ignore_index, local_reduction, e,
-            bias=b, chunk_size=chunk_size, axis_name=vocab_axis, where=m, **options,
+        # Per device: its tokens against its vocabulary slice; the statistics are combined
+        # along vocab_axis and the reductions summed along batch_axis (O(tokens) traffic).
+        arrays, opts = prepare(
+            h, k, t, w, ignore_index, reduction, e, b, chunk_size, vocab_axis, m, z_loss,
+            logit_softcap, return_aux, check_targets, out_dtype, vocab if padding else None,
         )  # fmt: skip
-        if reduction == "none" and not return_aux:
-            return out
-        loss, aux = out if return_aux else (out, None)
-        if reduction == "none":
-            return loss, aux._replace(
-                denominator=batch_sum(aux.denominator), correct=batch_sum(aux.correct)
-            )
-        dtype = compute_dtype(h.dtype)
-        total = batch_sum(loss.astype(dtype))
-        if return_aux:
-            denominator = batch_sum(aux.denominator)
-            z_part = batch_sum(aux.z_loss.astype(dtype))
-        elif reduction == "mean":
-            t = t if m is None else mask_targets(t, m, ignore_index)
-            valid, _, _, w_y = shard_targets(t, w, k.shape[1], ignore_index, vocab_axis, dtype)
-            denominator = batch_sum(counted_sum(valid, w_y))
-        if reduction == "mean":
-            total = reduce_loss(total, "mean", denominator)
-        if not return_aux:
-            return total.astype(h.dtype)
-        if reduction == "mean":
-            z_part = reduce_loss(z_part, "mean", denominator)
-        aux = aux._replace(
-            z_loss=z_part.astype(h.dtype),
-            denominator=denominator,
-            correct=batch_sum(aux.correct),
-        )
-        return total.astype(h.dtype), aux
+        return linear_loss(*arrays, opts=opts._replace(batch_axis=batch_axis))
 
-    in_specs = (rows, P(None, vocab_axis), rows, None if weight is None else vocab,
-                None if bias is None else vocab, P(), None if where is None else rows)  # fmt: skip
+    in_specs = (rows, P(None, vocab_axis), rows, None if weight is None else classes,
+                None if bias is None else classes, P(), None if where is None else rows)  # fmt: skip
     scalar = rows if reduction == "none" else P()
     out_specs = scalar
     if return_aux:
-        out_specs = (scalar, CrossEntropyAux(rows, scalar, P(), P()))
+        aux_specs = CrossEntropyAux(rows, scalar, P(), P(), P(), scalar, rows)
+        out_specs = (scalar, aux_specs)
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    return fn(hidden, kernel, target, weight, bias, eps, where)
+    return fn(hidden, kernel, target, weight, bias, jnp.asarray(label_smoothing), where)

@@ -54,10 +54,17 @@ def nan_if_out_of_range(w_y: Any, info: TargetInfo) -> Any:
     return jnp.where(info.in_range | ~info.valid, w_y, jnp.full_like(w_y, jnp.nan))
 
 
-def counted_sum(valid: Any, values: Any) -> Any:
+def counted_sum(valid: Any, values: Any, batch_axis: str | None = None) -> Any:
     """``Σ values`` over counted elements: with ``values = w[y]`` the 'mean' denominator of
-    class-index targets (PyTorch's weighted mean: not N, not Σ_c w_c)."""
-    return jnp.sum(jnp.where(valid, values, jnp.zeros_like(values)))
+    class-index targets (PyTorch's weighted mean: not N, not Σ_c w_c). ``batch_axis``: a
+    mesh axis (inside ``shard_map``) whose devices hold the other elements."""
+    return batch_total(jnp.where(valid, values, jnp.zeros_like(values)), batch_axis)
+
+
+def batch_total(values: Any, batch_axis: str | None, dtype: Any = None) -> Any:
+    """``Σ values``, and across ``batch_axis`` (a ``shard_map`` mesh axis) when given."""
+    total = jnp.sum(values, dtype=dtype)
+    return total if batch_axis is None else jax.lax.psum(total, batch_axis)
 
 
 def mask_targets(target: Any, where: Any, ignore_index: int) -> Any:

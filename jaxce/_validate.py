@@ -258,3 +258,36 @@ def check_flag(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_loss_dtype(loss_dtype: Any, default: Any) -> Any:
+    """``loss_dtype``: None (``default``) or a floating dtype for the returned loss."""
+    if loss_dtype is None:
+        return np.dtype(default)
+    try:
+        dtype = np.dtype(loss_dtype)
+    except TypeError as e:
+        raise TypeError(
+            f"loss_dtype must be None or a floating dtype (e.g. jnp.float32); got {loss_dtype!r}"
+        ) from e
+    if not is_float_dtype(dtype):
+        raise TypeError(
+            f"loss_dtype must be None or a floating dtype (e.g. jnp.float32); got {dtype.name}"
+        )
+    return dtype
+
+
+def check_vocab_size(vocab_size: Any, axis_name: Any) -> int | None:
+    """``vocab_size``: None, or (with ``axis_name``) the positive number of classes."""
+    if vocab_size is None:
+        return None
+    if axis_name is None:
+        raise ValueError(
+            "vocab_size is for the vocabulary-parallel loss (with axis_name): it says how "
+            "many of the devices' kernel columns are real classes; got axis_name=None"
+        )
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size must be an int or None; got {vocab_size!r}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive; got {vocab_size}")
+    return int(vocab_size)

@@ -31,6 +31,8 @@ from jaxce._chunked import (
     chunk_loop,
     chunk_stats,
     chunks,
+    mask_columns,
+    real_columns,
 )
 from jaxce._derivatives import lean_tangent
 from jaxce._options import Options, checked_eps, compute_dtype
@@ -38,24 +40,29 @@ from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
 from jaxce._targets import nan_if_out_of_range, target_info
 
 
-def _parts(kernel, start, size, dtype, hidden, bias, cap):
-    """A chunk's raw logits, its (soft-capped) logits and its global class ids."""
+def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real):
+    """A chunk's raw logits, its (soft-capped) logits (-inf at padding columns), its
+    local class ids and which columns are real (None: all)."""
+    real = real_columns(start, size, n_real)
     raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
     cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-    return raw, softcap(raw, cap), cls
+    return raw, mask_columns(softcap(raw, cap), real, -jnp.inf), cls, real
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(6, 7))
-def shard_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts: Options):
+@partial(jax.custom_jvp, nondiff_argnums=(7, 8))
+def shard_stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts: Options):
     """``(lse_d, z_y_d, wz_d, top_d, arg_d)`` over this device's vocabulary slice:
     log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target index),
     ``Σ w z`` (None without smoothing) of the (capped) logits, and the raw logits' row max
-    and its local class (None unless ``opts.stats``; no derivative)."""
-    return _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts)
+    and its local class (None unless ``opts.stats``; no derivative). ``n_real``: None, or
+    how many of the slice's columns are real classes (the rest pad an uneven split)."""
+    return _stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts)
 
 
-def _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
-    lse, z_y, wz, top, arg = chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts)
+def _stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts):
+    lse, z_y, wz, top, arg = chunk_stats(
+        hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real
+    )
     if opts.stats:
         # The class as a float (exact below 2**24 classes): a float output can take the zero
         # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
@@ -65,13 +72,13 @@ def _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts):
 
 @shard_stats.defjvp
 def _stats_jvp(with_wz, opts, primals, tangents):
-    hidden, kernel, bias, idx, here, weight = primals
-    out = _stats(hidden, kernel, bias, idx, here, weight, with_wz, opts)
-    dh, dk, db, _, _, dw = tangents
+    hidden, kernel, bias, idx, here, weight, n_real = primals
+    out = _stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts)
+    dh, dk, db, _, _, dw, _ = tangents
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
         lambda res, cts: _transpose(res, cts, with_wz, opts.chunk, opts.cap),
-        (hidden, kernel, bias, idx, here, weight, out[0]),
+        (hidden, kernel, bias, idx, here, weight, n_real, out[0]),
         (dh, dk, db, dw if with_wz else None),
         tuple(o for o in out[:3] if o is not None),
     )
@@ -85,7 +92,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
 
 
 def _tangent(res, tangents, with_wz, chunk, cap):
-    hidden, kernel, bias, idx, here, weight, lse = res
+    hidden, kernel, bias, idx, here, weight, n_real, lse = res
     dh, dk, db, dw = tangents
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
@@ -93,10 +100,10 @@ def _tangent(res, tangents, with_wz, chunk, cap):
 
     def body(start, size, acc, hidden, kernel, dk):
         d_lse, d_zy, d_wz = acc
-        raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
+        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
         if dz is not None:  # None: only the weight moves
-            dz = times_slope(dz, softcap_slope(raw, cap))
+            dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
             d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
             hit = here[:, None] & (cls == idx[:, None])
             d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
@@ -106,7 +113,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
                 d_wz = d_wz + jnp.sum(wc * dz, axis=1)
             if dw is not None:
                 dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
-                d_wz = d_wz + jnp.sum(dwc * z, axis=1)
+                d_wz = d_wz + jnp.sum(mask_columns(dwc * z, real, 0), axis=1)
         return d_lse, d_zy, d_wz
 
     zero = jnp.zeros_like(lse)
@@ -116,7 +123,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
 
 
 def _transpose(res, cts, with_wz, chunk, cap):
-    hidden, kernel, bias, idx, here, weight, lse = res
+    hidden, kernel, bias, idx, here, weight, n_real, lse = res
     g_lse, g_zy = cts[0], cts[1]
     g_wz = cts[2] if with_wz else None
     dtype = compute_dtype(hidden.dtype)
@@ -125,16 +132,16 @@ def _transpose(res, cts, with_wz, chunk, cap):
 
     def body(start, size, carry, hidden, kernel):
         dh, dk, db, dw = carry
-        raw, z, cls = _parts(kernel, start, size, dtype, hidden, bias, cap)
+        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
         dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
         dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
         if with_wz:
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz + wc * g_wz[:, None]
-        dz = times_slope(dz, softcap_slope(raw, cap))
+        dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
         dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
-            dw_c = jnp.sum(g_wz[:, None] * z, axis=0)
+            dw_c = jnp.sum(g_wz[:, None] * mask_columns(z, real, 0), axis=0)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
         return dh, dk, db, dw
 
@@ -157,8 +164,10 @@ class ShardTargets(NamedTuple):
     w_y: Any  # w[y] gathered across the axis (ones if unweighted; NaN if out of range)
 
 
-def shard_targets(target, weight, v_local, ignore_index, axis_name, dtype) -> ShardTargets:
-    info = target_info(target, v_local * lax.axis_size(axis_name), ignore_index)
+def shard_targets(target, weight, v_local, vocab, ignore_index, axis_name, dtype) -> ShardTargets:
+    """Where each of ``target``'s global class indices lives, for contiguous slices of
+    ``v_local`` classes per device along ``axis_name`` (``vocab`` classes in all)."""
+    info = target_info(target, vocab, ignore_index)
     valid = info.valid
     local = info.idx - lax.axis_index(axis_name) * v_local
     here = valid & info.in_range & (local >= 0) & (local < v_local)
@@ -172,18 +181,30 @@ def shard_targets(target, weight, v_local, ignore_index, axis_name, dtype) -> Sh
     return ShardTargets(valid, here, idx, nan_if_out_of_range(w_y, info))
 
 
+def split_vocab(v_local: int, opts: Options) -> tuple[int, Any]:
+    """``(vocab, n_real)``: the global vocabulary size, and None (an even split) or how
+    many of this device's ``v_local`` columns are real classes (the rest are padding)."""
+    padded = v_local * lax.axis_size(opts.axis_name)
+    vocab = padded if opts.vocab_size is None else opts.vocab_size
+    if vocab == padded:
+        return vocab, None
+    start = lax.axis_index(opts.axis_name) * v_local
+    return vocab, jnp.clip(vocab - start, 0, v_local).astype(jnp.int32)
+
+
 def vocab_parallel_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
     """Per-token losses over the whole vocabulary from per-device slices (see the module
     doc), with ``(valid, w_y)`` and, with ``opts.stats``, ``(lse, argmax)``."""
     axis_name, ignore_index = opts.axis_name, opts.ignore_index
     eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
-    shards = lax.axis_size(axis_name)
     v_local = kernel.shape[1]
-    vocab = v_local * shards
-    valid, here, idx, w_y = shard_targets(target, weight, v_local, ignore_index, axis_name, dtype)
+    vocab, n_real = split_vocab(v_local, opts)
+    valid, here, idx, w_y = shard_targets(
+        target, weight, v_local, vocab, ignore_index, axis_name, dtype
+    )
     lse_d, z_y_d, wz_d, top_d, arg_d = shard_stats(
-        hidden, kernel, bias, idx, here, weight, eps is not None, opts
+        hidden, kernel, bias, idx, here, weight, n_real, eps is not None, opts
     )
     top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
     top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
@@ -191,7 +212,11 @@ def vocab_parallel_loss(hidden, kernel, bias, target, weight, eps, opts: Options
     nll = lse - lax.psum(z_y_d, axis_name)
     smooth = None
     if eps is not None:
-        sum_w = vocab if weight is None else lax.psum(jnp.sum(weight.astype(dtype)), axis_name)
+        sum_w = vocab
+        if weight is not None:
+            real = real_columns(0, v_local, n_real)
+            local_w = mask_columns(weight.astype(dtype)[None, :], real, 0)
+            sum_w = lax.psum(jnp.sum(local_w), axis_name)
         smooth = lse * sum_w - lax.psum(wz_d, axis_name)
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
     if not opts.stats:

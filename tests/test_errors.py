@@ -193,6 +193,61 @@ def test_sharded_linear_cross_entropy_bad_input(kw, exc, pattern):
         jaxce.sharded_linear_cross_entropy(args["hidden"], args["kernel"], args["target"], **opts)
 
 
+@pytest.mark.parametrize(
+    ("kw", "exc", "pattern"),
+    [
+        (
+            dict(loss_dtype=jnp.int32),
+            TypeError,
+            r"loss_dtype must be None or a floating dtype .*int32",
+        ),
+        (
+            dict(loss_dtype="bogus"),
+            TypeError,
+            r"loss_dtype must be None or a floating dtype .*'bogus'",
+        ),
+        (
+            dict(vocab_size=5),
+            ValueError,
+            r"vocab_size is for the vocabulary-parallel loss .*axis_name=None",
+        ),
+    ],
+)
+def test_loss_dtype_and_vocab_size_errors(kw, exc, pattern):
+    h, k, y = jnp.zeros((2, 3)), jnp.zeros((3, 5)), jnp.arange(2)
+    with pytest.raises(exc, match=pattern):
+        jaxce.linear_cross_entropy(h, k, y, **kw)
+    if "loss_dtype" in kw:
+        with pytest.raises(exc, match=pattern):
+            jaxce.cross_entropy(h @ k, y, **kw)
+        with pytest.raises(exc, match=pattern):
+            jaxce.CrossEntropyLoss(**kw)
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "exc", "pattern"),
+    [
+        (True, TypeError, r"vocab_size must be an int or None; got True"),
+        (0, ValueError, r"vocab_size must be positive; got 0"),
+        (
+            17,
+            ValueError,
+            r"vocab_size \(17\) must be at most the columns of all devices' kernel slices \(16 x 1\)",
+        ),
+    ],
+)
+def test_vocab_size_must_fit_the_slices(vocab_size, exc, pattern):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+    P = jax.sharding.PartitionSpec
+
+    def local(h, k, y):
+        return jaxce.linear_cross_entropy(h, k, y, axis_name="model", vocab_size=vocab_size)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P())
+    with pytest.raises(exc, match=pattern):
+        fn(jnp.zeros((2, 3)), jnp.zeros((3, 16)), jnp.arange(2))
+
+
 def test_linear_cross_entropy_axis_name_must_be_a_string():
     with pytest.raises(TypeError, match=r"axis_name must be a mesh axis name \(str\) or None"):
         jaxce.linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3, 5)), jnp.arange(2), axis_name=1)

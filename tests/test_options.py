@@ -57,12 +57,16 @@ def plain_loss(x, t, w, eps, reduction, *, mask=None, z=0.0, cap=None, axis=-1, 
         weight_n = w[idx]
     if mask is not None:
         valid = valid & mask
-    loss = jnp.where(valid, loss + z * lse**2, 0.0)
+    loss = jnp.where(valid, loss, 0.0)
+    z_term = jnp.where(valid, z * lse**2, 0.0)
     if reduction == "none":
-        return loss
+        return loss + z_term
     if reduction == "sum":
-        return jnp.sum(loss)
-    return jnp.sum(loss) / jnp.sum(jnp.where(valid, weight_n, 0.0))
+        return jnp.sum(loss) + jnp.sum(z_term)
+    # The cross-entropy's weighted mean; the z-loss averaged over the counted elements
+    # (PaLM / t5x / Liger-Kernel), whatever the weights.
+    count = jnp.sum(valid, dtype=loss.dtype)
+    return jnp.sum(loss) / jnp.sum(jnp.where(valid, weight_n, 0.0)) + jnp.sum(z_term) / count
 
 
 OPTION_SETS = {
@@ -226,25 +230,73 @@ def test_aux_outputs(prob, reduction):
     weight_n = jnp.ones(N) if prob else w[jnp.where(t < 0, 0, t)]
     denominator = jnp.sum(jnp.where(counted, weight_n, 0.0))
     np.testing.assert_allclose(aux.denominator, denominator, rtol=1e-12)
-    target_class = jnp.argmax(t, -1) if prob else t
-    assert int(aux.correct) == int(jnp.sum(counted & (jnp.argmax(x, -1) == target_class)))
+    count = int(np.sum(counted))
+    assert float(aux.count) == count
+    assert aux.count.dtype == aux.denominator.dtype
     assert aux.correct.dtype == jnp.int32
+    target_class = jnp.argmax(t, -1) if prob else t
+    hits = counted & (jnp.argmax(x, -1) == target_class)
+    assert int(aux.correct) == int(jnp.sum(hits))
+    np.testing.assert_array_equal(aux.predicted, jnp.where(counted, jnp.argmax(x, -1), -1))
+    assert aux.predicted.dtype == jnp.int32
+    expected_accuracy = hits.astype(float) if reduction == "none" else jnp.sum(hits) / count
+    np.testing.assert_allclose(aux.accuracy, expected_accuracy, rtol=1e-15)
     z_el = jnp.where(counted, z * lse**2, 0.0)
-    z_red = {"none": z_el, "sum": jnp.sum(z_el), "mean": jnp.sum(z_el) / denominator}[reduction]
+    z_red = {"none": z_el, "sum": jnp.sum(z_el), "mean": jnp.sum(z_el) / count}[reduction]
     np.testing.assert_allclose(aux.z_loss, z_red, rtol=1e-12)
     # The loss minus the z-loss part is the cross-entropy alone.
     ce_only = jaxce.cross_entropy(x, t, w, reduction=reduction, where=mask, logit_softcap=cap)
     np.testing.assert_allclose(loss - aux.z_loss, ce_only, rtol=1e-10, atol=1e-13)
 
 
-def test_aux_outputs_carry_no_gradient():
-    x, t, w, _ = _data()
+def test_aux_lse_and_z_loss_are_differentiable_the_counts_are_not():
+    x, t, w, mask = _data(seed=11)
+    cotangent = jnp.asarray(np.random.default_rng(11).standard_normal(N))
 
-    def aux_only(x):
-        _, aux = jaxce.cross_entropy(x, t, w, z_loss=1e-2, return_aux=True)
-        return jnp.sum(aux.lse) + aux.z_loss + aux.denominator
+    def lse_penalty(x):  # a penalty of one's own on the log-sum-exp (as CCE's return_lse)
+        _, aux = jaxce.cross_entropy(x, t, w, where=mask, logit_softcap=2.0, return_aux=True)
+        return jnp.sum(aux.lse * cotangent)
 
-    np.testing.assert_array_equal(jax.grad(aux_only)(x), jnp.zeros_like(x))
+    def lse_plain(x):
+        return jnp.sum(jax.nn.logsumexp(2.0 * jnp.tanh(x / 2.0), axis=-1) * cotangent)
+
+    np.testing.assert_allclose(jax.grad(lse_penalty)(x), jax.grad(lse_plain)(x), rtol=1e-12)
+
+    def z_part(x):
+        return jaxce.cross_entropy(x, t, w, where=mask, z_loss=0.1, return_aux=True)[1].z_loss
+
+    def z_plain(x):
+        return plain_loss(x, t, w, 0.0, "mean", mask=mask, z=0.1) - plain_loss(
+            x, t, w, 0.0, "mean", mask=mask
+        )
+
+    np.testing.assert_allclose(jax.grad(z_part)(x), jax.grad(z_plain)(x), rtol=1e-10, atol=1e-15)
+
+    def counts(x):
+        _, aux = jaxce.cross_entropy(x, t, w, return_aux=True)
+        return aux.denominator + aux.count + aux.correct.astype(x.dtype) + jnp.sum(aux.accuracy)
+
+    np.testing.assert_array_equal(jax.grad(counts)(x), jnp.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "weight", [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [0.2, -0.5, 1.0], [0.0, 0.0, 3.0]]
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_z_loss_mean_ignores_the_class_weights(weight, fused):
+    """PaLM / t5x / Liger-Kernel: the 'mean' z-term is z · Σ lse² / count, whatever the
+    weights' scale or sign (a weighted denominator made it a reward for signed weights)."""
+    x = jnp.asarray([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [1.0, -1.0, 3.0]])
+    y = jnp.asarray([0, 1, IGNORE])
+    w, z = jnp.asarray(weight), 1e-2
+    if fused:
+        h, k = x, jnp.eye(3)  # hidden @ I: the same logits through the fused loss
+        _, aux = jaxce.linear_cross_entropy(h, k, y, w, z_loss=z, return_aux=True)
+    else:
+        _, aux = jaxce.cross_entropy(x, y, w, z_loss=z, return_aux=True)
+    lse = jax.nn.logsumexp(x[:2], axis=-1)  # the two counted rows
+    np.testing.assert_allclose(aux.z_loss, z * jnp.mean(lse**2), rtol=1e-12)
+    assert float(aux.count) == 2
 
 
 def test_linear_aux_matches_cross_entropy_aux():
@@ -264,7 +316,9 @@ def test_linear_aux_matches_cross_entropy_aux():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_gradient_accumulation_recipe_is_exact(fused):
-    """Summed losses and denominators over micro-batches give the big-batch mean."""
+    """Micro-batches of reduction='sum' losses give the big-batch mean exactly: the
+    cross-entropy (loss - aux.z_loss) over the summed denominators plus the z-loss over
+    the summed counts."""
     rng = np.random.default_rng(9)
     h = jnp.asarray(rng.standard_normal((24, 6)))
     k = jnp.asarray(rng.standard_normal((6, 40)))
@@ -283,12 +337,13 @@ def test_gradient_accumulation_recipe_is_exact(fused):
         return loss(k, h, t, "mean")[0]
 
     def accumulated(k):
-        total, denominator = 0.0, 0.0
+        ce, z, denominator, count = 0.0, 0.0, 0.0, 0.0
         for part in range(3):  # micro-batches of 8 tokens
             rows = slice(8 * part, 8 * part + 8)
             value, aux = loss(k, h[rows], t[rows], "sum")
-            total, denominator = total + value, denominator + aux.denominator
-        return total / denominator
+            ce, z = ce + (value - aux.z_loss), z + aux.z_loss
+            denominator, count = denominator + aux.denominator, count + aux.count
+        return ce / denominator + z / count
 
     np.testing.assert_allclose(accumulated(k), big(k), rtol=1e-13)
     np.testing.assert_allclose(jax.grad(accumulated)(k), jax.grad(big)(k), rtol=1e-12)
@@ -352,3 +407,48 @@ def test_module_form_takes_the_options():
         jaxce.CrossEntropyLoss(logit_softcap=-2.0)
     with pytest.raises(ValueError, match="z_loss must be a finite float >= 0"):
         jaxce.CrossEntropyLoss(z_loss=-1.0)
+
+
+def _entry_points():
+    """Every loss entry point, called on [N, C] bfloat16 logits (as hidden @ eye for the
+    fused ones) with class indices, one-hot labels for the probability drop-in."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+    eye = jnp.eye(C, dtype=jnp.bfloat16)
+    return {
+        "cross_entropy": lambda x, t, **kw: jaxce.cross_entropy(x, t, **kw),
+        "probabilities": lambda x, t, **kw: jaxce.cross_entropy(
+            x, jax.nn.one_hot(t, C, dtype=x.dtype), **kw
+        ),
+        "module": lambda x, t, **kw: jaxce.CrossEntropyLoss(**kw)(x, t),
+        "linear": lambda x, t, **kw: jaxce.linear_cross_entropy(x, eye, t, **kw),
+        "sharded": lambda x, t, **kw: jaxce.sharded_linear_cross_entropy(
+            x, eye, t, mesh=mesh, vocab_axis="model", **kw
+        ),
+        "optax_integer": lambda x, t, **kw: jnp.mean(
+            jaxce.softmax_cross_entropy_with_integer_labels(x, t, **kw)
+        ),
+        "optax_probabilities": lambda x, t, **kw: jnp.mean(
+            jaxce.softmax_cross_entropy(x, jax.nn.one_hot(t, C, dtype=x.dtype), **kw)
+        ),
+    }
+
+
+@pytest.mark.parametrize("entry", list(_entry_points()))
+def test_loss_dtype_float32_keeps_a_16_bit_loss_unrounded(entry):
+    rng = np.random.default_rng(12)
+    x64 = rng.standard_normal((N, C)) * 4
+    t = jnp.asarray(rng.integers(0, C, N))
+    x = jnp.asarray(x64, jnp.bfloat16)
+    fn = _entry_points()[entry]
+    default = fn(x, t)
+    wide = fn(x, t, loss_dtype=jnp.float32)
+    assert default.dtype == jnp.bfloat16
+    assert wide.dtype == jnp.float32
+    # The same float32 computation, rounded once less: float64 of the bf16 logits agrees
+    # to float32 accuracy, the default only to bfloat16's.
+    exact = plain_loss(jnp.asarray(np.asarray(x, np.float64)), t, None, 0.0, "mean")
+    np.testing.assert_allclose(wide, exact, rtol=2e-6)
+    assert abs(float(default) - float(exact)) >= abs(float(wide) - float(exact))
+    # The gradient keeps the logits' dtype.
+    grad = jax.grad(lambda x: fn(x, t, loss_dtype=jnp.float32))(x)
+    assert grad.dtype == jnp.bfloat16
