@@ -25,6 +25,7 @@ Under reverse mode the residuals saved for the backward pass are exactly ``res``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -173,6 +174,30 @@ def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
 
     out = linear_map(fun, fun_t, leaves, lin)
     return out if multi else out[0]
+
+
+def lean_jvp_rule(fwd, tangent_fn, transpose_fn):
+    """The ``custom_jvp`` rule ``(opts, primals, tangents)`` of a loss core.
+
+    ``fwd(*primals, opts)`` returns ``(out, res)``: ``out`` is the loss, or with
+    ``opts.stats`` ``(loss, lse, argmax)``; ``tangent_fn(opts, res, tangents)`` is the
+    tangent of ``out`` (its first two parts with ``opts.stats``) and
+    ``transpose_fn(opts, res, ct)`` its hand-written transpose (:func:`lean_tangent`).
+    The integer argmax gets the zero (float0) tangent.
+    """
+
+    def rule(opts, primals, tangents):
+        out, res = fwd(*primals, opts)
+        tangent = lean_tangent(
+            partial(tangent_fn, opts),
+            partial(transpose_fn, opts),
+            res,
+            tangents,
+            out[:2] if opts.stats else out,
+        )
+        return out, ((*tangent, no_tangent(out[2])) if opts.stats else tangent)
+
+    return rule
 
 
 def no_tangent(x: Any) -> Any:

@@ -36,7 +36,7 @@ from jaxce._chunked import (
     chunk_stats,
     chunks,
 )
-from jaxce._derivatives import lean_tangent, no_tangent
+from jaxce._derivatives import lean_jvp_rule
 from jaxce._options import Options, checked_eps, compute_dtype
 from jaxce._targets import target_info, target_weight
 
@@ -46,21 +46,6 @@ def fused_index_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
     """Per-token losses of ``hidden [N, D] @ kernel [D, V] + bias`` against ``target
     [N]``, as :func:`jaxce._index.index_loss` on those logits (``opts.stats`` too)."""
     return _fwd(hidden, kernel, bias, target, weight, eps, opts)[0]
-
-
-def _jvp(opts, primals, tangents):
-    out, res = _fwd(*primals, opts)
-    tangent = lean_tangent(
-        partial(_tangent, opts),
-        partial(_bwd, opts),
-        res,
-        tangents,
-        out[:2] if opts.stats else out,
-    )
-    return out, ((*tangent, no_tangent(out[2])) if opts.stats else tangent)
-
-
-fused_index_loss.defjvp(_jvp, symbolic_zeros=True)
 
 
 class _Res(NamedTuple):
@@ -182,3 +167,6 @@ def _tangent(opts, res: _Res, tangents):
     if deps is not None:
         out = out + jnp.where(info.valid, smooth / vocab - w_y * nll, zero) * deps.astype(dtype)
     return (out, d_lse) if opts.stats else out
+
+
+fused_index_loss.defjvp(lean_jvp_rule(_fwd, _tangent, _bwd), symbolic_zeros=True)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxce import _rows
 from jaxce._backends import spelled, xla_cpu, xla_gpu
-from jaxce._derivatives import lean_tangent, no_tangent
+from jaxce._derivatives import lean_jvp_rule
 from jaxce._options import Options, checked_eps, compute_dtype
 from jaxce._targets import target_info, target_weight
 
@@ -38,21 +38,6 @@ def index_loss(x: Any, target: Any, weight: Any, eps: Any, opts: Options) -> Any
     its gradient is the softmax) and the first maximal class of the raw logits (int32).
     """
     return _fwd(x, target, weight, eps, opts)[0]
-
-
-def _jvp(opts, primals, tangents):
-    out, res = _fwd(*primals, opts)
-    tangent = lean_tangent(
-        partial(_tangent, opts),
-        partial(_bwd, opts),
-        res,
-        (tangents[0], None, tangents[2], tangents[3]),
-        out[:2] if opts.stats else out,
-    )
-    return out, ((*tangent, no_tangent(out[2])) if opts.stats else tangent)
-
-
-index_loss.defjvp(_jvp, symbolic_zeros=True)
 
 
 class _Res(NamedTuple):
@@ -165,3 +150,6 @@ def _tangent(opts, res: _Res, tangents):
             dtype
         )
     return (out, d_lse) if opts.stats else out
+
+
+index_loss.defjvp(lean_jvp_rule(_fwd, _tangent, _bwd), symbolic_zeros=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxce import _rows
 from jaxce._backends import spelled, xla_cpu, xla_gpu
-from jaxce._derivatives import lean_tangent, no_tangent
+from jaxce._derivatives import lean_jvp_rule
 from jaxce._options import Options, checked_eps, compute_dtype, promote_float_dtypes
 
 
@@ -28,21 +28,6 @@ def prob_loss(x: Any, target: Any, weight: Any, eps: Any, opts: Options) -> Any:
     ``opts.cap`` and ``opts.stats`` as in :func:`jaxce._index.index_loss`.
     """
     return _fwd(x, target, weight, eps, opts)[0]
-
-
-def _jvp(opts, primals, tangents):
-    out, res = _fwd(*primals, opts)
-    tangent = lean_tangent(
-        partial(_tangent, opts),
-        partial(_bwd, opts),
-        res,
-        tangents,
-        out[:2] if opts.stats else out,
-    )
-    return out, ((*tangent, no_tangent(out[2])) if opts.stats else tangent)
-
-
-prob_loss.defjvp(_jvp, symbolic_zeros=True)
 
 
 class _Res(NamedTuple):
@@ -116,3 +101,6 @@ def _tangent(opts, res: _Res, tangents):
         terms.append((d_tp if w is None else w * d_tp) * gap * deps.astype(dtype))
     out = jnp.sum(sum(terms[1:], terms[0]), axis=axis)
     return (out, d_lse) if opts.stats else out
+
+
+prob_loss.defjvp(lean_jvp_rule(_fwd, _tangent, _bwd), symbolic_zeros=True)
