@@ -10,7 +10,7 @@ from jaxce._optax import (
 from jaxce._reduction import CrossEntropyAux as CrossEntropyAux
 from jaxce._sharded import sharded_linear_cross_entropy as sharded_linear_cross_entropy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CrossEntropyAux",
