@@ -135,6 +135,17 @@ def _kernel_grad(hidden, dz, dtype):
     return lax.dot_general(hidden, dz, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
 
 
+def zero_grads(hidden, kernel, bias, weight, dtype):
+    """The backward pass's initial carry ``(dhidden [N, D] in dtype, dkernel, dbias,
+    dweight)``, None for an absent ``bias`` / ``weight``."""
+    return (
+        jnp.zeros(hidden.shape, dtype),
+        jnp.zeros_like(kernel),
+        None if bias is None else jnp.zeros_like(bias),
+        None if weight is None else jnp.zeros_like(weight),
+    )
+
+
 def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
     """Adds a chunk's logit gradient ``dz`` to the backward carries: ``dh += dz @ k_c.T``
     (float32 accumulator), writes ``dk[:, chunk] = hidden.T @ dz`` and ``db[chunk]`` (None:

@@ -35,6 +35,7 @@ from jaxce._chunked import (
     chunk_loop,
     chunk_stats,
     chunks,
+    zero_grads,
 )
 from jaxce._derivatives import lean_jvp_rule
 from jaxce._options import Options, checked_eps, compute_dtype
@@ -91,7 +92,7 @@ def _bwd(opts, res: _Res, ct):
     hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
     g, g_lse = ct if opts.stats else (ct, None)
     dtype = compute_dtype(hidden.dtype)
-    n, vocab = hidden.shape[0], kernel.shape[1]
+    vocab = kernel.shape[1]
     info = target_info(target, vocab, opts.ignore_index)
     w_y = target_weight(weight, info, dtype)
     g = g.astype(dtype)
@@ -116,12 +117,7 @@ def _bwd(opts, res: _Res, ct):
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
         return dh, dk, db, dw
 
-    init = (
-        jnp.zeros((n, hidden.shape[1]), dtype),
-        jnp.zeros_like(kernel),
-        None if bias is None else jnp.zeros_like(bias),
-        None if weight is None else jnp.zeros_like(weight),
-    )
+    init = zero_grads(hidden, kernel, bias, weight, dtype)
     dh, dk, db, dw = chunk_loop(chunks(vocab, opts.chunk), body, init, (hidden, kernel))
     deps = _rows.index_eps_grad(g, info.valid, w_y, nll, smooth, eps, vocab)
     return dh.astype(hidden.dtype), dk, db, None, dw, deps

@@ -33,6 +33,7 @@ from jaxce._chunked import (
     chunks,
     mask_columns,
     real_columns,
+    zero_grads,
 )
 from jaxce._derivatives import lean_tangent
 from jaxce._options import Options, checked_eps, compute_dtype
@@ -127,7 +128,7 @@ def _transpose(res, cts, with_wz, chunk, cap):
     g_lse, g_zy = cts[0], cts[1]
     g_wz = cts[2] if with_wz else None
     dtype = compute_dtype(hidden.dtype)
-    n, vocab = hidden.shape[0], kernel.shape[1]
+    vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
     def body(start, size, carry, hidden, kernel):
@@ -145,12 +146,7 @@ def _transpose(res, cts, with_wz, chunk, cap):
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
         return dh, dk, db, dw
 
-    init = (
-        jnp.zeros((n, hidden.shape[1]), dtype),
-        jnp.zeros_like(kernel),
-        None if bias is None else jnp.zeros_like(bias),
-        None if (weight is None or not with_wz) else jnp.zeros_like(weight),
-    )
+    init = zero_grads(hidden, kernel, bias, weight if with_wz else None, dtype)
     dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel))
     return dh.astype(hidden.dtype), dk, db, dw
 
