@@ -81,7 +81,7 @@ def test_vmap_transform_matches_a_torch_loop():
     assert r.passed, r.message
 
 
-def test_grid_covers_every_axis_of_the_issue():
+def test_grid_covers_every_option_layout_dtype_and_transform():
     cases = SUITES["cross_entropy"]()
     ids = " ".join(c.id for c in cases)
     assert len(cases) >= 2000
