@@ -20,7 +20,9 @@ How a case is judged:
 * both functions get the same inputs, floating ones cast to ``dtype`` (integers as they
   are); gradients come from torch autograd and ``jax.vjp`` with the same random cotangent;
 * the output shape and dtype must match, and NaN/±inf must sit in the same places;
-* float64 / float32 compare with ``rtol``/``atol`` keyed by dtype;
+* each gradient must have torch's dtype (the dtype of its input);
+* float64 / float32 compare with ``rtol``/``atol`` keyed by dtype (or the caller's
+  ``tolerance``);
 * bfloat16 / float16 use the three-way rule: a float64 truth (torch at float64 on the same,
   already-rounded inputs); our error against it must be no worse than torch's own error at
   that dtype plus ``margin × unit roundoff × scale``;
@@ -32,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,15 @@ class Result:
         return max((c.max_rel for c in self.checks), default=0.0)
 
 
+class Run(NamedTuple):
+    """What one side computed: the output and gradients as float64, with their dtypes."""
+
+    out: np.ndarray
+    dtype: str
+    grads: dict[str, np.ndarray]
+    grad_dtypes: dict[str, str]
+
+
 def _torch():
     import torch
 
@@ -107,8 +118,10 @@ def run_torch(
     seed: int,
     batched: Sequence[str] = (),
     cotangent_dtype: str | None = None,
-) -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
-    """Runs ``torch_fn``; returns (output as float64, output dtype name, gradients).
+) -> Run:
+    """Runs ``torch_fn`` on ``inputs`` (as from ``_as_inputs``: floating ones are cast to
+    ``dtype``), with the cotangent of ``seed`` rounded to ``cotangent_dtype`` (default: the
+    output's dtype).
 
     With ``batched`` names, the inputs carry an extra leading axis and torch is run once
     per slice (the reference for ``jax.vmap``), results stacked.
@@ -131,7 +144,7 @@ def run_torch(
     else:
         out = torch_fn(**tensors)
     out_dtype = str(out.dtype).removeprefix("torch.")
-    grads = {}
+    grads, grad_dtypes = {}, {}
     if grad_wrt:
         ct_dtype = cotangent_dtype or out_dtype
         ct = torch.tensor(_cotangent(tuple(out.shape), seed, ct_dtype), dtype=out.dtype)
@@ -139,7 +152,8 @@ def run_torch(
         for name in grad_wrt:
             g = tensors[name].grad
             grads[name] = np.zeros(inputs[name].shape) if g is None else g.double().numpy()
-    return out.detach().double().numpy(), out_dtype, grads
+            grad_dtypes[name] = str(tensors[name].dtype).removeprefix("torch.")
+    return Run(out.detach().double().numpy(), out_dtype, grads, grad_dtypes)
 
 
 def run_jax(
@@ -150,7 +164,7 @@ def run_jax(
     seed: int,
     transform: str = "eager",
     batched: Sequence[str] = (),
-) -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
+) -> Run:
     """Runs ``jax_fn`` under ``transform`` ('eager', 'jit' or 'vmap' over ``batched``)."""
     arrays = {
         n: jnp.asarray(v, dtype) if np.issubdtype(v.dtype, np.floating) else jnp.asarray(v)
@@ -175,12 +189,13 @@ def run_jax(
     primals = [arrays[n] for n in diff_names]
     out, vjp = jax.vjp(fn, *primals)
     out_dtype = jnp.dtype(out.dtype).name
-    grads = {}
+    grads, grad_dtypes = {}, {}
     if diff_names:
         ct = jnp.asarray(_cotangent(tuple(out.shape), seed, out_dtype), out.dtype)
         for name, g in zip(diff_names, vjp(ct), strict=True):
             grads[name] = np.asarray(g).astype(np.float64)
-    return np.asarray(out).astype(np.float64), out_dtype, grads
+            grad_dtypes[name] = jnp.dtype(g.dtype).name
+    return Run(np.asarray(out).astype(np.float64), out_dtype, grads, grad_dtypes)
 
 
 def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -208,8 +223,10 @@ def judge(
     dtype: str,
     truth: np.ndarray | None = None,
     margin: float = 2.0,
+    tolerance: tuple[float, float] | None = None,
 ) -> Check:
-    """Compares one quantity; ``truth`` (float64) is required for bfloat16/float16."""
+    """Compares one quantity; ``truth`` (float64) is required for bfloat16/float16;
+    ``tolerance`` (rtol, atol) replaces ``TOLERANCES[dtype]`` for float64/float32."""
     problem = _placement(name, ours, theirs)
     if problem:
         return Check(name, False, message=problem)
@@ -227,7 +244,7 @@ def judge(
         passed = max_abs <= bound
         msg = "" if passed else f"{name}: error {max_abs:.3g} > torch's {torch_err:.3g} + margin"
         return Check(name, passed, max_abs, max_rel, torch_err, msg)
-    rtol, atol = TOLERANCES[dtype]
+    rtol, atol = tolerance or TOLERANCES[dtype]
     max_abs, max_rel = _errors(ours, theirs)
     finite = np.isfinite(theirs)
     ok = np.all(np.abs(ours[finite] - theirs[finite]) <= atol + rtol * np.abs(theirs[finite]))
@@ -245,6 +262,7 @@ def compare(
     batched: Sequence[str] = (),
     seed: int = 0,
     margin: float = 2.0,
+    tolerance: tuple[float, float] | None = None,
 ) -> Result:
     """Runs both functions on the same inputs and judges outputs and gradients.
 
@@ -259,6 +277,7 @@ def compare(
       batched: with ``transform='vmap'``, the inputs that carry the extra leading axis.
       seed: seeds the cotangent used for the gradients.
       margin: the three-way rule's margin, in units of the dtype's unit roundoff.
+      tolerance: (rtol, atol) for float64/float32 instead of ``TOLERANCES[dtype]``.
 
     Returns:
       A :class:`Result`; ``result.passed`` and ``result.message`` say what happened.
@@ -273,12 +292,12 @@ def compare(
     inputs = _as_inputs(inputs, dtype)
     torch_batched = batched if transform == "vmap" else ()
     try:
-        t_out, t_dtype, t_grads = run_torch(torch_fn, inputs, grad_wrt, dtype, seed, torch_batched)
+        theirs = run_torch(torch_fn, inputs, grad_wrt, dtype, seed, torch_batched)
         torch_error = None
     except Exception as e:
         torch_error = e
     try:
-        j_out, j_dtype, j_grads = run_jax(jax_fn, inputs, grad_wrt, dtype, seed, transform, batched)
+        ours = run_jax(jax_fn, inputs, grad_wrt, dtype, seed, transform, batched)
         jax_error = None
     except (TypeError, ValueError, IndexError) as e:
         jax_error = e
@@ -293,18 +312,29 @@ def compare(
         return Result(both, [], error_parity=both, message=msg)
 
     checks = []
-    if j_dtype != t_dtype:
-        checks.append(Check("dtype", False, message=f"output dtype {j_dtype} != torch's {t_dtype}"))
-    truth_out, truth_grads = None, {}
-    if dtype in ROUNDOFF:
-        truth_out, _, truth_grads = run_torch(
-            torch_fn, inputs, grad_wrt, "float64", seed, torch_batched, cotangent_dtype=t_dtype
-        )
-    checks.append(judge("output", j_out, t_out, dtype, truth_out, margin))
-    for name in grad_wrt:
+    if ours.dtype != theirs.dtype:
         checks.append(
-            judge(f"d/d{name}", j_grads[name], t_grads[name], dtype, truth_grads.get(name), margin)
+            Check("dtype", False, message=f"output dtype {ours.dtype} != torch's {theirs.dtype}")
         )
+    for name in grad_wrt:
+        if ours.grad_dtypes[name] != theirs.grad_dtypes[name]:
+            message = (
+                f"d/d{name} dtype {ours.grad_dtypes[name]} != torch's {theirs.grad_dtypes[name]}"
+            )
+            checks.append(Check(f"d/d{name} dtype", False, message=message))
+    truth = None
+    if dtype in ROUNDOFF:
+        truth = run_torch(
+            torch_fn, inputs, grad_wrt, "float64", seed, torch_batched, cotangent_dtype=theirs.dtype
+        )
+    truth_out = None if truth is None else truth.out
+    checks.append(judge("output", ours.out, theirs.out, dtype, truth_out, margin, tolerance))
+    for name in grad_wrt:
+        truth_grad = None if truth is None else truth.grads[name]
+        checks.append(
+            judge(f"d/d{name}", ours.grads[name], theirs.grads[name], dtype, truth_grad, margin,
+                  tolerance)
+        )  # fmt: skip
     passed = all(c.passed for c in checks)
     message = "; ".join(c.message for c in checks if c.message)
     return Result(passed, checks, message=message)

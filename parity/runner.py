@@ -7,7 +7,6 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from parity.compare import compare
 from parity.suites import SUITES, Case
 
 _WORKER_CASES: dict[str, list[Case]] = {}
@@ -42,16 +41,7 @@ def run_one(key: tuple[str, int]) -> dict[str, Any]:
         _WORKER_CASES[suite] = SUITES[suite]()
     case = _WORKER_CASES[suite][index]
     try:
-        result = compare(
-            case.jax_fn,
-            case.torch_fn,
-            case.inputs,
-            grad_wrt=case.grad_wrt,
-            dtype=case.dtype,
-            transform=case.transform,
-            batched=case.batched,
-            seed=zlib.crc32(case.id.encode()),
-        )
+        result = case.run()
         passed, error_parity, message = result.passed, result.error_parity, result.message
         checks = [
             {

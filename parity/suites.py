@@ -1,7 +1,9 @@
 """The built-in case grids. A suite is a function returning a list of :class:`Case`.
 
 Adding a function to the harness takes a few lines: write a generator of cases (a JAX
-callable, its torch counterpart and NumPy inputs) and register it in ``SUITES``.
+callable, its torch counterpart and NumPy inputs) and register it in ``SUITES``. The
+cross-entropy options, layouts and inputs come from :mod:`parity.grid`, which the tests
+share.
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ from typing import Any
 import numpy as np
 
 import jaxce
+from parity.compare import DTYPES, Result, compare
+from parity.grid import (
+    GRID_LAYOUTS,
+    IGNORES,
+    LAYOUTS,
+    REDUCTIONS,
+    SMOOTHINGS,
+    WEIGHTS,
+    ce_inputs,
+    index_target,
+    prob_target,
+    rng_for,
+)
 
 
 @dataclasses.dataclass
@@ -29,31 +44,26 @@ class Case:
     transform: str = "eager"
     batched: Sequence[str] = ()
 
-
-def _rng(*key: Any) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+    def run(self) -> Result:
+        """Judges the case with :func:`parity.compare`, the cotangent seeded by its id."""
+        return compare(
+            self.jax_fn,
+            self.torch_fn,
+            self.inputs,
+            grad_wrt=self.grad_wrt,
+            dtype=self.dtype,
+            transform=self.transform,
+            batched=self.batched,
+            seed=zlib.crc32(self.id.encode()),
+        )
 
 
 # --------------------------------------------------------------------------------------
 # jaxce.cross_entropy vs torch.nn.functional.cross_entropy
 # --------------------------------------------------------------------------------------
 
-# (name, input shape in jaxce's layout, class axis)
-LAYOUTS = {
-    "(C,)": ((7,), -1),
-    "(N,C)": ((6, 7), -1),
-    "(N,C,d1)": ((3, 7, 4), 1),
-    "(N,C,d1,d2)": ((2, 7, 3, 2), 1),
-    "channels-last": ((3, 2, 4, 7), -1),
-}
-WEIGHTS = ("none", "random", "some-zero")
-IGNORES = ("absent", "present", "valid-class", "out-of-range", "all")
-REDUCTIONS = ("none", "mean", "sum")
-SMOOTHINGS = (0.0, 0.05, 1.0)
-DTYPES = ("float64", "float32", "bfloat16", "float16")
 
-
-def _torch_ce(axis: int, ndim: int, **options: Any) -> Callable[..., Any]:
+def torch_ce(axis: int, ndim: int, **options: Any) -> Callable[..., Any]:
     """torch's cross_entropy on jaxce's layout: the class axis moved to dim 1 (0 if 1-D)."""
     import torch
 
@@ -68,45 +78,13 @@ def _torch_ce(axis: int, ndim: int, **options: Any) -> Callable[..., Any]:
     return fn
 
 
-def _jax_ce(axis: int, **options: Any) -> Callable[..., Any]:
+def jax_ce(axis: int, **options: Any) -> Callable[..., Any]:
+    """jaxce.cross_entropy with the arguments of :func:`torch_ce`'s function."""
+
     def fn(input, target, weight=None):
         return jaxce.cross_entropy(input, target, weight, axis=axis, **options)
 
     return fn
-
-
-def _weight(rng: np.random.Generator, mode: str, num_classes: int) -> np.ndarray | None:
-    if mode == "none":
-        return None
-    w = rng.uniform(0.25, 3.0, num_classes)
-    if mode == "some-zero":
-        w[::2] = 0.0
-    return w
-
-
-def _index_target(rng, shape, axis, mode):
-    num_classes = shape[axis]
-    tshape = tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
-    y = rng.integers(0, num_classes, tshape)
-    if mode == "absent":
-        return y, -100
-    if mode == "present":
-        mask = rng.random(tshape) < 0.3
-        mask.flat[0] = True
-        if y.size > 1:
-            mask.flat[-1] = False
-        return np.where(mask, -100, y), -100
-    if mode == "valid-class":
-        y.flat[0] = 2
-        return y, 2
-    if mode == "out-of-range":
-        return y, 255
-    return np.full(tshape, -1), -1  # "all"
-
-
-def _prob_target(rng, shape, axis):
-    t = rng.random(shape)
-    return t / t.sum(axis=axis, keepdims=True)
 
 
 def ce_case(
@@ -121,16 +99,12 @@ def ce_case(
     transform: str = "eager",
     category: str | None = None,
 ) -> Case:
+    """One cross-entropy case of the grid: ``kind`` 'index' or 'prob', a ``LAYOUTS`` name,
+    the ``WEIGHTS`` / ``IGNORES`` modes, reduction, smoothing, dtype and transform."""
     shape, axis = LAYOUTS[layout]
-    rng = _rng(kind, layout, weight, ignore, reduction, smoothing)
-    x = rng.standard_normal(shape) * 2
-    w = _weight(rng, weight, shape[axis])
-    if kind == "index":
-        target, ii = _index_target(rng, shape, axis, ignore)
-        grad_wrt = ("input",)
-    else:
-        target, ii = _prob_target(rng, shape, axis), -100
-        grad_wrt = ("input", "target")
+    rng = rng_for(kind, layout, weight, ignore, reduction, smoothing)
+    x, target, w, ii = ce_inputs(rng, kind, shape, axis, weight, ignore)
+    grad_wrt = ("input",) if kind == "index" else ("input", "target")
     options = dict(ignore_index=ii, reduction=reduction, label_smoothing=smoothing)
     inputs = {"input": x, "target": target}
     if w is not None:
@@ -138,11 +112,11 @@ def ce_case(
     batched: tuple[str, ...] = ()
     if transform == "vmap":
         # An extra leading axis of 2 on input and target; the weight is shared.
-        inputs["input"] = np.stack([x, _rng("vmap", layout).standard_normal(shape) * 2])
+        inputs["input"] = np.stack([x, rng_for("vmap", layout).standard_normal(shape) * 2])
         other = (
-            _index_target(_rng("vmap-t", layout), shape, axis, ignore)[0]
+            index_target(rng_for("vmap-t", layout), shape, axis, ignore)[0]
             if kind == "index"
-            else _prob_target(_rng("vmap-t", layout), shape, axis)
+            else prob_target(rng_for("vmap-t", layout), shape, axis)
         )
         inputs["target"] = np.stack([target, other])
         batched = ("input", "target")
@@ -155,8 +129,8 @@ def ce_case(
         id=ident,
         category=category or f"{kind} targets",
         dtype=dtype,
-        jax_fn=_jax_ce(axis, **options),
-        torch_fn=_torch_ce(axis, len(shape), **options),
+        jax_fn=jax_ce(axis, **options),
+        torch_fn=torch_ce(axis, len(shape), **options),
         inputs=inputs,
         grad_wrt=grad_wrt,
         transform=transform,
@@ -168,14 +142,14 @@ def cross_entropy_suite() -> list[Case]:
     cases = []
     # A. Every option combination, every layout, in float64 (eager).
     for layout, weight, ignore, reduction, eps in itertools.product(
-        LAYOUTS, WEIGHTS, IGNORES, REDUCTIONS, SMOOTHINGS
+        GRID_LAYOUTS, WEIGHTS, IGNORES, REDUCTIONS, SMOOTHINGS
     ):
         cases.append(
             ce_case(kind="index", layout=layout, weight=weight, ignore=ignore,
                     reduction=reduction, smoothing=eps, dtype="float64")
         )  # fmt: skip
     for layout, weight, reduction, eps in itertools.product(
-        LAYOUTS, WEIGHTS, REDUCTIONS, SMOOTHINGS
+        GRID_LAYOUTS, WEIGHTS, REDUCTIONS, SMOOTHINGS
     ):
         cases.append(
             ce_case(kind="prob", layout=layout, weight=weight, ignore="absent",
@@ -183,14 +157,14 @@ def cross_entropy_suite() -> list[Case]:
         )  # fmt: skip
     # B. The other dtypes on a slice of the options (every layout and reduction).
     for dtype, layout, weight, ignore, reduction, eps in itertools.product(
-        DTYPES[1:], LAYOUTS, ("none", "random"), ("absent", "present"), REDUCTIONS, (0.0, 0.05)
+        DTYPES[1:], GRID_LAYOUTS, ("none", "random"), ("absent", "present"), REDUCTIONS, (0.0, 0.05)
     ):
         cases.append(
             ce_case(kind="index", layout=layout, weight=weight, ignore=ignore,
                     reduction=reduction, smoothing=eps, dtype=dtype)
         )  # fmt: skip
     for dtype, layout, weight, reduction, eps in itertools.product(
-        DTYPES[1:], LAYOUTS, ("none", "random"), REDUCTIONS, (0.0, 0.05)
+        DTYPES[1:], GRID_LAYOUTS, ("none", "random"), REDUCTIONS, (0.0, 0.05)
     ):
         cases.append(
             ce_case(kind="prob", layout=layout, weight=weight, ignore="absent",
@@ -198,7 +172,7 @@ def cross_entropy_suite() -> list[Case]:
         )  # fmt: skip
     # C. Transforms: jit and vmap over an extra leading axis.
     for transform, dtype, layout, weight, ignore, reduction, eps in itertools.product(
-        ("jit", "vmap"), ("float64", "float32"), LAYOUTS, ("none", "random"),
+        ("jit", "vmap"), ("float64", "float32"), GRID_LAYOUTS, ("none", "random"),
         ("present", "all"), REDUCTIONS, (0.0, 0.05),
     ):  # fmt: skip
         cases.append(
@@ -207,7 +181,7 @@ def cross_entropy_suite() -> list[Case]:
                     category=f"transform: {transform}")
         )  # fmt: skip
     for transform, dtype, layout, reduction in itertools.product(
-        ("jit", "vmap"), ("float64", "float32"), LAYOUTS, REDUCTIONS
+        ("jit", "vmap"), ("float64", "float32"), GRID_LAYOUTS, REDUCTIONS
     ):
         cases.append(
             ce_case(kind="prob", layout=layout, weight="random", ignore="absent",
@@ -220,7 +194,9 @@ def cross_entropy_suite() -> list[Case]:
     return cases
 
 
-def _simple(ident, category, dtype, x, target, axis=-1, weight=None, **options) -> Case:
+def simple_case(ident, category, dtype, x, target, axis=-1, weight=None, **options) -> Case:
+    """A cross-entropy case on given inputs (``options``: cross_entropy's keywords);
+    gradients w.r.t. the logits, and w.r.t. the target when it holds probabilities."""
     inputs = {"input": x, "target": target}
     if weight is not None:
         inputs["weight"] = weight
@@ -229,8 +205,8 @@ def _simple(ident, category, dtype, x, target, axis=-1, weight=None, **options) 
         id=f"{ident}|{dtype}",
         category=category,
         dtype=dtype,
-        jax_fn=_jax_ce(axis, **options),
-        torch_fn=_torch_ce(axis, np.ndim(x), **options),
+        jax_fn=jax_ce(axis, **options),
+        torch_fn=torch_ce(axis, np.ndim(x), **options),
         inputs=inputs,
         grad_wrt=("input", "target") if prob else ("input",),
     )
@@ -239,22 +215,26 @@ def _simple(ident, category, dtype, x, target, axis=-1, weight=None, **options) 
 def edge_cases() -> list[Case]:
     cases = []
     for dtype, reduction, eps in itertools.product(DTYPES, REDUCTIONS, (0.0, 0.3)):
-        rng = _rng("edge", dtype, reduction, eps)
+        rng = rng_for("edge", dtype, reduction, eps)
         opts = dict(reduction=reduction, label_smoothing=eps)
         x = rng.standard_normal((5, 6))
         y = rng.integers(0, 6, 5)
         x_inf = x.copy()
         x_inf[np.arange(5), (y + 1) % 6] = -np.inf  # -inf in non-target classes
         cases.append(
-            _simple(f"-inf non-target|{reduction}|ls={eps}", "edge inputs", dtype, x_inf, y, **opts)
+            simple_case(
+                f"-inf non-target|{reduction}|ls={eps}", "edge inputs", dtype, x_inf, y, **opts
+            )
         )
         big = rng.standard_normal((5, 6)) * 1e4
         if dtype in ("float64", "float32"):
             cases.append(
-                _simple(f"±1e4 logits|{reduction}|ls={eps}", "edge inputs", dtype, big, y, **opts)
+                simple_case(
+                    f"±1e4 logits|{reduction}|ls={eps}", "edge inputs", dtype, big, y, **opts
+                )
             )
         cases.append(
-            _simple(
+            simple_case(
                 f"C=1|{reduction}|ls={eps}",
                 "edge inputs",
                 dtype,
@@ -264,7 +244,7 @@ def edge_cases() -> list[Case]:
             )
         )
         cases.append(
-            _simple(
+            simple_case(
                 f"N=0|{reduction}|ls={eps}",
                 "edge inputs",
                 dtype,
@@ -276,11 +256,11 @@ def edge_cases() -> list[Case]:
         odd_x = rng.standard_normal((3, 423))
         odd_y = rng.integers(0, 423, 3)
         cases.append(
-            _simple(f"(3,423)|{reduction}|ls={eps}", "edge inputs", dtype, odd_x, odd_y, **opts)
+            simple_case(f"(3,423)|{reduction}|ls={eps}", "edge inputs", dtype, odd_x, odd_y, **opts)
         )
-        probs = _prob_target(rng, (3, 423), -1)
+        probs = prob_target(rng, (3, 423), -1)
         cases.append(
-            _simple(
+            simple_case(
                 f"(3,423) prob|{reduction}|ls={eps}", "edge inputs", dtype, odd_x, probs, **opts
             )
         )
@@ -289,10 +269,10 @@ def edge_cases() -> list[Case]:
 
 def error_cases() -> list[Case]:
     """Combinations torch rejects: jaxce must reject them too."""
-    rng = _rng("errors")
+    rng = rng_for("errors")
     x = rng.standard_normal((4, 3))
     y = np.array([0, 1, 2, 0])
-    p = _prob_target(rng, (4, 3), -1)
+    p = prob_target(rng, (4, 3), -1)
     bad = [
         ("prob target with ignore_index>=0", dict(target=p, ignore_index=0)),
         ("label_smoothing>1 (index)", dict(target=y, label_smoothing=1.5)),
@@ -310,7 +290,7 @@ def error_cases() -> list[Case]:
     for ident, kw in bad:
         target = kw.pop("target")
         weight = kw.pop("weight", None)
-        case = _simple(ident, "error parity", "float64", x, target, weight=weight, **kw)
+        case = simple_case(ident, "error parity", "float64", x, target, weight=weight, **kw)
         case.grad_wrt = ()
         cases.append(case)
     return cases
@@ -322,7 +302,7 @@ def module_cases() -> list[Case]:
 
     cases = []
     for reduction, eps, weighted in itertools.product(REDUCTIONS, (0.0, 0.1), (False, True)):
-        rng = _rng("module", reduction, eps, weighted)
+        rng = rng_for("module", reduction, eps, weighted)
         x = rng.standard_normal((2, 5, 3))
         y = rng.integers(0, 5, (2, 3))
         y[0, 0] = -100
@@ -354,10 +334,31 @@ def module_cases() -> list[Case]:
     return cases  # fmt: skip
 
 
-def linear_cross_entropy_suite() -> list[Case]:
-    """jaxce.linear_cross_entropy vs torch.nn.functional.linear_cross_entropy."""
+def torch_linear(**options: Any) -> Callable[..., Any]:
+    """torch's linear_cross_entropy on jaxce's kernel layout ``[D, V]`` (torch: ``[V, D]``)."""
     import torch
 
+    def fn(hidden, kernel, target, bias=None, weight=None):
+        return torch.nn.functional.linear_cross_entropy(
+            hidden, kernel.T, target, linear_bias=bias, weight=weight, **options
+        )
+
+    return fn
+
+
+def jax_linear(chunk_size: int | None = None, **options: Any) -> Callable[..., Any]:
+    """jaxce.linear_cross_entropy with the arguments of :func:`torch_linear`'s function."""
+
+    def fn(hidden, kernel, target, bias=None, weight=None):
+        return jaxce.linear_cross_entropy(
+            hidden, kernel, target, weight, bias=bias, chunk_size=chunk_size, **options
+        )
+
+    return fn
+
+
+def linear_cross_entropy_suite() -> list[Case]:
+    """jaxce.linear_cross_entropy vs torch.nn.functional.linear_cross_entropy."""
     cases = []
     grid = itertools.product(
         REDUCTIONS,
@@ -367,7 +368,7 @@ def linear_cross_entropy_suite() -> list[Case]:
         ("float64", "float32", "bfloat16"),
     )
     for reduction, eps, weight, with_bias, dtype in grid:
-        rng = _rng("linear", reduction, eps, weight, with_bias)
+        rng = rng_for("linear", reduction, eps, weight, with_bias)
         n, d, v = 9, 16, 517  # v spans several chunks and a remainder
         hidden = rng.standard_normal((n, d))
         kernel = rng.standard_normal((d, v)) * d**-0.5
@@ -378,44 +379,19 @@ def linear_cross_entropy_suite() -> list[Case]:
             inputs["bias"] = rng.standard_normal(v) * 0.1
         if weight == "random":
             inputs["weight"] = rng.uniform(0.25, 3.0, v)
-
-        def jax_fn(hidden, kernel, target, bias=None, weight=None, reduction=reduction, eps=eps):
-            return jaxce.linear_cross_entropy(
-                hidden,
-                kernel,
-                target,
-                weight,
-                reduction=reduction,
-                label_smoothing=eps,
-                bias=bias,
-                chunk_size=128,
-            )
-
-        def torch_fn(hidden, kernel, target, bias=None, weight=None, reduction=reduction, eps=eps):
-            return torch.nn.functional.linear_cross_entropy(
-                hidden,
-                kernel.T,
-                target,
-                linear_bias=bias,
-                weight=weight,
-                reduction=reduction,
-                ignore_index=-100,
-                label_smoothing=eps,
-            )
-
-        grad_wrt = ("hidden", "kernel") + (("bias",) if with_bias else ())
+        options = dict(reduction=reduction, ignore_index=-100, label_smoothing=eps)
         cases.append(
             Case(
                 id=f"linear|{reduction}|ls={eps}|w={weight}|bias={with_bias}|{dtype}",
                 category="linear_cross_entropy",
                 dtype=dtype,
-                jax_fn=jax_fn,
-                torch_fn=torch_fn,
+                jax_fn=jax_linear(chunk_size=128, **options),
+                torch_fn=torch_linear(**options),
                 inputs=inputs,
-                grad_wrt=grad_wrt,
+                grad_wrt=("hidden", "kernel") + (("bias",) if with_bias else ()),
             )
         )
-    return cases  # fmt: skip
+    return cases
 
 
 SUITES: dict[str, Callable[[], list[Case]]] = {

@@ -1,6 +1,6 @@
-"""Independent references for PyTorch's cross_entropy semantics (shared/SEMANTICS.md).
+"""Independent references for PyTorch's cross_entropy semantics (torch 2.13).
 
-* :func:`numpy_cross_entropy`: float64 NumPy, written straight from the spec with
+* :func:`numpy_cross_entropy`: float64 NumPy, written straight from torch's definition with
   ``log_softmax`` and a gather, class axis moved last. No code shared with jaxce.
 * :func:`plain_cross_entropy`: the same formula in plain JAX (autodiff through
   ``jax.nn.log_softmax``), the reference for gradients.

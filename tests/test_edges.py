@@ -1,4 +1,5 @@
-"""Degenerate inputs and the behaviours PyTorch defines for them (SEMANTICS.md §2–§9)."""
+"""Degenerate inputs and the behaviours PyTorch (2.13) defines for them: all-ignored and
+zero-weight means, C = 1, empty batches, out-of-range targets, non-finite logits, dtypes."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import REDUCTIONS, enable_x64, rng_for
+from cases import enable_x64
 from reference import numpy_cross_entropy, plain_cross_entropy
 
 import jaxce
+from parity.grid import REDUCTIONS, rng_for
 
 
 def _maybe_jit(fn, use_jit):

@@ -1,5 +1,5 @@
-"""Property-based fuzzing against torch (issue 8): random shapes, class axes, options,
-dtypes and ignore masks, judged by the parity harness's comparison core.
+"""Property-based fuzzing against torch: random shapes, class axes, options, dtypes and
+ignore masks, judged by the parity harness's comparison core (``parity.compare``).
 
 CI runs the bounded, derandomised "ci" profile; `JAXCE_HYPOTHESIS_PROFILE=long` runs more.
 Every failure found becomes a regression test in test_edges.py / test_torch.py.
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-import jaxce  # noqa: E402
 from parity import compare  # noqa: E402
+from parity.suites import jax_ce, torch_ce  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -52,52 +52,27 @@ def problems(draw):
 @given(problems())
 def test_matches_torch(problem):
     x, target, weight, axis, options, dtype = problem
-    torch_axis = 0 if x.ndim == 1 else 1
-    prob = np.issubdtype(target.dtype, np.floating)
-
-    def torch_fn(input, target, weight=None):
-        xt = torch.movedim(input, axis, torch_axis)
-        tt = torch.movedim(target, axis, torch_axis) if prob else target
-        return torch.nn.functional.cross_entropy(xt, tt, weight, **options)
-
-    def jax_fn(input, target, weight=None):
-        return jaxce.cross_entropy(input, target, weight, axis=axis, **options)
-
     inputs = {"input": x, "target": target} | ({} if weight is None else {"weight": weight})
+    jax_fn, torch_fn = jax_ce(axis, **options), torch_ce(axis, x.ndim, **options)
     result = compare(jax_fn, torch_fn, inputs, ("input",), dtype)
     assert result.passed, result.message
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_float32_logits_near_the_largest_float(sign):
+def test_float32_logits_near_the_largest_float(sign, reduction):
     x = np.array([[3e38, 1e38, -3e38, 0.0], [2e38, 2.9e38, 1.0, -1e38]]) * sign
     y = np.array([1, 0])
-    for reduction in ("none", "mean"):
-        result = compare(
-            lambda input, target, r=reduction: jaxce.cross_entropy(input, target, reduction=r),
-            lambda input, target, r=reduction: torch.nn.functional.cross_entropy(
-                input, target, reduction=r
-            ),
-            {"input": x, "target": y},
-            ("input",),
-            "float32",
-        )
-        assert result.passed, result.message
+    jax_fn, torch_fn = jax_ce(-1, reduction=reduction), torch_ce(-1, 2, reduction=reduction)
+    result = compare(jax_fn, torch_fn, {"input": x, "target": y}, ("input",), "float32")
+    assert result.passed, result.message
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_whole_rows_of_neg_inf_match_torch(eps):
     x = np.array([[-np.inf] * 4, [0.0, 1.0, -np.inf, 2.0]])
     y = np.array([2, 1])
-    result = compare(
-        lambda input, target: jaxce.cross_entropy(
-            input, target, reduction="none", label_smoothing=eps
-        ),
-        lambda input, target: torch.nn.functional.cross_entropy(
-            input, target, reduction="none", label_smoothing=eps
-        ),
-        {"input": x, "target": y},
-        ("input",),
-        "float64",
-    )
+    options = dict(reduction="none", label_smoothing=eps)
+    jax_fn, torch_fn = jax_ce(-1, **options), torch_ce(-1, 2, **options)
+    result = compare(jax_fn, torch_fn, {"input": x, "target": y}, ("input",), "float64")
     assert result.passed, result.message

@@ -6,21 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import (
-    IGNORES,
-    LAYOUTS,
-    REDUCTIONS,
-    WEIGHTS,
-    covering_grid,
-    make_index_target,
-    make_logits,
-    make_prob_target,
-    make_weight,
-    rng_for,
-)
+from cases import covering_grid
 from reference import plain_cross_entropy
 
 import jaxce
+from parity.grid import (
+    IGNORES,
+    LAYOUTS,
+    REDUCTIONS,
+    TEST_LAYOUTS,
+    WEIGHTS,
+    ce_inputs,
+    prob_target,
+    random_logits,
+    rng_for,
+)
 
 
 def _vjp_all(fn, primals, cotangent_seed):
@@ -38,15 +38,14 @@ def _compare(ours, plain, primals, seed):
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "axis", "reduction", "weight_mode", "ignore_mode", "eps"),
-    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, [0.0, 0.1]),
+    ("layout", "reduction", "weight_mode", "ignore_mode", "eps"),
+    covering_grid(TEST_LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, [0.0, 0.1]),
 )
-def test_index_gradients(name, shape, axis, reduction, weight_mode, ignore_mode, eps):
-    rng = rng_for("grad", name, reduction, weight_mode, ignore_mode)
-    x = jnp.asarray(make_logits(rng, shape))
-    target, ii = make_index_target(rng, shape, axis, shape[axis], ignore_mode)
-    target = jnp.asarray(target)
-    weight = make_weight(rng, weight_mode, shape[axis])
+def test_index_gradients(layout, reduction, weight_mode, ignore_mode, eps):
+    shape, axis = LAYOUTS[layout]
+    rng = rng_for("grad", layout, reduction, weight_mode, ignore_mode)
+    x, target, weight, ii = ce_inputs(rng, "index", shape, axis, weight_mode, ignore_mode)
+    x, target = jnp.asarray(x), jnp.asarray(target)
     eps_arr = jnp.asarray(eps)
     kw = dict(ignore_index=ii, reduction=reduction, axis=axis)
     if weight is None:
@@ -66,7 +65,7 @@ def test_index_gradients(name, shape, axis, reduction, weight_mode, ignore_mode,
         def plain(x, w, e):
             return plain_cross_entropy(x, target, w, label_smoothing=e, **kw)
 
-    seed = (name, reduction, weight_mode, ignore_mode, eps)
+    seed = (layout, reduction, weight_mode, ignore_mode, eps)
     t = np.asarray(target)
     w_np = np.ones(shape[axis]) if weight is None else weight
     denominator = np.sum(np.where(t != ii, w_np[np.where(t != ii, t, 0)], 0.0))
@@ -85,14 +84,14 @@ def test_index_gradients(name, shape, axis, reduction, weight_mode, ignore_mode,
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "axis", "reduction", "weight_mode", "eps"),
-    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, [0.0, 0.1]),
+    ("layout", "reduction", "weight_mode", "eps"),
+    covering_grid(TEST_LAYOUTS, REDUCTIONS, WEIGHTS, [0.0, 0.1]),
 )
-def test_prob_gradients(name, shape, axis, reduction, weight_mode, eps):
-    rng = rng_for("grad-prob", name, reduction, weight_mode)
-    x = jnp.asarray(make_logits(rng, shape))
-    t = jnp.asarray(make_prob_target(rng, shape, axis))
-    weight = make_weight(rng, weight_mode, shape[axis])
+def test_prob_gradients(layout, reduction, weight_mode, eps):
+    shape, axis = LAYOUTS[layout]
+    rng = rng_for("grad-prob", layout, reduction, weight_mode)
+    x, t, weight, _ = ce_inputs(rng, "prob", shape, axis, weight_mode)
+    x, t = jnp.asarray(x), jnp.asarray(t)
     w = jnp.asarray(weight if weight is not None else np.ones(shape[axis]))
 
     def ours(x, t, w, e):
@@ -101,14 +100,14 @@ def test_prob_gradients(name, shape, axis, reduction, weight_mode, eps):
     def plain(x, t, w, e):
         return plain_cross_entropy(x, t, w, reduction=reduction, label_smoothing=e, axis=axis)
 
-    _compare(ours, plain, (x, t, w, jnp.asarray(eps)), (name, reduction, weight_mode, eps))
+    _compare(ours, plain, (x, t, w, jnp.asarray(eps)), (layout, reduction, weight_mode, eps))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_unweighted_prob_gradients_without_weight_argument(reduction):
     rng = rng_for("prob-noweight", reduction)
-    x = jnp.asarray(make_logits(rng, (4, 7)))
-    t = jnp.asarray(make_prob_target(rng, (4, 7), -1))
+    x = jnp.asarray(random_logits(rng, (4, 7)))
+    t = jnp.asarray(prob_target(rng, (4, 7), -1))
     primals = (x, t)
     _compare(
         lambda x, t: jaxce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.3),
@@ -119,7 +118,8 @@ def test_unweighted_prob_gradients_without_weight_argument(reduction):
 
 
 def test_seed_example_gradient_row_by_hand():
-    # d(mean)/dx row 0 = (softmax(x0) - onehot(3)) / 3 (SEMANTICS.md §5), derived here.
+    # torch.manual_seed(0) inputs (torch.randn(3, 5), torch.randint(5, (3,))): d(mean)/dx
+    # row 0 = (softmax(x0) - onehot(3)) / 3, derived here; torch 2.13 printed the values.
     x = np.array(
         [
             [1.5410, -0.2934, -2.1788, 0.5684, -1.0845],

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import make_index_target, make_logits, make_prob_target, make_weight, rng_for
 from reference import plain_cross_entropy
 
 import jaxce
 from jaxce._derivatives import linear_map
+from parity.grid import class_weight, index_target, prob_target, random_logits, rng_for
 
 RTOL, ATOL = 1e-9, 1e-11
 
@@ -90,10 +90,10 @@ def _check(transform, ours, plain, primals, seed):
 INDEX_CASES = [
     # (name, shape, axis, weight, ignore, eps)
     ("NC", (4, 5), -1, "none", "absent", None),
-    ("NC_w_eps", (4, 5), -1, "positive", "present", 0.1),
+    ("NC_w_eps", (4, 5), -1, "random", "present", 0.1),
     ("NCd_eps", (2, 5, 3), 1, "none", "present", 0.2),
-    ("C_w", (5,), -1, "positive", "absent", None),
-    ("CN_axis0_w_eps", (5, 3), 0, "some_zero", "valid_class", 0.05),
+    ("C_w", (5,), -1, "random", "absent", None),
+    ("CN_axis0_w_eps", (5, 3), 0, "some-zero", "valid-class", 0.05),
 ]
 
 
@@ -109,12 +109,12 @@ INDEX_GRID = [(*c, "mean") for c in INDEX_CASES] + [
 )
 def test_index_target(name, shape, axis, weight_mode, ignore_mode, eps, reduction, transform):
     rng = rng_for("ho-index", name)
-    x = jnp.asarray(make_logits(rng, shape))
-    target, ii = make_index_target(rng, shape, axis, shape[axis], ignore_mode)
+    x = jnp.asarray(random_logits(rng, shape))
+    target, ii = index_target(rng, shape, axis, ignore_mode)
     target = np.array(target)
     target.flat[-1] = 1  # at least one counted element of nonzero weight: a finite mean
     target = jnp.asarray(target)
-    weight = make_weight(rng, weight_mode, shape[axis])
+    weight = class_weight(rng, weight_mode, shape[axis])
     kw = dict(ignore_index=ii, reduction=reduction, axis=axis)
     # Differentiate with respect to every float input: logits, weight, smoothing.
     primals = [x]
@@ -145,12 +145,12 @@ def test_index_target_rows_at_the_edges_of_the_lse_range(transform):
     # ignored with its placeholder class 0 at -1000: derivatives of every order stay
     # finite and match the plain formula.
     rng = rng_for("ho-fallback")
-    x = make_logits(rng, (4, 5))
+    x = random_logits(rng, (4, 5))
     x[1, 3] = 800.0
     x[2, 0] = -1000.0
     x = jnp.asarray(x)
     target = jnp.asarray([2, 0, -100, 4])
-    weight = jnp.asarray(make_weight(rng, "positive", 5))
+    weight = jnp.asarray(class_weight(rng, "random", 5))
     eps = jnp.asarray(0.1)
 
     def ours(x, w, e):
@@ -174,11 +174,11 @@ PROB_GRID = [
 )
 def test_prob_target(name, shape, axis, weighted, eps, reduction, transform):
     rng = rng_for("ho-prob", shape)
-    x = jnp.asarray(make_logits(rng, shape))
-    t = jnp.asarray(make_prob_target(rng, shape, axis))
+    x = jnp.asarray(random_logits(rng, shape))
+    t = jnp.asarray(prob_target(rng, shape, axis))
     primals = [x, t]
     if weighted:
-        primals.append(jnp.asarray(make_weight(rng, "positive", shape[axis])))
+        primals.append(jnp.asarray(class_weight(rng, "random", shape[axis])))
     if eps is not None:
         primals.append(jnp.asarray(eps))
 
@@ -312,13 +312,13 @@ def test_jvp_and_vjp_are_transposes_on_edge_inputs(prob, eps):
     # ignored elements and zero weights, and a -inf logit where the loss stays finite
     # (index targets without smoothing), in float64.
     rng = rng_for("ho-transpose", prob, eps)
-    x = np.asarray(make_logits(rng, (6, 5)))
+    x = np.asarray(random_logits(rng, (6, 5)))
     if not prob and eps == 0:
         x[2, 3] = -np.inf
     x = jnp.asarray(x)
-    w = jnp.asarray(make_weight(rng, "some_zero", 5))
+    w = jnp.asarray(class_weight(rng, "some-zero", 5))
     if prob:
-        t = jnp.asarray(make_prob_target(rng, (6, 5), -1))
+        t = jnp.asarray(prob_target(rng, (6, 5), -1))
     else:
         t = jnp.asarray(np.array([0, 1, 2, -100, 4, 1]))
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cases import enable_x64
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxce
@@ -436,7 +437,7 @@ def test_numpy_float64_inputs_without_x64(shape, labels_kind):
         "one-hot int": np.ones(shape, np.int64),
     }[labels_kind]
     fn = _drop_in(labels_kind == "index")
-    with _x64_off():
+    with enable_x64(False):
         out = fn(x, labels)
         want = _optax(x, labels, integer=labels_kind == "index")
     assert out.dtype == want.dtype == jnp.float32
@@ -581,12 +582,6 @@ def _optax_cases():
     return cases
 
 
-def _x64_off():
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(False)
-    return jax.experimental.disable_x64()  # jax < 0.8
-
-
 def _run_optax_test(cls_name, method, seed):
     """Runs one of optax's test methods with the drop-ins, as optax runs them (x64 off,
     standard promotion) and with ``seed`` for np.random; returns the drop-ins' calls."""
@@ -598,7 +593,11 @@ def _run_optax_test(cls_name, method, seed):
     try:
         if seed is not None:
             np.random.seed(seed)  # noqa: NPY002
-        with _x64_off(), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        with (
+            enable_x64(False),
+            jax.numpy_dtype_promotion("standard"),
+            jax.numpy_rank_promotion("allow"),
+        ):
             getattr(module, cls_name)(method).run(result)
     finally:
         np.random.set_state(state)  # noqa: NPY002

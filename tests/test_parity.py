@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,6 +50,29 @@ def test_compare_catches_nan_placement_and_dtype():
     assert "output dtype float32 != torch's float64" in r.message
 
 
+def test_compare_catches_a_gradient_in_another_dtype():
+    # A custom_vjp may return a gradient in another dtype than its input's; torch's
+    # gradients always have their input's dtype.
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sum(x)
+
+    f.defvjp(lambda x: (jnp.sum(x), None), lambda _, g: (jnp.full(X.shape, g, jnp.float64),))
+    r = compare(f, lambda x: torch.sum(x), {"x": X}, ("x",), "float32")
+    assert not r.passed
+    assert "d/dx dtype float64 != torch's float32" in r.message
+
+
+def test_compare_tolerance_overrides_the_dtype_default():
+    def jax_fn(x):
+        return x * (1 + 1e-7)
+
+    assert compare(jax_fn, lambda x: x, {"x": X}, (), "float32").passed
+    strict = compare(jax_fn, lambda x: x, {"x": X}, (), "float32", tolerance=(1e-8, 0.0))
+    assert not strict.passed
+    assert "rtol 1e-08, atol 0.0" in strict.message
+
+
 def test_compare_error_parity():
     both = compare(lambda x: jnp.reshape(x, (5,)), lambda x: x.reshape(5), {"x": X}, (), "float64")
     assert both.passed
@@ -81,7 +105,7 @@ def test_vmap_transform_matches_a_torch_loop():
     assert r.passed, r.message
 
 
-def test_grid_covers_every_axis_of_the_issue():
+def test_grid_covers_every_option_layout_dtype_and_transform():
     cases = SUITES["cross_entropy"]()
     ids = " ".join(c.id for c in cases)
     assert len(cases) >= 2000

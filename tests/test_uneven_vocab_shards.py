@@ -8,12 +8,11 @@ skipped where fewer devices exist.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import collective_sizes
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,19 +42,6 @@ def _problem(vocab, seed, bias=True, weight=True):
 def _reference(h, k, b, w, y, reduction, **options):
     logits = h @ k + (0 if b is None else b[None, :])
     return jaxce.cross_entropy(logits, y, w, reduction=reduction, **options)
-
-
-def _collectives(compiled):
-    """(kind, elements) of each cross-device collective in compiled HLO."""
-    found = []
-    pattern = r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
-    for m in re.finditer(pattern + r"(-start)?\(", compiled.as_text()):
-        sizes = [
-            np.prod([int(d) for d in s.split(",") if d])
-            for s in re.findall(r"\[([0-9,]*)\]", m.group(1))
-        ]
-        found.append((m.group(2), int(max(sizes, default=1))))
-    return found
 
 
 OPTIONS = {
@@ -97,7 +83,7 @@ def test_sharded_linear_cross_entropy_507_classes_over_4_devices(options, reduct
     # Only per-token statistics, dhidden and the parameter gradients cross devices (the
     # kernel's gradient is gathered once at the end: these inputs are replicated); nothing
     # logits-sized (16 x 507).
-    sizes = _collectives(step.lower(h, k, b, w).compile())
+    sizes = collective_sizes(step.lower(h, k, b, w).compile())
     assert not [s for s in sizes if s[1] > max(N * D, D * 508)], sizes
     assert not [s for s in sizes if s[0] != "all-reduce" and s[1] > D * 508], sizes
 

@@ -5,22 +5,20 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import (
+from cases import covering_grid
+from reference import numpy_cross_entropy
+
+import jaxce
+from parity.grid import (
     IGNORES,
     LAYOUTS,
     REDUCTIONS,
     SMOOTHINGS,
+    TEST_LAYOUTS,
     WEIGHTS,
-    covering_grid,
-    make_index_target,
-    make_logits,
-    make_prob_target,
-    make_weight,
+    ce_inputs,
     rng_for,
 )
-from reference import numpy_cross_entropy
-
-import jaxce
 
 
 def _run(x, target, weight, ignore_index, reduction, eps, axis):
@@ -38,14 +36,13 @@ def _run(x, target, weight, ignore_index, reduction, eps, axis):
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "axis", "reduction", "weight_mode", "ignore_mode", "eps"),
-    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
+    ("layout", "reduction", "weight_mode", "ignore_mode", "eps"),
+    covering_grid(TEST_LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
 )
-def test_index_targets_match_reference(name, shape, axis, reduction, weight_mode, ignore_mode, eps):
-    rng = rng_for(name, reduction, weight_mode, ignore_mode)
-    x = make_logits(rng, shape)
-    weight = make_weight(rng, weight_mode, shape[axis])
-    target, ignore_index = make_index_target(rng, shape, axis, shape[axis], ignore_mode)
+def test_index_targets_match_reference(layout, reduction, weight_mode, ignore_mode, eps):
+    shape, axis = LAYOUTS[layout]
+    rng = rng_for(layout, reduction, weight_mode, ignore_mode)
+    x, target, weight, ignore_index = ce_inputs(rng, "index", shape, axis, weight_mode, ignore_mode)
     got, want = _run(x, target, weight, ignore_index, reduction, eps, axis)
     assert got.shape == want.shape
     assert got.dtype == np.float64
@@ -56,21 +53,21 @@ def test_index_targets_match_reference(name, shape, axis, reduction, weight_mode
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "axis", "reduction", "weight_mode", "eps"),
-    covering_grid(LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
+    ("layout", "reduction", "weight_mode", "eps"),
+    covering_grid(TEST_LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
 )
-def test_prob_targets_match_reference(name, shape, axis, reduction, weight_mode, eps):
-    rng = rng_for(name, reduction, weight_mode, "prob")
-    x = make_logits(rng, shape)
-    weight = make_weight(rng, weight_mode, shape[axis])
-    target = make_prob_target(rng, shape, axis)
+def test_prob_targets_match_reference(layout, reduction, weight_mode, eps):
+    shape, axis = LAYOUTS[layout]
+    rng = rng_for(layout, reduction, weight_mode, "prob")
+    x, target, weight, _ = ce_inputs(rng, "prob", shape, axis, weight_mode)
     got, want = _run(x, target, weight, -100, reduction, eps, axis)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_seed_example_hand_derivation():
-    # SEMANTICS.md §5 (torch.manual_seed(0) inputs). Row 0 by hand: lse - x[3].
+    # torch.manual_seed(0); x = torch.randn(3, 5); y = torch.randint(5, (3,)) gives
+    # x[0] below and y[0] = 3 (torch 2.13, CPU). Row 0 by hand: lse - x[3].
     x0 = np.array([1.5410, -0.2934, -2.1788, 0.5684, -1.0845])
     by_hand = np.log(np.sum(np.exp(x0))) - x0[3]
     got = jaxce.cross_entropy(jnp.asarray(x0), jnp.asarray(3))
@@ -104,7 +101,8 @@ def test_smoothing_term_is_class_weighted_with_target_weight_denominator():
 
 
 def test_prob_mean_divides_by_element_count_even_with_weights():
-    # PyTorch issue #61309: probability targets divide by N, index targets by Σ w[y].
+    # Probability targets divide by N, index targets by Σ w[y]
+    # (https://github.com/pytorch/pytorch/issues/61309).
     x = np.random.default_rng(0).standard_normal((4, 3))
     y = np.array([0, 2, 1, 2])
     w = np.array([0.5, 1.0, 3.0])
