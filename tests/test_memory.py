@@ -1,4 +1,4 @@
-"""What the backward pass keeps: no logits-sized residual besides the input itself."""
+"""What the backward pass keeps: no logits-sized residual besides the input itself (every\nentry point: cross_entropy and the optax drop-ins). Backend-independent; the compilers'\ntemporaries are pinned in test_budgets.py."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import re
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
@@ -78,3 +79,34 @@ def test_kdim_axis1_keeps_no_transposed_copy():
     big = [line for line in lines if _shape(line) is not None and len(_shape(line)) == 4]
     assert len(big) == 1, lines
     assert "from the argument" in big[0]
+
+
+@pytest.mark.parametrize(
+    ("shape", "labels_shape", "where_shape"),
+    [
+        ((16, 1000), None, None),
+        ((16, 1000), (1000,), None),
+        ((4, 8, 1000), (8, 1000), None),
+        ((16, 1000), (16, 1), None),
+        ((16, 1000), None, (16, 1)),
+        ((4, 8, 1000), (8, 1000), (4, 8, 1)),
+    ],
+)
+@pytest.mark.parametrize("integer", [True, False])
+def test_optax_drop_ins_keep_no_logits_sized_residual(shape, labels_shape, where_shape, integer):
+    """The optax drop-ins save nothing logits-sized but the logits argument: a mask constant
+    along the classes is a row mask, and broadcast probability labels stay unbroadcast."""
+    rng = np.random.default_rng(0)
+    x = jnp.ones(shape, jnp.float32)
+    if integer:
+        loss = jaxce.softmax_cross_entropy_with_integer_labels
+        labels = jnp.zeros(shape[:-1], jnp.int32)  # integer labels: the batch shape
+    else:
+        loss = jaxce.softmax_cross_entropy
+        labels = jnp.asarray(rng.random(labels_shape or shape), jnp.float32)
+    where = None if where_shape is None else jnp.asarray(rng.random(where_shape) > 0.3)
+    lines = _residuals(lambda x: jnp.sum(loss(x, labels, where=where)), x)
+    big = [line for line in lines if _shape(line) == shape]
+    assert len([line for line in big if "from the argument" in line]) == 1, lines
+    # Full-shaped labels are closed over: listed "from a constant", not made by the loss.
+    assert all("from the argument" in line or "from a constant" in line for line in big), lines
