@@ -161,7 +161,7 @@ def _tangent(opts, res: _Res, tangents):
     if dw is not None:
         out = out + jnp.where(info.valid, rows.keep * nll * dw.astype(dtype)[info.idx], zero)
     if deps is not None:
-        out = out + jnp.where(info.valid, smooth / vocab - w_y * nll, zero) * deps.astype(dtype)
+        out = out + _rows.index_eps_rows(info.valid, w_y, nll, smooth, vocab) * deps.astype(dtype)
     return (out, d_lse) if opts.stats else out
 
 

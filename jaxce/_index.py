@@ -146,9 +146,8 @@ def _tangent(opts, res: _Res, tangents):
             t = t + rows.b * jnp.sum(dw_c * gap, axis=axis)
         out = out + jnp.where(info.valid, t, zero)
     if deps is not None:
-        out = out + jnp.where(info.valid, smooth / num_classes - w_y * nll, zero) * deps.astype(
-            dtype
-        )
+        eps_rows = _rows.index_eps_rows(info.valid, w_y, nll, smooth, num_classes)
+        out = out + eps_rows * deps.astype(dtype)
     return (out, d_lse) if opts.stats else out
 
 

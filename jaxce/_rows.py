@@ -247,12 +247,18 @@ def weight_grad_terms(g, valid, keep, nll, b, lse, z, axis) -> tuple[Any, Any]:
     return at_target, spread
 
 
+def index_eps_rows(valid, w_y, nll, smooth, num_classes):
+    """Per element ``∂l_n / ∂eps = smooth_n / C - w[y_n] nll_n`` (0 where not counted)."""
+    return jnp.where(valid, smooth / num_classes - w_y * nll, jnp.zeros_like(nll))
+
+
 def index_eps_grad(g, valid, w_y, nll, smooth, eps, num_classes):
-    """``d/d eps`` of the index loss: ``Σ_n g_n (smooth_n / C - w[y_n] nll_n)``, valid n."""
+    """``d/d eps`` of the index loss: ``Σ_n g_n ∂l_n / ∂eps`` over counted ``n`` (masked
+    after the product too: ``g`` may be inf where nothing is counted)."""
     if eps is None:
         return None
-    per = jnp.where(valid, g * (smooth / num_classes - w_y * nll), jnp.zeros_like(nll))
-    return jnp.sum(per).astype(eps.dtype)
+    per = g * index_eps_rows(valid, w_y, nll, smooth, num_classes)
+    return jnp.sum(jnp.where(valid, per, jnp.zeros_like(per))).astype(eps.dtype)
 
 
 # ---------------------------------------------------------------------------------------
