@@ -13,7 +13,7 @@ from jax import lax
 
 from jaxce._backends import spelled, xla_cpu
 from jaxce._options import compute_dtype
-from jaxce._rows import softcap
+from jaxce._rows import class_ids, softcap
 
 # Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
 CHUNK_BYTES = 16 * 2**20
@@ -180,7 +180,12 @@ def real_columns(start, size, n_real):
     """
     if n_real is None:
         return None
-    return start + lax.broadcasted_iota(jnp.int32, (1, size), 1) < n_real
+    return chunk_classes(start, size) < n_real
+
+
+def chunk_classes(start, size):
+    """The classes of a chunk's columns, ``[1, size]`` int32."""
+    return class_ids((1, size), 1, start)
 
 
 def mask_columns(v, real, fill):

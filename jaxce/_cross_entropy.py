@@ -11,8 +11,8 @@ from jaxce import _validate
 from jaxce._index import index_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._prob import prob_loss
-from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator
-from jaxce._targets import debug_check_targets, mask_targets, target_info
+from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator, index_stats
+from jaxce._targets import debug_check_targets, mask_targets
 
 
 def cross_entropy(
@@ -170,9 +170,7 @@ def _index_cross_entropy(input, target, weight, eps, z, *, opts):
     loss, stats, valid = out, None, None
     if opts.stats:
         loss, lse, argmax = out
-        info = target_info(target, num_classes, opts.ignore_index)
-        valid = info.valid
-        stats = (lse, argmax, info.in_range & (argmax == info.idx))
+        stats, valid = index_stats(target, num_classes, opts.ignore_index, lse, argmax)
     denominator = None
     if opts.reduction == "mean" or opts.return_aux:
         dtype = compute_dtype(input.dtype)

@@ -30,6 +30,7 @@ from jax import lax
 from jaxce import _rows
 from jaxce._chunked import (
     accumulate_chunk_grads,
+    chunk_classes,
     chunk_logits,
     chunk_logits_tangent,
     chunk_loop,
@@ -83,7 +84,7 @@ def _fwd(hidden, kernel, bias, target, weight, eps, opts):
 
 def _chunk_rows(rows, start, size, idx, weight):
     """A chunk's view of the gradient rows: ``(rows [N, 1], is_target, w_c)``."""
-    cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    cls = chunk_classes(start, size)
     w_c = None if weight is None else lax.dynamic_slice_in_dim(weight, start, size)[None, :]
     return _rows.expand_rows(rows, 1), cls == idx[:, None], w_c
 

@@ -13,8 +13,8 @@ from jaxce import _validate
 from jaxce._chunked import auto_chunk
 from jaxce._fused import fused_index_loss
 from jaxce._options import Options, compute_dtype
-from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator
-from jaxce._targets import counted_sum, debug_check_targets, mask_targets, target_info
+from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator, index_stats
+from jaxce._targets import counted_sum, debug_check_targets, mask_targets
 from jaxce._vocab_parallel import vocab_parallel_loss
 
 
@@ -209,10 +209,7 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, *, opts):
             denominator = index_denominator(t1, weight, vocab, opts, dtype)
     valid = None
     if opts.stats:
-        info = target_info(t1, vocab, opts.ignore_index)
-        valid = info.valid
-        lse, argmax = stats
-        stats = (lse, argmax, info.in_range & (argmax == info.idx))
+        stats, valid = index_stats(t1, vocab, opts.ignore_index, *stats)
     out = finish_loss(loss, stats, valid, denominator, z, opts)
     if not opts.return_aux:
         return out.reshape(shape) if opts.reduction == "none" else out

@@ -27,6 +27,14 @@ def index_denominator(target: Any, weight: Any, num_classes: int, opts: Options,
     return counted_sum(info.valid, target_weight(weight, info, dtype), opts.batch_axis)
 
 
+def index_stats(target: Any, num_classes: int, ignore_index: int, lse: Any, argmax: Any):
+    """``(stats, valid)`` for :func:`finish_loss` from a class-index core's per-element
+    ``lse`` and ``argmax``: ``stats = (lse, argmax, hit)``, ``hit`` where the argmax is the
+    (in-range) target; ``valid``: the counted elements."""
+    info = target_info(target, num_classes, ignore_index)
+    return (lse, argmax, info.in_range & (argmax == info.idx)), info.valid
+
+
 def reduce_loss(loss: Any, reduction: str, denominator: Any, batch_axis: str | None = None) -> Any:
     """Applies ``reduction`` to per-element ``loss``; ``denominator`` is used by 'mean'.
     ``batch_axis``: a ``shard_map`` mesh axis whose devices hold the other elements."""

@@ -26,6 +26,7 @@ from jax import lax
 
 from jaxce._chunked import (
     accumulate_chunk_grads,
+    chunk_classes,
     chunk_logits,
     chunk_logits_tangent,
     chunk_loop,
@@ -46,7 +47,7 @@ def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real):
     local class ids and which columns are real (None: all)."""
     real = real_columns(start, size, n_real)
     raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
-    cls = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    cls = chunk_classes(start, size)
     return raw, mask_columns(softcap(raw, cap), real, -jnp.inf), cls, real
 
 
