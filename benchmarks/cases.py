@@ -80,11 +80,11 @@ def inputs(shape, dtype, seed=0):
 
 def _with_tokamax(variants, implementation):
     """``variants`` plus tokamax's fused op as ``(hidden, kernel, y)`` if it is installed."""
+    if implementation is None:
+        return variants
     try:
         from tokamax import linear_softmax_cross_entropy_loss as loss
     except ImportError:
-        return variants
-    if implementation is None:
         return variants
     tokamax = lambda h, k, y: loss(h, y, k, reduction="mean", implementation=implementation)  # noqa: E731
     return {**variants, "tokamax": tokamax}
@@ -121,7 +121,7 @@ def _capped(x, cap=30.0):
 
 def _optax_smoothed(x, y, w):  # optax has no class weights: rows weighted by w[y]
     t = optax.smooth_labels(jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), 0.1)
-    return (optax.softmax_cross_entropy(x, t) * w[y]).sum() / w[y].sum()
+    return (optax.softmax_cross_entropy(x, t).astype(F32) * w[y]).sum() / w[y].sum()
 
 
 def _optax_z_capped(x, y):
@@ -159,7 +159,7 @@ def ce_cases(n, c, dtype, tokamax_impl=None, d=4096):
         "z_loss+softcap": ((x, y), z_cap, 0, None),
         "x*0.5": ((x, y), _on(lambda x: x * 0.5), 0, None),
         "cast": ((other, y), _on(lambda x: x.astype(dt)), 0, None),
-        "bias": ((x, b, y), _on(lambda x, b: x + b), (0, 1), None),
+        "bias": ((x, b, y), _on(lambda x, b: x + b[None, :]), (0, 1), None),
         "matmul": ((S((n, d), dt), S((d, c), dt), y), matmul, (0, 1), None),
     }
 

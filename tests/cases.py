@@ -5,12 +5,15 @@ switch for every supported JAX, and the determinism checks' inputs."""
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jaxce
 
 # A context manager switching float64 on or off: jax.enable_x64 (jax >= 0.8), or
 # jax.experimental.enable_x64 (jax 0.7, the oldest supported).
@@ -21,12 +24,11 @@ _COLLECTIVE = re.compile(
 )
 
 
-def collective_sizes(compiled):
-    """(kind, element count of its largest result) for every cross-device collective in a
-    compiled program (``jax.stages.Compiled`` or its HLO text)."""
-    text = compiled if isinstance(compiled, str) else compiled.as_text()
+def compiled_collectives(fn, *args):
+    """(kind, element count of its largest result) for every cross-device collective in
+    ``fn`` (a ``jax.jit``-ed function) compiled for ``args``."""
     found = []
-    for m in _COLLECTIVE.finditer(text):
+    for m in _COLLECTIVE.finditer(fn.lower(*args).compile().as_text()):
         shapes = re.findall(r"\[([0-9,]*)\]", m.group(1))
         counts = [int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes]
         found.append((m.group(2), max(counts, default=1)))
@@ -74,3 +76,21 @@ def determinism_inputs(rng, prob, dtype):
         t = jnp.asarray(rng.integers(0, 33, (64, 3))).at[0, 0].set(-100)
     w = jnp.asarray(rng.uniform(0.5, 2, 33), jnp.float32)
     return x, t, w
+
+
+def cpu_mesh(shape, names):
+    """A mesh of ``shape`` over the simulated CPU devices (tests/conftest.py: 8 of them),
+    whatever JAX's default backend."""
+    devices = jax.devices("cpu")[: math.prod(shape)]
+    return jax.sharding.Mesh(np.array(devices).reshape(shape), names)
+
+
+def weighted_sum(out):
+    """``Σ_i (i + 1) out_i``: a scalar through which every element of ``out`` gets its own
+    cotangent (a 'none' loss's gradient then checks each element, not just their sum)."""
+    return jnp.sum(out * jnp.arange(1, out.size + 1, dtype=out.dtype).reshape(out.shape))
+
+
+def linear_reference(h, k, b, y, w, **options):
+    """The unfused loss of ``h @ k + b`` (``b`` None: no bias), by ``jaxce.cross_entropy``."""
+    return jaxce.cross_entropy(h @ k + (0 if b is None else b[None, :]), y, w, **options)

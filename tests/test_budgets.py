@@ -23,11 +23,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jaxce
-from benchmarks import targets
+from benchmarks import cases, targets
 
 CPU_XLA = (0, 10)  # the oldest jaxlib whose XLA:CPU these budgets were measured on
 
@@ -136,60 +135,16 @@ def _target(name):
     return name
 
 
-def _optax_mean(x, y):
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y))
-
-
-CAP, Z, D_MATMUL = 30.0, 1e-4, 1024
+D_MATMUL = 1024  # the matmul case's D (the benchmarks' 4096 compiles for longer)
 
 
 def _ce_cases(n, c, dtype):
-    """(jaxce loss, optax's counterpart, argument specs) per case."""
-    x, y, w = S((n, c), dtype), S((n,), jnp.int32), S((c,), jnp.float32)
-    other = jnp.float32 if dtype == jnp.bfloat16 else jnp.bfloat16
-
-    def capped_optax(x, y):
-        s = CAP * jnp.tanh(x / CAP)
-        lse = jax.nn.logsumexp(s.astype(jnp.float32), axis=-1)
-        return _optax_mean(s, y).astype(jnp.float32) + Z * jnp.mean(lse * lse)
-
+    """(jaxce loss, optax's counterpart, argument specs, argnums) per case: the cases that
+    ``python -m benchmarks targets`` measures (``benchmarks/cases.py``)."""
+    table = cases.ce_cases(n, c, dtype, d=D_MATMUL)
     return {
-        "plain": (jaxce.cross_entropy, _optax_mean, (x, y)),
-        "weight_smoothing": (
-            lambda x, y, w: jaxce.cross_entropy(x, y, w, label_smoothing=0.1),
-            lambda x, y, w: _optax_mean(x, y),
-            (x, y, w),
-        ),
-        "probabilities": (
-            jaxce.cross_entropy,
-            lambda x, t: jnp.mean(optax.softmax_cross_entropy(x, t)),
-            (x, S((n, c), dtype)),
-        ),
-        "z_loss_softcap": (
-            lambda x, y: jaxce.cross_entropy(x, y, z_loss=Z, logit_softcap=CAP),
-            capped_optax,
-            (x, y),
-        ),
-        "scaled_in_jit": (
-            lambda x, y: jaxce.cross_entropy(x * 0.5, y),
-            lambda x, y: _optax_mean(x * 0.5, y),
-            (x, y),
-        ),
-        "cast_in_jit": (
-            lambda x, y: jaxce.cross_entropy(x.astype(dtype), y),
-            lambda x, y: _optax_mean(x.astype(dtype), y),
-            (S((n, c), other), y),
-        ),
-        "bias_in_jit": (
-            lambda x, y, b: jaxce.cross_entropy(x + b.astype(dtype)[None, :], y),
-            lambda x, y, b: _optax_mean(x + b.astype(dtype)[None, :], y),
-            (x, y, w),
-        ),
-        "matmul_in_jit": (
-            lambda h, k, y: jaxce.cross_entropy(h @ k, y),
-            lambda h, k, y: _optax_mean(h @ k, y),
-            (S((n, D_MATMUL), dtype), S((D_MATMUL, c), dtype), y),
-        ),
+        name: (variants["jaxce"], variants["optax"], specs, argnums)
+        for name, (specs, variants, argnums, _) in table.items()
     }
 
 
@@ -202,9 +157,9 @@ CE_SHAPES = {"f32": (4096, 32768, jnp.float32), "bf16": (8192, 131072, jnp.bfloa
 @pytest.mark.parametrize("target", DEVICE_TARGETS)
 def test_device_cross_entropy_temporaries_and_cost(target, shape, case):
     n, c, dtype = CE_SHAPES[shape]
-    loss, reference, specs = _ce_cases(n, c, dtype)[case]
-    ours = targets.measure(_target(target), jax.value_and_grad(loss), *specs)
-    theirs = targets.measure(target, jax.value_and_grad(reference), *specs)
+    loss, reference, specs, argnums = _ce_cases(n, c, dtype)[case]
+    ours = targets.measure(_target(target), jax.value_and_grad(loss, argnums), *specs)
+    theirs = targets.measure(target, jax.value_and_grad(reference, argnums), *specs)
     budget = max(theirs.temp_bytes, 0.02 * n * c * jnp.dtype(dtype).itemsize)
     assert ours.temp_bytes <= budget, (
         f"{ours.temp_bytes / 2**20:.2f} MiB of temporaries; optax "
@@ -235,7 +190,7 @@ def test_device_fused_linear_under_5_percent_of_unfused(target, shape):
 
     _target(target)
     fused = temp(lambda h, k, y: jaxce.linear_cross_entropy(h, k, y)).temp_bytes
-    unfused = temp(lambda h, k, y: _optax_mean(h @ k, y)).temp_bytes
+    unfused = temp(cases.LINEAR_LOSSES["optax unfused"]).temp_bytes
     assert fused <= 0.05 * unfused, f"{fused / 2**20:.0f} of {unfused / 2**20:.0f} MiB"
 
 

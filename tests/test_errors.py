@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import cpu_mesh
 
 import jaxce
 
@@ -168,7 +169,7 @@ def test_ignore_index_is_not_range_checked():
 
 
 def _mesh():
-    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    return cpu_mesh((1, 1), ("data", "model"))
 
 
 @pytest.mark.parametrize(
@@ -237,7 +238,7 @@ def test_loss_dtype_and_vocab_size_errors(kw, exc, pattern):
     ],
 )
 def test_vocab_size_must_fit_the_slices(vocab_size, exc, pattern):
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+    mesh = cpu_mesh((1,), ("model",))
     P = jax.sharding.PartitionSpec
 
     def local(h, k, y):

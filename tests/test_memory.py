@@ -1,4 +1,6 @@
-"""What the backward pass keeps: no logits-sized residual besides the input itself (every\nentry point: cross_entropy and the optax drop-ins). Backend-independent; the compilers'\ntemporaries are pinned in test_budgets.py."""
+"""What the backward pass keeps: no logits-sized residual besides the input itself (every
+entry point: cross_entropy and the optax drop-ins). Backend-independent; the compilers'
+temporaries are pinned in test_budgets.py."""
 
 from __future__ import annotations
 
@@ -81,19 +83,19 @@ def test_kdim_axis1_keeps_no_transposed_copy():
     assert "from the argument" in big[0]
 
 
+# (logits shape, where shape): integer labels have the batch shape; probability labels
+# come in these shapes too (None: the logits').
+DROP_IN_SHAPES = [((16, 1000), None), ((4, 8, 1000), None), ((16, 1000), (16, 1)),
+                  ((4, 8, 1000), (4, 8, 1))]  # fmt: skip
+PROB_LABEL_SHAPES = {(16, 1000): [None, (1000,), (16, 1)], (4, 8, 1000): [None, (8, 1000)]}
+
+
 @pytest.mark.parametrize(
-    ("shape", "labels_shape", "where_shape"),
-    [
-        ((16, 1000), None, None),
-        ((16, 1000), (1000,), None),
-        ((4, 8, 1000), (8, 1000), None),
-        ((16, 1000), (16, 1), None),
-        ((16, 1000), None, (16, 1)),
-        ((4, 8, 1000), (8, 1000), (4, 8, 1)),
-    ],
+    ("integer", "shape", "labels_shape", "where_shape"),
+    [(True, s, None, m) for s, m in DROP_IN_SHAPES]
+    + [(False, s, t, m) for s, m in DROP_IN_SHAPES for t in PROB_LABEL_SHAPES[s]],
 )
-@pytest.mark.parametrize("integer", [True, False])
-def test_optax_drop_ins_keep_no_logits_sized_residual(shape, labels_shape, where_shape, integer):
+def test_optax_drop_ins_keep_no_logits_sized_residual(integer, shape, labels_shape, where_shape):
     """The optax drop-ins save nothing logits-sized but the logits argument: a mask constant
     along the classes is a row mask, and broadcast probability labels stay unbroadcast."""
     rng = np.random.default_rng(0)

@@ -18,21 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import collective_sizes
-from jax.sharding import Mesh, NamedSharding
+from cases import compiled_collectives, cpu_mesh, linear_reference, weighted_sum
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxce
-from parity.grid import rng_for
+from parity.grid import prob_target, random_logits, rng_for
 
-
-def _hlo_collectives(fn, *args):
-    return collective_sizes(fn.lower(*args).compile())
-
-
-def _mesh(data, model):
-    devices = jax.devices("cpu")[: data * model]
-    return Mesh(np.array(devices).reshape(data, model), ("data", "model"))
+# The options beyond PyTorch that the "extra" cases add (with a random mask).
+BEYOND_TORCH = {"z_loss": 1e-2, "logit_softcap": 3.0}
 
 
 def test_eight_cpu_devices_and_cpu0_stays_the_default():
@@ -45,7 +39,7 @@ def test_eight_cpu_devices_and_cpu0_stays_the_default():
 
 
 def test_linear_cross_entropy_with_vocab_sharded_kernel():
-    mesh = _mesh(2, 2)
+    mesh = cpu_mesh((2, 2), ("data", "model"))
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((16, 1024)) * 0.25, jnp.float32)
@@ -104,13 +98,12 @@ def _sharded_ce_params():
 def test_cross_entropy_with_vocab_sharded_logits(
     kind, reduction, weighted, ignore, eps, dtype, extra
 ):
-    mesh = _mesh(2, 4)
+    mesh = cpu_mesh((2, 4), ("data", "model"))
     n, c = 64, 1024
     rng = rng_for("sharded cross_entropy", kind, reduction, weighted, ignore, eps, dtype, extra)
-    x = jnp.asarray(rng.standard_normal((n, c)) * 2, dtype)
+    x = jnp.asarray(random_logits(rng, (n, c)), dtype)
     if kind == "prob":
-        t = rng.random((n, c))
-        t = jnp.asarray(t / t.sum(-1, keepdims=True), dtype)
+        t = jnp.asarray(prob_target(rng, (n, c), -1), dtype)
         t_spec = P("data", "model")
     else:
         t = rng.integers(0, c, n)
@@ -122,14 +115,14 @@ def test_cross_entropy_with_vocab_sharded_logits(
     # The options beyond PyTorch: a mask (replicated), z-loss and a soft cap.
     options = {}
     if extra:
-        options = {"where": jnp.asarray(rng.random(n) > 0.2), "z_loss": 1e-2, "logit_softcap": 3.0}
+        options = {"where": jnp.asarray(rng.random(n) > 0.2), **BEYOND_TORCH}
 
     def loss(x, t, w):
         return jaxce.cross_entropy(x, t, w, reduction=reduction, label_smoothing=eps, **options)
 
     def total(x, t, w):
         out = loss(x, t, w)
-        return jnp.sum(out * jnp.arange(1, out.size + 1, dtype=out.dtype).reshape(out.shape))
+        return weighted_sum(out)
 
     argnums = (0, 1) if kind == "prob" else (0,)
     step = jax.jit(jax.value_and_grad(total, argnums))
@@ -155,7 +148,7 @@ def test_cross_entropy_with_vocab_sharded_logits(
     # devices, only per-token vectors.
     if dtype == "float64" and eps:
         for fn in (step, jax.jit(loss)):
-            sizes = _hlo_collectives(fn, xs, ts, ws)
+            sizes = compiled_collectives(fn, xs, ts, ws)
             assert sizes, "expected some cross-device reduction"
             assert not [s for s in sizes if s[1] > 4 * n], sizes
 
@@ -187,7 +180,7 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
     bias, weight, smoothing) and a Hessian-vector product equal the single-device loss, and
     the compiled program communicates only per-token vectors plus the [tokens, D] sum of
     dhidden (and, data parallelism, each device's parameter gradients)."""
-    mesh = _mesh(2, 4)
+    mesh = cpu_mesh((2, 4), ("data", "model"))
     rng = rng_for("vocab parallel", reduction, weighted, eps, with_bias, ignore, extra)
     h = jnp.asarray(rng.standard_normal((N, D)))
     k = jnp.asarray(rng.standard_normal((D, V)) * 0.5)
@@ -201,7 +194,7 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
     # The options beyond PyTorch: a mask (replicated), z-loss and a soft cap.
     options = {}
     if extra:
-        options = {"where": jnp.asarray(rng.random(N) > 0.2), "z_loss": 1e-2, "logit_softcap": 3.0}
+        options = {"where": jnp.asarray(rng.random(N) > 0.2), **BEYOND_TORCH}
     # 'none' and 'sum' split the tokens over 'data' too; 'mean' needs the global
     # denominator, so its tokens are replicated.
     hs, ys = (P("data"), P("data")) if reduction != "mean" else (P(), P())
@@ -221,10 +214,7 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
         return sharded(h, k, b, w, y, e)
 
     def ref(h, k, b, w, e):
-        return jaxce.cross_entropy(
-            h @ k + (0 if b is None else b[None, :]), y, w, reduction=reduction,
-            label_smoothing=e, **options,
-        )  # fmt: skip
+        return linear_reference(h, k, b, y, w, reduction=reduction, label_smoothing=e, **options)
 
     ct = jnp.asarray(rng.standard_normal(jax.eval_shape(ref, h, k, b, w, e).shape))
 
@@ -250,7 +240,7 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
     # Communication: all-reduces of per-token vectors, of dhidden [N, D] over 'model' and
     # (data parallelism) of this device's parameter gradients [D, V/4] over 'data'; never
     # an all-gather of anything but per-token data, never the [D, V] kernel or logits.
-    sizes = _hlo_collectives(jax.jit(jax.value_and_grad(scalar(ours), argnums)), *primals)
+    sizes = compiled_collectives(jax.jit(jax.value_and_grad(scalar(ours), argnums)), *primals)
     assert sizes
     assert not [s for s in sizes if s[1] > max(N * D, D * V // 4)], sizes
     assert not [s for s in sizes if s[0] != "all-reduce" and s[1] > 4 * N], sizes
@@ -269,7 +259,7 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
 def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra):
     """sharded_linear_cross_entropy on GSPMD-sharded arrays under plain jax.jit: the
     single-device loss and gradients, the inputs' shardings kept, no gather."""
-    mesh = _mesh(2, 4)
+    mesh = cpu_mesh((2, 4), ("data", "model"))
     rng = np.random.default_rng(7)
     h = jnp.asarray(rng.standard_normal((N, D)))
     k = jnp.asarray(rng.standard_normal((D, V)) * 0.5)
@@ -284,7 +274,7 @@ def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra)
     options, ref_options = {}, {}
     if extra:
         mask = jnp.asarray(rng.random(N) > 0.2)
-        ref_options = {"where": mask, "z_loss": 1e-2, "logit_softcap": 3.0}
+        ref_options = {"where": mask, **BEYOND_TORCH}
         options = dict(ref_options, where=put(mask, "data"))
 
     def ours(h, k, w):
@@ -292,13 +282,13 @@ def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra)
             h, k, ys, w, reduction=reduction, label_smoothing=eps, mesh=mesh,
             vocab_axis="model", batch_axis="data", chunk_size=16, **options,
         )  # fmt: skip
-        return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
+        return weighted_sum(out)
 
     def ref(h, k, w):
-        out = jaxce.cross_entropy(
-            h @ k, y, w, reduction=reduction, label_smoothing=eps, **ref_options
+        out = linear_reference(
+            h, k, None, y, w, reduction=reduction, label_smoothing=eps, **ref_options
         )
-        return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
+        return weighted_sum(out)
 
     argnums = (0, 1) if w is None else (0, 1, 2)
     step = jax.jit(jax.value_and_grad(ours, argnums))
@@ -308,7 +298,7 @@ def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra)
     for g, r, x in zip(grads, ref_grads, (hs, ks, ws), strict=False):
         np.testing.assert_allclose(g, r, rtol=1e-11, atol=1e-12)
         assert g.sharding.spec == x.sharding.spec, (g.sharding.spec, x.sharding.spec)
-    sizes = _hlo_collectives(step, hs, ks, ws)
+    sizes = compiled_collectives(step, hs, ks, ws)
     assert not [s for s in sizes if s[0] != "all-reduce" and s[1] > 4 * N], sizes
     assert not [s for s in sizes if s[1] > max(N * D, D * V // 4)], sizes
     if extra:  # auxiliary outputs: sums over the whole batch, lse split like the tokens
@@ -326,7 +316,7 @@ def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra)
 def test_vocab_parallel_bfloat16_in_shard_map():
     """bfloat16 inside shard_map: the 16-bit kernel-gradient path (an identity-matmul
     transpose behind a lax.cond) against the float64 unfused loss, to bf16 accuracy."""
-    mesh = _mesh(2, 4)
+    mesh = cpu_mesh((2, 4), ("data", "model"))
     rng = np.random.default_rng(16)
     h = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((D, V)) * 0.5, jnp.bfloat16)

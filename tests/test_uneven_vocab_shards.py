@@ -2,8 +2,8 @@
 devices (507 classes over 4, 50 over 8): exact against the single-device loss in float64,
 padding columns never counted, and no gather of the kernel or the logits.
 
-Runs in-process on 8 simulated CPU devices (``jax_num_cpu_devices``, set in conftest.py);
-skipped where fewer devices exist.
+Runs in-process on the 8 simulated CPU devices that conftest.py sets up
+(``jax_num_cpu_devices``).
 """
 
 from __future__ import annotations
@@ -12,22 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import collective_sizes
-from jax.sharding import Mesh, NamedSharding
+from cases import compiled_collectives, cpu_mesh, linear_reference, weighted_sum
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxce
-
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 (simulated) devices: see tests/conftest.py"
-)
+from parity.grid import rng_for
 
 N, D = 16, 6
 IGNORE = -100
 
 
-def _problem(vocab, seed, bias=True, weight=True):
-    rng = np.random.default_rng(seed)
+def _problem(vocab, rng, bias=True, weight=True):
     h = jnp.asarray(rng.standard_normal((N, D)))
     k = jnp.asarray(rng.standard_normal((D, vocab)) * 0.7)
     b = jnp.asarray(rng.standard_normal(vocab)) if bias else None
@@ -37,11 +33,6 @@ def _problem(vocab, seed, bias=True, weight=True):
     y[1] = vocab - 1  # the last class lives in the padded slice
     mask = jnp.asarray(rng.random(N) > 0.2)
     return h, k, b, w, jnp.asarray(y), mask
-
-
-def _reference(h, k, b, w, y, reduction, **options):
-    logits = h @ k + (0 if b is None else b[None, :])
-    return jaxce.cross_entropy(logits, y, w, reduction=reduction, **options)
 
 
 OPTIONS = {
@@ -55,8 +46,8 @@ OPTIONS = {
 @pytest.mark.parametrize("options", list(OPTIONS))
 def test_sharded_linear_cross_entropy_507_classes_over_4_devices(options, reduction):
     vocab = 507  # Cut Cross-Entropy's uneven example: 127 + 127 + 127 + 126
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-    h, k, b, w, y, mask = _problem(vocab, seed=len(options) + len(reduction))
+    mesh = cpu_mesh((2, 4), ("data", "model"))
+    h, k, b, w, y, mask = _problem(vocab, rng_for("uneven 507 over 4", options, reduction))
     kw = dict(OPTIONS[options], where=mask)
 
     def sharded(h, k, b, w):
@@ -67,11 +58,10 @@ def test_sharded_linear_cross_entropy_507_classes_over_4_devices(options, reduct
             h, k, y, w, reduction=reduction, mesh=mesh, vocab_axis="model",
             batch_axis="data", bias=b, chunk_size=32, **kw,
         )  # fmt: skip
-        return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
+        return weighted_sum(out)
 
     def reference(h, k, b, w):
-        out = _reference(h, k, b, w, y, reduction, **kw)
-        return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
+        return weighted_sum(linear_reference(h, k, b, y, w, reduction=reduction, **kw))
 
     step = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))
     value, grads = step(h, k, b, w)
@@ -83,7 +73,7 @@ def test_sharded_linear_cross_entropy_507_classes_over_4_devices(options, reduct
     # Only per-token statistics, dhidden and the parameter gradients cross devices (the
     # kernel's gradient is gathered once at the end: these inputs are replicated); nothing
     # logits-sized (16 x 507).
-    sizes = collective_sizes(step.lower(h, k, b, w).compile())
+    sizes = compiled_collectives(step, h, k, b, w)
     assert not [s for s in sizes if s[1] > max(N * D, D * 508)], sizes
     assert not [s for s in sizes if s[0] != "all-reduce" and s[1] > D * 508], sizes
 
@@ -94,8 +84,8 @@ def test_linear_cross_entropy_with_vocab_size_in_shard_map(fused_stats):
     padding holds garbage, never counted, and gets zero gradient."""
     vocab, shards = 50, 8
     v_local = -(-vocab // shards)
-    mesh = Mesh(np.array(jax.devices()[:shards]), ("model",))
-    h, k, b, w, y, mask = _problem(vocab, seed=3)
+    mesh = cpu_mesh((shards,), ("model",))
+    h, k, b, w, y, mask = _problem(vocab, rng_for("uneven 50 over 8"))
     pad = v_local * shards - vocab
     garbage = np.random.default_rng(4)
     k_pad = jnp.concatenate([k, jnp.asarray(garbage.standard_normal((D, pad)) * 50)], axis=1)
@@ -112,7 +102,7 @@ def test_linear_cross_entropy_with_vocab_size_in_shard_map(fused_stats):
         return out[0] + jnp.sum(out[1].lse) if fused_stats else out
 
     def reference(h, k, b, w):
-        out = _reference(h, k, b, w, y, "mean", return_aux=fused_stats, **kw)
+        out = linear_reference(h, k, b, y, w, return_aux=fused_stats, **kw)
         return out[0] + jnp.sum(out[1].lse) if fused_stats else out
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
@@ -128,18 +118,18 @@ def test_linear_cross_entropy_with_vocab_size_in_shard_map(fused_stats):
             np.testing.assert_array_equal(got[..., vocab:], 0.0)
 
 
-def test_uneven_shards_aux_outputs_match_single_device():
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_uneven_shards_aux_outputs_match_single_device(reduction):
     vocab = 507
-    mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
-    h, k, _b, w, y, mask = _problem(vocab, seed=9, bias=False)
+    mesh = cpu_mesh((4,), ("model",))
+    h, k, _b, w, y, mask = _problem(vocab, rng_for("uneven aux"), bias=False)
     k = k.at[:, 300].set(k[:, 5])  # a tie across devices: the first class wins
     options = {"where": mask, "z_loss": 1e-3, "return_aux": True}
-    for reduction in ("none", "mean"):
-        loss, aux = jaxce.sharded_linear_cross_entropy(
-            h, k, y, w, reduction=reduction, mesh=mesh, vocab_axis="model", chunk_size=16,
-            **options,
-        )  # fmt: skip
-        ref_loss, ref_aux = jaxce.cross_entropy(h @ k, y, w, reduction=reduction, **options)
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
-        for name, got, ref in zip(aux._fields, aux, ref_aux, strict=True):
-            np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=name)
+    loss, aux = jaxce.sharded_linear_cross_entropy(
+        h, k, y, w, reduction=reduction, mesh=mesh, vocab_axis="model", chunk_size=16,
+        **options,
+    )  # fmt: skip
+    ref_loss, ref_aux = linear_reference(h, k, None, y, w, reduction=reduction, **options)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    for name, got, ref in zip(aux._fields, aux, ref_aux, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=name)
