@@ -69,13 +69,13 @@ def compiled(target, fn, *specs, context=None, shardings=None):
     try:
         with context or contextlib.nullcontext():
             c = targets.compile_for(target, fn, *specs, shardings=shardings)
-        m, cost = c.memory_analysis(), c.cost_analysis() or {}
+        r = targets.analyse(c)
     except Exception as err:
         return {"status": failure(err)}, None
-    seconds = (cost[0] if isinstance(cost, list) else cost).get("optimal_seconds")
-    row = dict(temp_bytes=m.temp_size_in_bytes, argument_bytes=m.argument_size_in_bytes)
-    row.update(output_bytes=m.output_size_in_bytes, status="ok")
-    return dict(row, model_ms=round(seconds * 1e3, 4) if seconds and seconds > 0 else ""), c
+    row = dict(temp_bytes=r.temp_bytes, argument_bytes=r.argument_bytes)
+    row.update(output_bytes=r.output_bytes, status="ok")
+    ms = "" if not r.model_seconds else round(r.model_seconds * 1e3, 4)  # 0: no model
+    return dict(row, model_ms=ms), c
 
 
 def run_child(spec, timeout):
@@ -83,7 +83,7 @@ def run_child(spec, timeout):
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
-    if spec["device"] == "gpu":  # kernel choice does not change buffers: no autotuning
+    if spec["device"] != "cpu":  # kernel choice does not change buffers: no autotuning
         env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
     cmd = [sys.executable, "-m", "benchmarks.measure", json.dumps(spec)]
     try:

@@ -136,7 +136,7 @@ def peak(ax, rows):
 def total(r):
     """Inputs + gradients + temporaries."""
     parts = ("temp_bytes", "argument_bytes", "output_bytes")
-    return sum(num(r[k]) for k in parts) - num(r.get("alias_bytes") or 0)
+    return sum(num(r[k]) for k in parts)
 
 
 def linear_memory(ax, rows, dtype, title=None, legend=None):

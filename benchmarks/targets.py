@@ -136,9 +136,13 @@ def compile_for(target: str, fn: Any, *args: Any, shardings: Any = None) -> Any:
     return jax.jit(fn).lower(*specs).compile()
 
 
-def measure(target: str, fn: Any, *args: Any) -> Compiled:
+def measure(target: str, fn: Any, *args: Any, shardings: Any = None) -> Compiled:
     """Compiles ``fn`` for ``target`` (see :func:`compile_for`) and reads XLA's report."""
-    compiled = compile_for(target, fn, *args)
+    return analyse(compile_for(target, fn, *args, shardings=shardings))
+
+
+def analyse(compiled: Any) -> Compiled:
+    """XLA's report on a compiled function: its buffers and the TPU cost model's time."""
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax: one dict per computation

@@ -55,7 +55,7 @@ def child_step(spec):
     """(step, meter) for measure.child, on inputs that torch generates on its device."""
     from benchmarks.measure import host_memory
 
-    dev = "cuda" if spec["device"] == "gpu" else "cpu"
+    dev = spec["device"]  # "cuda" or "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
     dtype, gen, shape = (
         getattr(torch, spec["dtype"]),

@@ -46,7 +46,7 @@ def cpu_budget(test):
 
 def temporaries(fn, *specs) -> int:
     """Bytes of XLA:CPU temporaries of ``jax.jit(fn)`` compiled for ``specs``."""
-    return jax.jit(fn).lower(*specs).compile().memory_analysis().temp_size_in_bytes
+    return targets.measure("cpu", fn, *specs).temp_bytes
 
 
 S = jax.ShapeDtypeStruct
