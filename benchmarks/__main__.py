@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
 import json
 import os
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 
 from benchmarks import cases, targets
-from benchmarks.measure import REPO, compiled, interleaved, run_child
+from benchmarks.measure import REPO, compiled, interleaved, run_child, write
 
 T0, DTYPES = time.time(), ("float32", "bfloat16")
 PUBLISHED = (  # (name, tokens, hidden, vocab): Liger-Kernel's and Cut Cross-Entropy's
@@ -325,15 +324,6 @@ SECTIONS = {
     "higher_order": higher_order,
     "targets": compile_only,
 }
-
-
-def write(path, data):
-    if isinstance(data, str):
-        return path.write_text(data)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in data for k in row)))
-        writer.writeheader()
-        writer.writerows(data)
 
 
 def device_name():

@@ -10,31 +10,29 @@ wall-clock time is a question for a GPU. This script times, on the default devic
 * ``masked``: a minimal lse-only custom-VJP cross-entropy whose forward picks the target
   by the masked reduction (jaxce's portable spelling);
 * ``gather``: the same loss picking it by ``take_along_axis``;
-* ``jaxce`` (as installed / on ``PYTHONPATH``) and ``optax``.
+* ``jaxce`` and ``optax`` (``benchmarks/cases.py``).
 
-All variants in one process on the same data, interleaved round by round, median of
-``--rounds``. One CSV row per (shape, variant). Usage:
+All variants in one process on the same data, interleaved in a fresh random order each
+round (``benchmarks/measure.py``), median of ``--rounds``. One CSV row per (shape,
+variant). Usage, from the repository root:
 
-    python benchmarks/gpu_spellings.py --out DIR [--rounds 20] [--quick]
+    python -m benchmarks.gpu_spellings --out DIR [--rounds 20] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
-import jaxce
+from benchmarks import cases
+from benchmarks.measure import interleaved, write
 
 
 def _forward(x, y, masked):
@@ -71,8 +69,8 @@ def _loss(masked):
 VARIANTS = {
     "masked": _loss(True),
     "gather": _loss(False),
-    "jaxce": lambda x, y: jaxce.cross_entropy(x, y),
-    "optax": lambda x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y)),
+    "jaxce": cases.CE_LOSSES["jaxce"],
+    "optax": cases.optax_ce,
 }
 
 
@@ -93,41 +91,17 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    device = jax.devices()[0]
     for n, c, dtype in shapes:
-        key = jax.random.key(0)
-        x = jax.random.normal(key, (n, c), jnp.float32).astype(dtype)
-        y = jax.random.randint(jax.random.key(1), (n,), 0, c, jnp.int32)
+        x, y = cases.inputs((n, c), dtype)
         fns = {k: jax.jit(jax.value_and_grad(f)) for k, f in VARIANTS.items()}
-        for fn in fns.values():  # compile and warm up
-            jax.block_until_ready(fn(x, y))
-            jax.block_until_ready(fn(x, y))
-        values = {k: float(fn(x, y)[0]) for k, fn in fns.items()}
-        times = {k: [] for k in fns}
-        for r in range(args.rounds):
-            order = list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]
-            for k in order:
-                start = time.perf_counter()
-                jax.block_until_ready(fns[k](x, y))
-                times[k].append(time.perf_counter() - start)
-        for k, ts in times.items():
-            row = {
-                "device": device.device_kind,
-                "tokens": n,
-                "classes": c,
-                "dtype": dtype,
-                "variant": k,
-                "median_ms": round(1e3 * statistics.median(ts), 4),
-                "min_ms": round(1e3 * min(ts), 4),
-                "loss": values[k],
-            }
-            rows.append(row)
-            print(row, flush=True)
-        del x, y, fns
-    with open(args.out / "gpu_spellings.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        calls = {k: lambda f=f, a=(x, y): jax.block_until_ready(f(*a)) for k, f in fns.items()}
+        base = dict(device=jax.devices()[0].device_kind, tokens=n, classes=c, dtype=dtype)
+        for row in interleaved(calls, args.rounds, base, lambda: 1):
+            ok = row["status"] == "ok"
+            rows.append(dict(row, loss=float(fns[row["provider"]](x, y)[0]) if ok else ""))
+            print(rows[-1], flush=True)
+        del x, y, fns, calls
+    write(args.out / "gpu_spellings.csv", rows)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ compiles before it allocates its inputs) and its time. A torch child never impor
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
@@ -25,6 +26,17 @@ def failure(err):
     text = f"{type(err).__name__}: {err}"
     oom = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "HbmOom")
     return "OOM" if any(s in text for s in oom) else "error: " + text.splitlines()[0][:160]
+
+
+def write(path, data):
+    """``data`` to ``path``: a string as is, a list of dicts as CSV (columns in order of
+    first appearance)."""
+    if isinstance(data, str):
+        return path.write_text(data)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for row in data for k in row)))
+        writer.writeheader()
+        writer.writerows(data)
 
 
 def interleaved(calls, repeats, base, left, warmup=2):
