@@ -255,9 +255,10 @@ def all_gathers(hlo, d, v):
     """Which all-gathers an HLO text has: 'none', or of the 'kernel' ([d, v]), the 'logits'
     ([tokens, v]) or 'other' arrays."""
     kinds = set()
-    for dims in re.findall(r"= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(", hlo):
-        dims = {int(s) for s in dims.split(",")}
-        kinds.add("other" if v not in dims else "kernel" if d in dims else "logits")
+    for m in re.finditer(r"= (.*?) all-gather(?:-start)?\(", hlo):  # an async start: a tuple
+        for shape in re.findall(r"\[([\d,]+)\]", m.group(1)):
+            dims = {int(s) for s in shape.split(",")}
+            kinds.add("other" if v not in dims else "kernel" if d in dims else "logits")
     return "+".join(sorted(kinds)) or "none"
 
 
