@@ -193,46 +193,72 @@ def mask_columns(v, real, fill):
     return v if real is None else jnp.where(real, v, jnp.full_like(v, fill))
 
 
-def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=None):
+def weight_chunk(w, start, size):
+    """A chunk's columns of class weights ``w`` (None: 1): ``[1, size]`` of a ``[V]``
+    vector, ``[N, size]`` of per-token ``[N, V]`` values (class-probability targets)."""
+    if w is None:
+        return 1
+    if w.ndim == 1:
+        return lax.dynamic_slice_in_dim(w, start, size)[None, :]
+    return lax.dynamic_slice_in_dim(w, start, size, axis=1)
+
+
+def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=None, probs=None):
     """One pass over the vocabulary chunks (``opts.chunk``) of ``hidden @ kernel + bias``
-    (soft-capped by ``opts.cap``), keeping per-token statistics only: ``(lse, z_y, wz, top,
-    arg)``.
+    (soft-capped by ``opts.cap``), keeping per-token statistics only: ``(lse, z_y, wz, tz,
+    wt, top, arg)``.
 
     ``lse``: online log-sum-exp (running max and rescaled sum); ``z_y``: the logit of
-    class ``idx`` where ``here`` (else 0); ``wz``: ``Σ_c w_c z_c`` (None unless
-    ``with_wz``); ``top``/``arg``: the raw logits' row max and its first class (None
-    unless ``opts.stats``). Columns past ``n_real`` (see :func:`real_columns`) are left
-    out of all of them.
+    class ``idx`` where ``here`` (else 0; None without ``idx``); ``wz``: ``Σ_c w_c z_c``
+    (None unless ``with_wz``); ``tz`` and ``wt``: ``Σ_c w_c t_c z_c`` and ``Σ_c w_c t_c``
+    for class probabilities ``probs`` ``[N, V]`` (None without ``probs``; ``wt`` summed
+    here, chunk by chunk, since XLA:CPU materialises a float32 copy of 16-bit
+    probabilities for a whole-row sum beside this loop); ``top``/``arg``: the raw logits' row max
+    and its first class (None unless ``opts.stats``). Columns past ``n_real`` (see
+    :func:`real_columns`) are left out of all of them.
     """
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, carry, hidden, kernel):
-        m, s, z_y, wz, top, arg = carry
+    def body(start, size, carry, hidden, kernel, probs):
+        m, s, z_y, wz, tz, wt, top, arg = carry
         real = real_columns(start, size, n_real)
         raw = mask_columns(chunk_logits(hidden, kernel, bias, start, size, dtype), real, -jnp.inf)
         z = mask_columns(softcap(raw, opts.cap), real, -jnp.inf)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
         s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
-        # A gather, not a masked sum over the chunk (which XLA:CPU materialises).
-        local = idx - start
-        hit = here & (local >= 0) & (local < size)
-        picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
-        z_y = z_y + jnp.where(hit, picked, jnp.zeros_like(picked))
+        if idx is not None:
+            # A gather, not a masked sum over the chunk (which XLA:CPU materialises).
+            local = idx - start
+            hit = here & (local >= 0) & (local < size)
+            picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
+            z_y = z_y + jnp.where(hit, picked, jnp.zeros_like(picked))
         if with_wz:
-            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
-            wz = wz + jnp.sum(mask_columns(wc * z, real, 0), axis=1)
+            wz = wz + jnp.sum(mask_columns(weight_chunk(w, start, size) * z, real, 0), axis=1)
+        if probs is not None:
+            tc = weight_chunk(probs, start, size).astype(dtype) * weight_chunk(w, start, size)
+            tz = tz + jnp.sum(mask_columns(tc * z, real, 0), axis=1)
+            wt = wt + jnp.sum(mask_columns(tc, real, 0), axis=1)
         if opts.stats:
             top, arg = running_argmax(raw, start, top, arg)
-        return new_m, s, z_y, wz, top, arg
+        return new_m, s, z_y, wz, tz, wt, top, arg
 
     zeros = jnp.zeros((n,), dtype)
     lowest = jnp.full((n,), -jnp.inf, dtype)
-    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
-    m, s, z_y, wz, top, arg = chunk_loop(chunks(vocab, opts.chunk), body, init, (hidden, kernel))
+    init = (lowest, zeros, zeros, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
+    pinned = (hidden, kernel, probs)
+    m, s, z_y, wz, tz, wt, top, arg = chunk_loop(chunks(vocab, opts.chunk), body, init, pinned)
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     if not opts.stats:
         top = arg = None
-    return lse, z_y, (wz if with_wz else None), top, arg
+    return (
+        lse,
+        None if idx is None else z_y,
+        wz if with_wz else None,
+        None if probs is None else tz,
+        None if probs is None else wt,
+        top,
+        arg,
+    )

@@ -67,7 +67,7 @@ def _fwd(hidden, kernel, bias, target, weight, eps, opts):
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     info = target_info(target, vocab, opts.ignore_index)
-    lse, z_y, wz, _, arg = chunk_stats(
+    lse, z_y, wz, _, _, _, arg = chunk_stats(
         hidden, kernel, bias, info.idx, info.in_range, weight, eps is not None, opts
     )
     nll = lse - z_y

@@ -7,15 +7,17 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxce import _validate
 from jaxce._chunked import auto_chunk
+from jaxce._cross_entropy import cross_entropy
 from jaxce._fused import fused_index_loss
-from jaxce._options import Options, compute_dtype
+from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator, index_stats
-from jaxce._targets import counted_sum, debug_check_targets, mask_targets
-from jaxce._vocab_parallel import vocab_parallel_loss
+from jaxce._targets import batch_total, counted_sum, debug_check_targets, mask_targets
+from jaxce._vocab_parallel import prob_linear_loss, vocab_parallel_loss
 
 
 def linear_cross_entropy(
@@ -23,7 +25,7 @@ def linear_cross_entropy(
     kernel: jax.typing.ArrayLike,
     target: jax.typing.ArrayLike,
     weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = None,
     reduction: str = "mean",
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     *,
@@ -40,31 +42,49 @@ def linear_cross_entropy(
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
-    Equal (to float tolerance) to ``cross_entropy(hidden @ kernel + bias, target, weight,
-    ignore_index, reduction, label_smoothing)`` for every option, with memory that does not
-    grow with ``tokens x vocab``: the vocabulary is processed in chunks in the forward pass
-    (online log-sum-exp) and again in the backward pass (recomputing each chunk's logits).
+    PyTorch's ``F.linear_cross_entropy`` in full: equal (to float tolerance) to
+    ``cross_entropy(hidden @ kernel + bias, target, weight, ignore_index, reduction,
+    label_smoothing)`` for class-index and class-probability targets, batched or unbatched
+    ``hidden``, and K-dimensional out-features, with memory that does not grow with
+    ``tokens x vocab``: the vocabulary is processed in chunks in the forward pass (online
+    log-sum-exp) and again in the backward pass (recomputing each chunk's logits).
 
     Args:
-      hidden: ``[..., D]`` activations (float16/bfloat16/float32/float64).
+      hidden: ``[..., D]`` activations (float16/bfloat16/float32/float64); ``[D]`` is one
+        unbatched token.
       kernel: ``[D, V]`` output projection (Flax ``Dense`` layout; tied embeddings pass
-        ``embedding.T``). Same dtype as ``hidden``.
-      target: ``[...]`` integer class indices (``hidden``'s shape without ``D``).
+        ``embedding.T``), same dtype as ``hidden``. Or ``[D, C, d1, ..., dK]`` for
+        K-dimensional out-features (Flax ``DenseGeneral``'s layout of torch's ``[C, d1, ...,
+        dK, D]``): the logits ``[..., C, d1, ..., dK]`` are then formed and passed to
+        :func:`jaxce.cross_entropy` with the class axis after the tokens' -- as PyTorch's own
+        chunked path falls back to its reference there; needs batched ``hidden``.
+      target: class indices, ``[...]`` (``hidden``'s shape without ``D``; ``[..., d1, ...,
+        dK]`` for K-dimensional out-features), integer; or class probabilities with the
+        logits' shape, ``[..., V]`` (``[..., C, d1, ..., dK]``), floating (PyTorch's rule:
+        a target of the logits' shape holds probabilities; the loss has the promoted dtype
+        of ``hidden`` and ``target``). Probabilities are read chunk by chunk like the
+        kernel: nothing of their size is formed unless they are themselves differentiated
+        (then their gradient is).
       weight: optional ``[V]`` per-class weights.
-      ignore_index, reduction, label_smoothing: as in :func:`jaxce.cross_entropy`.
-      bias: optional ``[V]`` bias.
+      ignore_index: class-index targets equal to it are skipped; None (the default, as in
+        torch) means -100. Class-probability targets take none: an int then raises, as in
+        torch.
+      reduction, label_smoothing: as in :func:`jaxce.cross_entropy` (``'mean'`` of
+        probability targets divides by the number of counted elements).
+      bias: optional ``[V]`` bias (``[C, d1, ..., dK]`` with a K-dimensional kernel).
       chunk_size: vocabulary chunk; default: about 16 MiB of float32 logits per chunk
-        (at least 256 classes).
+        (at least 256 classes). Not used with a K-dimensional kernel.
       axis_name: for use inside ``jax.shard_map`` with the vocabulary split over this mesh
-        axis: ``kernel`` (and ``bias``, ``weight``) are then this device's contiguous
-        slice ``[D, V / n]`` (the ``P(None, axis_name)`` layout), ``target`` holds global
-        class indices, and the per-token statistics are combined with ``psum``/``pmax``
-        (O(tokens) communication). Every device returns the full loss; the gradient
-        w.r.t. a ``hidden`` replicated over the axis is summed across it.
+        axis: ``kernel`` (and ``bias``, ``weight``, and class-probability ``target``) are
+        then this device's contiguous slice ``[D, V / n]`` (the ``P(None, axis_name)``
+        layout), class-index ``target`` holds global class indices, and the per-token
+        statistics are combined with ``psum``/``pmax`` (O(tokens) communication). Every
+        device returns the full loss; the gradient w.r.t. a ``hidden`` replicated over the
+        axis is summed across it.
       where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype: as in
         :func:`jaxce.cross_entropy`
-        (``where`` has ``target``'s shape; the cap applies to ``hidden @ kernel + bias``
-        chunk by chunk, nothing logits-sized is stored).
+        (``where`` has ``hidden``'s shape without ``D``; the cap applies to ``hidden @
+        kernel + bias`` chunk by chunk, nothing logits-sized is stored).
       vocab_size: with ``axis_name``, for a vocabulary that does not divide evenly over
         the ``n`` devices: each device passes an equal slice of ``ceil(V / n)`` columns of
         the kernel padded at the end to ``n * ceil(V / n)`` (any values), and
@@ -72,8 +92,9 @@ def linear_cross_entropy(
         None: every column is a class.
 
     Returns:
-      The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``
-      (or ``loss_dtype``).
+      The loss: the elements' shape (``hidden``'s without ``D``) for ``'none'``, else a
+      scalar; dtype ``hidden.dtype`` (promoted with a probability target's; or
+      ``loss_dtype``).
       With ``return_aux``: ``(loss, aux)``, a :class:`jaxce.CrossEntropyAux`.
 
     Example:
@@ -85,11 +106,29 @@ def linear_cross_entropy(
       >>> fused = jaxce.linear_cross_entropy(h, k, y, chunk_size=256)
       >>> bool(jnp.allclose(fused, jaxce.cross_entropy(h @ k, y), rtol=1e-5))
       True
+      >>> p = jax.nn.softmax(jax.random.normal(jax.random.key(2), (8, 1000)))
+      >>> soft = jaxce.linear_cross_entropy(h, k, p, label_smoothing=0.1)
+      >>> bool(jnp.allclose(soft, jaxce.cross_entropy(h @ k, p, label_smoothing=0.1)))
+      True
 
     PyTorch equivalent:
-      ``torch.nn.functional.linear_cross_entropy(hidden, kernel.T, target, bias, ...)``
-      (torch's weight has the ``[V, D]`` layout).
+      ``torch.nn.functional.linear_cross_entropy(hidden, kernel.T, target,
+      linear_bias=bias, weight=weight, reduction=..., ignore_index=...,
+      label_smoothing=...)`` (torch's ``linear_weight`` has the ``[V, D]`` layout:
+      ``jnp.moveaxis(linear_weight, -1, 0)`` is jaxce's kernel, also for K dimensions).
+      ``torch.nn.LinearCrossEntropyOptions`` picks torch's implementation, not the values:
+      its vocabulary-chunked counterpart here is ``chunk_size``; its token chunking
+      (``batch_chunk_size``, ``chunking_method``) and float32 accumulation (``acc_dtype``)
+      have no separate knob yet -- jaxce always accumulates in float32 (float64 for
+      float64 inputs); ``allow_retain_graph`` has no meaning in JAX, whose derivatives
+      (``grad``, ``jvp``, ``vmap``, second order) all work on the fused path.
     """
+    if jnp.ndim(kernel) > 2:
+        return _out_features_loss(
+            hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
+            axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype,
+            vocab_size,
+        )  # fmt: skip
     arrays, opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
@@ -98,13 +137,124 @@ def linear_cross_entropy(
     return linear_loss(*arrays, opts=opts)
 
 
+def _out_features_loss(
+    hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, axis_name,
+    where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
+):  # fmt: skip
+    """K-dimensional out-features, ``kernel [D, C, d1, ..., dK]``: the logits ``[..., C,
+    d1, ..., dK]`` are formed (as PyTorch's own chunked path falls back to its reference
+    here) and :func:`jaxce.cross_entropy` takes them with the class axis after the
+    tokens'."""
+    hidden = _validate.check_input(hidden)
+    kernel = check_kernel(kernel, hidden, max_ndim=kernel.ndim)
+    if hidden.ndim < 2:
+        raise ValueError(
+            f"a K-dimensional loss (kernel of shape {tuple(kernel.shape)}) needs batched "
+            f"hidden [N, D]; got shape {tuple(hidden.shape)}"
+        )
+    if axis_name is not None or vocab_size is not None:
+        raise ValueError(
+            "axis_name and vocab_size (vocabulary parallelism) need a 2-D kernel [D, V]; got "
+            f"a kernel of shape {tuple(kernel.shape)}"
+        )
+    bias = check_bias(bias, kernel.shape[1:])
+    logits = jnp.tensordot(hidden, kernel, axes=1)
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)[(None,) * (hidden.ndim - 1)]
+    target = _validate.as_array(target, "target")
+    probs = tuple(target.shape) == tuple(logits.shape)
+    ignore_index = check_linear_ignore_index(ignore_index, probs)
+    return cross_entropy(
+        logits, target, weight, ignore_index, reduction, label_smoothing,
+        axis=hidden.ndim - 1, where=where, z_loss=z_loss, logit_softcap=logit_softcap,
+        return_aux=return_aux, check_targets=check_targets, loss_dtype=loss_dtype,
+    )  # fmt: skip
+
+
 def prepare(
     hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, chunk_size,
     axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
 ):  # fmt: skip
-    """Checks :func:`linear_cross_entropy`'s arguments: ``((hidden, kernel, bias, target,
-    weight, eps, z), opts)`` for :func:`linear_loss`."""
+    """Checks :func:`linear_cross_entropy`'s arguments (a 2-D ``kernel``): ``((hidden,
+    kernel, bias, target, weight, eps, z, where), opts)`` for :func:`linear_loss`.
+
+    ``target`` is read as class probabilities when it has ``hidden``'s shape with ``D``
+    replaced by the kernel's ``V`` columns (PyTorch's rule: the logits' shape), else as
+    class indices; ``where`` is folded into index targets (None is passed on) and kept for
+    probabilities.
+    """
     hidden = _validate.check_input(hidden)
+    kernel = check_kernel(kernel, hidden)
+    vocab = kernel.shape[1]
+    reduction = _validate.check_reduction(reduction)
+    target = _validate.as_array(target, "target")
+    probs = tuple(target.shape) == (*hidden.shape[:-1], vocab)
+    ignore_index = check_linear_ignore_index(ignore_index, probs)
+    eps = _validate.check_label_smoothing(label_smoothing)
+    out_dtype = hidden.dtype
+    if probs:
+        if not _validate.is_float_dtype(target.dtype):
+            raise TypeError(
+                f"target has the logits' shape {tuple(target.shape)} (hidden's shape with D "
+                "replaced by the kernel's V columns), so it is read as class probabilities and "
+                f"must have a floating dtype; got {_validate.dtype_name(target.dtype)} (class "
+                f"indices have hidden's shape without D: {tuple(hidden.shape[:-1])})"
+            )
+        # PyTorch promotes (float32 logits, float64 probabilities: a float64 loss).
+        out_dtype = promote_float_dtypes(hidden.dtype, target.dtype)
+        if compute_dtype(out_dtype) != compute_dtype(hidden.dtype):
+            hidden, kernel = hidden.astype(out_dtype), kernel.astype(out_dtype)
+    elif tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape without D) "
+            f"for class indices, or {(*hidden.shape[:-1], vocab)} (the logits' shape) for "
+            f"class probabilities; got {tuple(target.shape)}"
+        )
+    elif not _validate.is_int_dtype(target.dtype):
+        raise TypeError(
+            f"target must hold integer class indices; got {_validate.dtype_name(target.dtype)}"
+        )
+    weight = _validate.check_weight(weight, vocab)
+    bias = check_bias(bias, kernel.shape[1:])
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
+    vocab_size = _validate.check_vocab_size(vocab_size, axis_name)
+    out_dtype = _validate.check_loss_dtype(loss_dtype, out_dtype)
+    z = _validate.check_z_loss(z_loss)
+    cap = _validate.check_softcap(logit_softcap)
+    return_aux = _validate.check_flag(return_aux, "return_aux")
+    check_targets = _validate.check_flag(check_targets, "check_targets")
+    element_shape = tuple(hidden.shape[:-1])
+    where = _validate.check_where(where, element_shape, "hidden's shape without D")
+    if not probs:
+        target = mask_targets(target, where, ignore_index)
+        where = None
+        if axis_name is None:
+            _validate.check_target_values(target, vocab, ignore_index)
+    num_tokens = int(np.prod(element_shape, dtype=np.int64))
+    chunk = min(chunk_size or auto_chunk(num_tokens, vocab), max(vocab, 1))
+    opts = Options(
+        ignore_index=ignore_index,
+        cap=cap,
+        stats=return_aux or z is not None,
+        reduction=reduction,
+        return_aux=return_aux,
+        check=check_targets and not probs,
+        out_dtype=out_dtype,
+        chunk=chunk,
+        axis_name=axis_name,
+        vocab_size=vocab_size,
+    )
+    return (hidden, kernel, bias, target, weight, eps, z, where), opts
+
+
+def check_kernel(kernel, hidden, max_ndim=2):
+    """The kernel: ``hidden``'s floating dtype, ``[D, V]`` (``[D, C, d1, ...]`` up to
+    ``max_ndim`` dimensions)."""
     kernel = _validate.as_array(kernel, "kernel")
     if not _validate.is_float_dtype(kernel.dtype):
         raise TypeError(
@@ -115,73 +265,63 @@ def prepare(
             f"kernel must have hidden's dtype {_validate.dtype_name(hidden.dtype)}; got "
             f"{_validate.dtype_name(kernel.dtype)}"
         )
-    if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+    if not 2 <= kernel.ndim <= max_ndim or kernel.shape[0] != hidden.shape[-1]:
+        expected = "(D, V)" if max_ndim == 2 else "(D, V) or (D, C, d1, ..., dK)"
         raise ValueError(
-            f"kernel must have shape (D, V) with D = hidden.shape[-1] = {hidden.shape[-1]}; "
-            f"got {tuple(kernel.shape)}"
+            f"kernel must have shape {expected} with D = hidden.shape[-1] = "
+            f"{hidden.shape[-1]}; got {tuple(kernel.shape)}"
         )
-    vocab = kernel.shape[1]
-    reduction = _validate.check_reduction(reduction)
+    return kernel
+
+
+def check_bias(bias, classes):
+    """The optional bias: floating, one entry per class (``classes``: the kernel's shape
+    without ``D``)."""
+    if bias is None:
+        return None
+    bias = _validate.as_array(bias, "bias")
+    if tuple(bias.shape) != tuple(classes):
+        raise ValueError(
+            f"bias must have shape {tuple(classes)} (the kernel's shape without D), one entry "
+            f"per class; got {tuple(bias.shape)}"
+        )
+    if not _validate.is_float_dtype(bias.dtype):
+        raise TypeError(f"bias must have a floating dtype; got {_validate.dtype_name(bias.dtype)}")
+    return bias
+
+
+def check_linear_ignore_index(ignore_index, probs):
+    """PyTorch's ``F.linear_cross_entropy`` rule: None means -100 for class indices, and
+    class probabilities take no ``ignore_index`` at all."""
+    if ignore_index is None:
+        return -100
     ignore_index = _validate.check_ignore_index(ignore_index)
-    eps = _validate.check_label_smoothing(label_smoothing)
-    target = _validate.as_array(target, "target")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+    if probs:
         raise ValueError(
-            f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape without D); "
-            f"got {tuple(target.shape)}"
+            "ignore_index cannot be given when target holds class probabilities (it has the "
+            f"logits' shape); got ignore_index={ignore_index}, expected None"
         )
-    if not _validate.is_int_dtype(target.dtype):
-        raise TypeError(
-            f"target must hold integer class indices; got {_validate.dtype_name(target.dtype)}"
-        )
-    weight = _validate.check_weight(weight, vocab)
-    if bias is not None:
-        bias = _validate.as_array(bias, "bias")
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(
-                f"bias must have shape ({vocab},), one entry per class; got {tuple(bias.shape)}"
-            )
-        if not _validate.is_float_dtype(bias.dtype):
-            raise TypeError(
-                f"bias must have a floating dtype; got {_validate.dtype_name(bias.dtype)}"
-            )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-    if axis_name is not None and not isinstance(axis_name, str):
-        raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
-    vocab_size = _validate.check_vocab_size(vocab_size, axis_name)
-    out_dtype = _validate.check_loss_dtype(loss_dtype, hidden.dtype)
-    z = _validate.check_z_loss(z_loss)
-    cap = _validate.check_softcap(logit_softcap)
-    return_aux = _validate.check_flag(return_aux, "return_aux")
-    check_targets = _validate.check_flag(check_targets, "check_targets")
-    where = _validate.check_where(where, tuple(target.shape), "target's shape")
-    target = mask_targets(target, where, ignore_index)
-    if axis_name is None:
-        _validate.check_target_values(target, vocab, ignore_index)
-    num_tokens = int(jnp.size(target)) if target.ndim else 1
-    chunk = min(chunk_size or auto_chunk(num_tokens, vocab), max(vocab, 1))
-    opts = Options(
-        ignore_index=ignore_index,
-        cap=cap,
-        stats=return_aux or z is not None,
-        reduction=reduction,
-        return_aux=return_aux,
-        check=check_targets,
-        out_dtype=out_dtype,
-        chunk=chunk,
-        axis_name=axis_name,
-        vocab_size=vocab_size,
-    )
-    return (hidden, kernel, bias, target, weight, eps, z), opts
+    return ignore_index
 
 
 @partial(jax.jit, static_argnames=("opts",))
-def linear_loss(hidden, kernel, bias, target, weight, eps, z, *, opts):
-    shape = target.shape
+def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    if target.ndim == hidden.ndim:  # class probabilities, [..., V]
+        shape = target.shape[:-1]
+        loss, stats = prob_linear_loss(
+            h2, kernel, bias, target.reshape(-1, target.shape[-1]), weight, eps, opts
+        )
+        valid = None if where is None else where.reshape(-1)
+        if valid is not None:
+            loss = jnp.where(valid, loss, jnp.zeros_like(loss))
+        counted = jnp.ones(loss.shape, bool) if valid is None else valid
+        # PyTorch's 'mean' for probabilities: over the elements, not the weights.
+        denominator = batch_total(counted, opts.batch_axis, loss.dtype)
+        return _per_element_shapes(
+            finish_loss(loss, stats, valid, denominator, z, opts), shape, opts
+        )
+    shape = target.shape
     t1 = target.reshape(-1)
     dtype = compute_dtype(hidden.dtype)
     want_denominator = opts.reduction == "mean" or opts.return_aux
@@ -210,7 +350,11 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, *, opts):
     valid = None
     if opts.stats:
         stats, valid = index_stats(t1, vocab, opts.ignore_index, *stats)
-    out = finish_loss(loss, stats, valid, denominator, z, opts)
+    return _per_element_shapes(finish_loss(loss, stats, valid, denominator, z, opts), shape, opts)
+
+
+def _per_element_shapes(out, shape, opts):
+    """The flat per-token outputs of :func:`finish_loss` in the elements' ``shape``."""
     if not opts.return_aux:
         return out.reshape(shape) if opts.reduction == "none" else out
     loss, aux = out

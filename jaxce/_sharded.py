@@ -16,7 +16,7 @@ def sharded_linear_cross_entropy(
     kernel: jax.typing.ArrayLike,
     target: jax.typing.ArrayLike,
     weight: jax.typing.ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = None,
     reduction: str = "mean",
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     *,
@@ -46,7 +46,8 @@ def sharded_linear_cross_entropy(
       kernel: ``[D, V]``, split over ``vocab_axis``. ``V`` need not divide evenly (50,257
         classes over 4 devices, say): the kernel, ``bias`` and ``weight`` are then padded
         to ``n * ceil(V / n)`` columns, whose padding never enters the loss.
-      target: ``[N]`` global class indices, split like ``hidden``'s tokens.
+      target: ``[N]`` global class indices, split like ``hidden``'s tokens; or ``[N, V]``
+        class probabilities, split like the tokens and like the kernel's classes.
       weight, bias: optional ``[V]``, split over ``vocab_axis``.
       ignore_index, reduction, label_smoothing, chunk_size: as in
         :func:`jaxce.linear_cross_entropy` (``chunk_size`` applies per device).
@@ -88,17 +89,18 @@ def sharded_linear_cross_entropy(
         raise ValueError(
             f"kernel must be [D, V] (D features, V classes); got shape {tuple(kernel.shape)}"
         )
-    if hidden.ndim != 2 or target.shape != hidden.shape[:1]:
+    probs = target.shape == (*hidden.shape[:1], kernel.shape[1])
+    if hidden.ndim != 2 or not (probs or target.shape == hidden.shape[:1]):
         raise ValueError(
-            f"hidden must be [N, D] and target [N]; got {tuple(hidden.shape)} and "
-            f"{tuple(target.shape)}"
+            f"hidden must be [N, D] and target [N] (class indices) or [N, V] (class "
+            f"probabilities); got {tuple(hidden.shape)} and {tuple(target.shape)}"
         )
     if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
         raise ValueError(
             f"the number of tokens ({hidden.shape[0]}) must divide evenly over mesh axis "
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
-    where = _validate.check_where(where, tuple(target.shape), "target's shape")
+    where = _validate.check_where(where, tuple(hidden.shape[:1]), "the tokens of hidden [N, D]")
     out_dtype = _validate.check_loss_dtype(loss_dtype, hidden.dtype)
     vocab = kernel.shape[1]
     shards = mesh.shape[vocab_axis]
@@ -107,6 +109,7 @@ def sharded_linear_cross_entropy(
         kernel = jnp.pad(kernel, ((0, 0), (0, padding)))
         weight = None if weight is None else jnp.pad(jnp.asarray(weight), (0, padding))
         bias = None if bias is None else jnp.pad(jnp.asarray(bias), (0, padding))
+        target = jnp.pad(target, ((0, 0), (0, padding))) if probs else target
     P = jax.sharding.PartitionSpec
     rows, classes = P(batch_axis), P(vocab_axis)
 
@@ -119,7 +122,8 @@ def sharded_linear_cross_entropy(
         )  # fmt: skip
         return linear_loss(*arrays, opts=opts._replace(batch_axis=batch_axis))
 
-    in_specs = (rows, P(None, vocab_axis), rows, None if weight is None else classes,
+    in_specs = (rows, P(None, vocab_axis), P(batch_axis, vocab_axis) if probs else rows,
+                None if weight is None else classes,
                 None if bias is None else classes, P(), None if where is None else rows)  # fmt: skip
     scalar = rows if reduction == "none" else P()
     out_specs = scalar

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxce._chunked import (
     accumulate_chunk_grads,
@@ -34,6 +35,7 @@ from jaxce._chunked import (
     chunks,
     mask_columns,
     real_columns,
+    weight_chunk,
     zero_grads,
 )
 from jaxce._derivatives import lean_tangent
@@ -51,105 +53,165 @@ def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real):
     return raw, mask_columns(softcap(raw, cap), real, -jnp.inf), cls, real
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(7, 8))
-def shard_stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts: Options):
-    """``(lse_d, z_y_d, wz_d, top_d, arg_d)`` over this device's vocabulary slice:
-    log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target index),
-    ``Σ w z`` (None without smoothing) of the (capped) logits, and the raw logits' row max
-    and its local class (None unless ``opts.stats``; no derivative). ``n_real``: None, or
-    how many of the slice's columns are real classes (the rest pad an uneven split)."""
-    return _stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts)
+@partial(jax.custom_jvp, nondiff_argnums=(8, 9))
+def shard_stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts: Options):
+    """``(lse_d, z_y_d, wz_d, tz_d, wt_d, top_d, arg_d)`` over this device's vocabulary
+    slice: log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target
+    index; None without ``idx``), ``Σ w z`` (None without ``with_wz``), and ``Σ w t z`` and
+    ``Σ w t`` for class probabilities ``probs [N, V_local]`` (None without ``probs``) of the
+    (capped) logits,
+    and the raw logits' row max and its local class (None unless ``opts.stats``; no
+    derivative). ``n_real``: None, or how many of the slice's columns are real classes
+    (the rest pad an uneven split).
+
+    Derivatives in ``hidden``, ``kernel``, ``bias``, ``weight`` and ``probs``; the tangent
+    and its transpose compute only the terms of the inputs that are differentiated
+    (symbolic zeros), so a weight or target gradient costs nothing unless asked for.
+    """
+    return _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
 
 
-def _stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts):
-    lse, z_y, wz, top, arg = chunk_stats(
-        hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real
+def _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts):
+    lse, z_y, wz, tz, wt, top, arg = chunk_stats(
+        hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real, probs
     )
     if opts.stats:
         # The class as a float (exact below 2**24 classes): a float output can take the zero
         # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
         arg = arg.astype(lse.dtype)
-    return lse, z_y, wz, top, arg
+    return lse, z_y, wz, tz, wt, top, arg
 
 
-@shard_stats.defjvp
+def _present(t):
+    return t is not None and not isinstance(t, SymbolicZero)
+
+
 def _stats_jvp(with_wz, opts, primals, tangents):
-    hidden, kernel, bias, idx, here, weight, n_real = primals
-    out = _stats(hidden, kernel, bias, idx, here, weight, n_real, with_wz, opts)
-    dh, dk, db, _, _, dw, _ = tangents
+    hidden, kernel, bias, idx, here, weight, probs, n_real = primals
+    out = _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
+    dh, dk, db, _, _, dw, dt, _ = tangents
+    # The weight moves wz, tz and wt; the probabilities move tz and wt.
+    dw = dw if (with_wz or probs is not None) and _present(dw) else None
+    dt = dt if probs is not None and _present(dt) else None
+    present = tuple(_present(t) for t in (dh, dk, db, dw, dt))
+    moving = tuple(o for o in out[:5] if o is not None)
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
-        lambda res, cts: _transpose(res, cts, with_wz, opts.chunk, opts.cap),
-        (hidden, kernel, bias, idx, here, weight, n_real, out[0]),
-        (dh, dk, db, dw if with_wz else None),
-        tuple(o for o in out[:3] if o is not None),
+        lambda res, cts: _transpose(res, cts, present, with_wz, opts.chunk, opts.cap),
+        (hidden, kernel, bias, idx, here, weight, probs, n_real, out[0]),
+        (dh, dk, db, dw, dt),
+        moving,
     )
     t_iter = iter(t_out)
-    tangent = tuple(None if o is None else next(t_iter) for o in out[:3])
+    tangent = tuple(None if o is None else next(t_iter) for o in out[:5])
     if opts.stats:
-        tangent = (*tangent, jnp.zeros_like(out[3]), jnp.zeros_like(out[4]))
+        tangent = (*tangent, jnp.zeros_like(out[5]), jnp.zeros_like(out[6]))
     else:
         tangent = (*tangent, None, None)
     return out, tangent
 
 
+shard_stats.defjvp(_stats_jvp, symbolic_zeros=True)
+
+
 def _tangent(res, tangents, with_wz, chunk, cap):
-    hidden, kernel, bias, idx, here, weight, n_real, lse = res
-    dh, dk, db, dw = tangents
+    hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
+    dh, dk, db, dw, dt = tangents
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
+    dw = None if dw is None else dw.astype(dtype)
 
-    def body(start, size, acc, hidden, kernel, dk):
-        d_lse, d_zy, d_wz = acc
+    def body(start, size, acc, hidden, kernel, dk, probs, dt):
+        d_lse, d_zy, d_wz, d_tz, d_wt = acc
         raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
+        z0 = mask_columns(z, real, 0)
+        wc = weight_chunk(w, start, size)
+        tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
-        if dz is not None:  # None: only the weight moves
+        if dz is not None:  # None: only the weight or the probabilities move
             dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
             d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
-            hit = here[:, None] & (cls == idx[:, None])
-            d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
-        if with_wz:
-            if dz is not None:
-                wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+            if idx is not None:
+                hit = here[:, None] & (cls == idx[:, None])
+                d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
+            if with_wz:
                 d_wz = d_wz + jnp.sum(wc * dz, axis=1)
-            if dw is not None:
-                dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
-                d_wz = d_wz + jnp.sum(mask_columns(dwc * z, real, 0), axis=1)
-        return d_lse, d_zy, d_wz
+            if tc is not None:
+                d_tz = d_tz + jnp.sum(wc * tc * dz, axis=1)
+        if dw is not None:
+            dwc = weight_chunk(dw, start, size)
+            if with_wz:
+                d_wz = d_wz + jnp.sum(dwc * z0, axis=1)
+            if tc is not None:
+                d_tz = d_tz + jnp.sum(dwc * tc * z0, axis=1)
+                d_wt = d_wt + jnp.sum(mask_columns(dwc * tc, real, 0), axis=1)
+        if dt is not None:
+            dtc = weight_chunk(dt, start, size).astype(dtype)
+            d_tz = d_tz + jnp.sum(wc * dtc * z0, axis=1)
+            d_wt = d_wt + jnp.sum(mask_columns(wc * dtc, real, 0), axis=1)
+        return d_lse, d_zy, d_wz, d_tz, d_wt
 
     zero = jnp.zeros_like(lse)
-    pinned = (hidden, kernel, dk)
-    d_lse, d_zy, d_wz = chunk_loop(chunks(vocab, chunk), body, (zero, zero, zero), pinned)
-    return (d_lse, d_zy, d_wz) if with_wz else (d_lse, d_zy)
+    pinned = (hidden, kernel, dk, probs, dt)
+    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 5, pinned)
+    return tuple(
+        t
+        for t, on in zip(
+            out,
+            (True, idx is not None, with_wz, probs is not None, probs is not None),
+            strict=True,
+        )
+        if on
+    )
 
 
-def _transpose(res, cts, with_wz, chunk, cap):
-    hidden, kernel, bias, idx, here, weight, n_real, lse = res
-    g_lse, g_zy = cts[0], cts[1]
-    g_wz = cts[2] if with_wz else None
+def _transpose(res, cts, present, with_wz, chunk, cap):
+    hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
+    cts = iter(cts)
+    g_lse = next(cts)
+    g_zy = next(cts) if idx is not None else None
+    g_wz = next(cts) if with_wz else None
+    g_tz = next(cts) if probs is not None else None
+    g_wt = next(cts) if probs is not None else None
+    want_dw, want_dt = present[3], present[4]
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
-    def body(start, size, carry, hidden, kernel):
-        dh, dk, db, dw = carry
+    def body(start, size, carry, hidden, kernel, probs):
+        dh, dk, db, dw, dt = carry
         raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
+        z0 = mask_columns(z, real, 0)
+        wc = weight_chunk(w, start, size)
+        tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
         dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
-        dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
-        if with_wz:
-            wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
+        if g_zy is not None:
+            dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
+        if g_wz is not None:
             dz = dz + wc * g_wz[:, None]
+        if g_tz is not None:
+            dz = dz + wc * tc * g_tz[:, None]
         dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
         dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
-            dw_c = jnp.sum(g_wz[:, None] * mask_columns(z, real, 0), axis=0)
+            spread = 0
+            if g_wz is not None:
+                spread = spread + g_wz[:, None] * z0
+            if g_tz is not None:
+                spread = spread + mask_columns(tc * (g_tz[:, None] * z0 + g_wt[:, None]), real, 0)
+            dw_c = jnp.sum(spread, axis=0)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
-        return dh, dk, db, dw
+        if dt is not None:
+            dt_c = mask_columns(wc * (g_tz[:, None] * z0 + g_wt[:, None]), real, 0)
+            dt = lax.dynamic_update_slice_in_dim(dt, dt_c.astype(dt.dtype), start, 1)
+        return dh, dk, db, dw, dt
 
-    init = zero_grads(hidden, kernel, bias, weight if with_wz else None, dtype)
-    dh, dk, db, dw = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel))
-    return dh.astype(hidden.dtype), dk, db, dw
+    dh, dk, db, dw = zero_grads(hidden, kernel, bias, weight if want_dw else None, dtype)
+    dt = jnp.zeros_like(probs) if want_dt else None
+    init = (dh, dk, db, dw, dt)
+    dh, dk, db, dw, dt = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel, probs))
+    return dh.astype(hidden.dtype), dk, db, dw, dt
 
 
 class ShardTargets(NamedTuple):
@@ -189,6 +251,32 @@ def split_vocab(v_local: int, opts: Options) -> tuple[int, Any]:
     return vocab, jnp.clip(vocab - start, 0, v_local).astype(jnp.int32)
 
 
+def _combine_lse(lse_d, axis_name):
+    """The log-sum-exp over every device's slice from each one's own (``axis_name`` None:
+    the one device's)."""
+    if axis_name is None:
+        return lse_d
+    top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
+    top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
+    return top + jnp.log(lax.psum(jnp.exp(lse_d - top), axis_name))
+
+
+def _global_argmax(top_d, arg_d, v_local, axis_name):
+    """The global first argmax from each device's row max ``top_d`` and its local class
+    ``arg_d``: the smallest global class among the devices holding the row max."""
+    arg_d = arg_d.astype(jnp.int32)
+    if axis_name is None:
+        return arg_d
+    best = lax.pmax(top_d, axis_name)
+    first = jnp.iinfo(jnp.int32).max
+    gidx = arg_d + lax.axis_index(axis_name) * v_local
+    return lax.pmin(jnp.where(top_d == best, gidx, first), axis_name)
+
+
+def _total(v, axis_name):
+    return v if axis_name is None else lax.psum(v, axis_name)
+
+
 def vocab_parallel_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
     """Per-token losses over the whole vocabulary from per-device slices (see the module
     doc), with ``(valid, w_y)`` and, with ``opts.stats``, ``(lse, argmax)``."""
@@ -200,27 +288,66 @@ def vocab_parallel_loss(hidden, kernel, bias, target, weight, eps, opts: Options
     valid, here, idx, w_y = shard_targets(
         target, weight, v_local, vocab, ignore_index, axis_name, dtype
     )
-    lse_d, z_y_d, wz_d, top_d, arg_d = shard_stats(
-        hidden, kernel, bias, idx, here, weight, n_real, eps is not None, opts
+    lse_d, z_y_d, wz_d, _, _, top_d, arg_d = shard_stats(
+        hidden, kernel, bias, idx, here, weight, None, n_real, eps is not None, opts
     )
-    top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
-    top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
-    lse = top + jnp.log(lax.psum(jnp.exp(lse_d - top), axis_name))
+    lse = _combine_lse(lse_d, axis_name)
     nll = lse - lax.psum(z_y_d, axis_name)
     smooth = None
     if eps is not None:
-        sum_w = vocab
-        if weight is not None:
-            real = real_columns(0, v_local, n_real)
-            local_w = mask_columns(weight.astype(dtype)[None, :], real, 0)
-            sum_w = lax.psum(jnp.sum(local_w), axis_name)
-        smooth = lse * sum_w - lax.psum(wz_d, axis_name)
+        smooth = lse * _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype)
+        smooth = smooth - lax.psum(wz_d, axis_name)
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
     if not opts.stats:
         return loss, valid, w_y, None
-    # Global argmax: the smallest global class among the devices holding the row max.
-    best = lax.pmax(top_d, axis_name)
-    first = jnp.iinfo(jnp.int32).max
-    gidx = arg_d.astype(jnp.int32) + lax.axis_index(axis_name) * v_local
-    arg = lax.pmin(jnp.where(top_d == best, gidx, first), axis_name)
-    return loss, valid, w_y, (lse, arg)
+    return loss, valid, w_y, (lse, _global_argmax(top_d, arg_d, v_local, axis_name))
+
+
+def _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype):
+    """``Σ_c w_c`` over the real classes of every slice (``vocab`` if unweighted)."""
+    if weight is None:
+        return vocab
+    real = real_columns(0, v_local, n_real)
+    return _total(jnp.sum(mask_columns(weight.astype(dtype)[None, :], real, 0)), axis_name)
+
+
+def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options):
+    """Per-token losses ``Σ_c w_c t'_c (lse - z_c)`` of ``hidden [N, D] @ kernel + bias``
+    against class probabilities ``probs [N, V]`` (``t' = (1 - eps) t + eps / V``), as
+    :func:`jaxce._prob.prob_loss` on those logits; and, with ``opts.stats``, ``(lse,
+    argmax, hit)`` (``hit``: the argmax is the target's).
+
+    With ``opts.axis_name`` (inside ``shard_map``), ``kernel``, ``bias``, ``weight`` and
+    ``probs`` are this device's vocabulary slice and the per-token statistics are combined
+    across the axis; without it, one device holds the whole vocabulary. Both run the
+    vocabulary-chunked :func:`shard_stats`: ``loss = W lse - S`` with ``W = Σ_c w_c t'_c``
+    and ``S = Σ_c w_c t'_c z_c = (1 - eps) Σ_c w_c t_c z_c + eps / V Σ_c w_c z_c``, so the
+    derivatives in ``eps``, ``weight`` and the probabilities are autodiff's through these
+    per-token sums and :func:`shard_stats`'s own (nothing ``[N, V]`` is formed unless the
+    probabilities themselves are differentiated).
+    """
+    axis_name = opts.axis_name
+    eps = checked_eps(eps)
+    dtype = compute_dtype(hidden.dtype)
+    v_local = kernel.shape[1]
+    vocab, n_real = (v_local, None) if axis_name is None else split_vocab(v_local, opts)
+    lse_d, _, wz_d, tz_d, wt_d, top_d, arg_d = shard_stats(
+        hidden, kernel, bias, None, None, weight, probs, n_real, eps is not None, opts
+    )
+    lse = _combine_lse(lse_d, axis_name)
+    real = real_columns(0, v_local, n_real)
+    big_w, s = _total(wt_d, axis_name), _total(tz_d, axis_name)
+    if eps is not None:
+        keep, spread = 1 - eps.astype(dtype), eps.astype(dtype) / vocab
+        sum_w = _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype)
+        big_w = keep * big_w + spread * sum_w
+        s = keep * s + spread * _total(wz_d, axis_name)
+    loss = big_w * lse - s
+    if not opts.stats:
+        return loss, None
+    arg = _global_argmax(top_d, arg_d, v_local, axis_name)
+    t_max = mask_columns(lax.stop_gradient(probs), real, -jnp.inf)
+    t_arg = _global_argmax(
+        jnp.max(t_max, axis=1).astype(dtype), jnp.argmax(t_max, axis=1), v_local, axis_name
+    )
+    return loss, (lse, arg, arg == t_arg)

@@ -258,7 +258,7 @@ def test_linear_cross_entropy_axis_name_must_be_a_string():
     ("kw", "exc", "pattern"),
     [
         (dict(where=jnp.ones((4, 1), bool)), ValueError,
-         r"where must have shape \(4,\) \(target's shape\); got \(4, 1\)"),
+         r"where must have shape \(4,\) \(hidden's shape without D\); got \(4, 1\)"),
         (dict(logit_softcap=-1.0), ValueError, r"logit_softcap must be a positive finite float"),
         (dict(z_loss=-1.0), ValueError, r"z_loss must be a finite float >= 0"),
         (dict(return_aux="yes"), TypeError, r"return_aux must be a bool"),
