@@ -73,9 +73,10 @@ def run_page(page: pathlib.Path, *, with_torch: bool) -> int:
                 continue
             where = f"{_rel(page)}, block at line {line}"
             if info == "python":
-                exec(compile(body, where, "exec"), namespace)
+                # Compiled at its own lines of the page: a traceback shows the page's line.
+                exec(compile("\n" * line + body, str(page), "exec"), namespace)
             else:
-                test = doctest.DocTestParser().get_doctest(body, namespace, where, where, line)
+                test = doctest.DocTestParser().get_doctest(body, namespace, where, str(page), line)
                 runner = doctest.DocTestRunner(
                     optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
                 )
@@ -162,3 +163,15 @@ def test_torch_blocks_exist():
     """test_page_blocks_run runs these where torch is installed (the pinned leg)."""
     torch_blocks = [b for p in PAGES for i, b, _ in _blocks(p) if i in EXECUTED and _needs_torch(b)]
     assert torch_blocks  # the parity.compare example, the porting guide
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_relative_links_resolve(page: pathlib.Path):
+    """Links and images to files of the repository exist (Sphinx checks docs/ itself; the
+    README is read on GitHub, where a relative link to docs/*.md opens that page)."""
+    text = FENCE.sub("", page.read_text())
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        assert path.exists(), f"{_rel(page)}: link to {target}, no such file"
