@@ -335,12 +335,13 @@ def module_cases() -> list[Case]:
 
 
 def torch_linear(**options: Any) -> Callable[..., Any]:
-    """torch's linear_cross_entropy on jaxce's kernel layout ``[D, V]`` (torch: ``[V, D]``)."""
+    """torch's linear_cross_entropy on jaxce's kernel layout ``[D, V]`` or ``[D, C, d1,
+    ...]`` (torch: ``[V, D]`` or ``[C, d1, ..., D]``)."""
     import torch
 
     def fn(hidden, kernel, target, bias=None, weight=None):
         return torch.nn.functional.linear_cross_entropy(
-            hidden, kernel.T, target, linear_bias=bias, weight=weight, **options
+            hidden, kernel.movedim(0, -1), target, linear_bias=bias, weight=weight, **options
         )
 
     return fn
@@ -357,40 +358,77 @@ def jax_linear(chunk_size: int | None = None, **options: Any) -> Callable[..., A
     return fn
 
 
+def _linear_case(ident, dtype, inputs, options, chunk_size=128) -> Case:
+    grad_wrt = ["hidden", "kernel"] + (["bias"] if "bias" in inputs else [])
+    if np.issubdtype(inputs["target"].dtype, np.floating):
+        grad_wrt.append("target")
+    return Case(
+        id=f"linear|{ident}|{dtype}",
+        category="linear_cross_entropy",
+        dtype=dtype,
+        jax_fn=jax_linear(chunk_size=chunk_size, **options),
+        torch_fn=torch_linear(**options),
+        inputs=inputs,
+        grad_wrt=tuple(grad_wrt),
+    )
+
+
+LINEAR_DTYPES = ("float64", "float32", "bfloat16")
+
+
 def linear_cross_entropy_suite() -> list[Case]:
-    """jaxce.linear_cross_entropy vs torch.nn.functional.linear_cross_entropy."""
+    """jaxce.linear_cross_entropy vs torch.nn.functional.linear_cross_entropy: class
+    indices and class probabilities over the option grid, unbatched hidden, torch's default
+    ``ignore_index=None``, and K-dimensional out-features."""
     cases = []
     grid = itertools.product(
-        REDUCTIONS,
-        (0.0, 0.1),
-        ("none", "random"),
-        (False, True),
-        ("float64", "float32", "bfloat16"),
-    )
-    for reduction, eps, weight, with_bias, dtype in grid:
-        rng = rng_for("linear", reduction, eps, weight, with_bias)
+        ("index", "probs"), REDUCTIONS, (0.0, 0.1), ("none", "random"), (False, True),
+        LINEAR_DTYPES,
+    )  # fmt: skip
+    for kind, reduction, eps, weight, with_bias, dtype in grid:
+        key = ("linear", reduction, eps, weight, with_bias)
+        rng = rng_for(*(key if kind == "index" else (*key, kind)))
         n, d, v = 9, 16, 517  # v spans several chunks and a remainder
         hidden = rng.standard_normal((n, d))
         kernel = rng.standard_normal((d, v)) * d**-0.5
-        y = rng.integers(0, v, n)
-        y[2] = -100
+        if kind == "index":
+            y = rng.integers(0, v, n)
+            y[2] = -100
+            options = dict(reduction=reduction, ignore_index=-100, label_smoothing=eps)
+            ident = f"{reduction}|ls={eps}|w={weight}|bias={with_bias}"
+        else:
+            y = rng.dirichlet(np.ones(v), n)
+            options = dict(reduction=reduction, label_smoothing=eps)
+            ident = f"probs|{reduction}|ls={eps}|w={weight}|bias={with_bias}"
         inputs = {"hidden": hidden, "kernel": kernel, "target": y}
         if with_bias:
             inputs["bias"] = rng.standard_normal(v) * 0.1
         if weight == "random":
             inputs["weight"] = rng.uniform(0.25, 3.0, v)
-        options = dict(reduction=reduction, ignore_index=-100, label_smoothing=eps)
-        cases.append(
-            Case(
-                id=f"linear|{reduction}|ls={eps}|w={weight}|bias={with_bias}|{dtype}",
-                category="linear_cross_entropy",
-                dtype=dtype,
-                jax_fn=jax_linear(chunk_size=128, **options),
-                torch_fn=torch_linear(**options),
-                inputs=inputs,
-                grad_wrt=("hidden", "kernel") + (("bias",) if with_bias else ()),
-            )
-        )
+        cases.append(_linear_case(ident, dtype, inputs, options))
+    for kind, dtype in itertools.product(("index", "probs"), LINEAR_DTYPES):
+        rng = rng_for("linear forms", kind)
+        d, v, c, out = 16, 517, 6, (3, 2)
+        target = rng.integers(0, v, ()) if kind == "index" else rng.dirichlet(np.ones(v))
+        inputs = {"hidden": rng.standard_normal(d), "kernel": rng.standard_normal((d, v)) * d**-0.5,
+                  "target": np.asarray(target), "weight": rng.uniform(0.25, 3.0, v)}  # fmt: skip
+        cases.append(_linear_case(f"unbatched|{kind}", dtype, inputs, dict(label_smoothing=0.1)))
+        n = 9
+        if kind == "index":
+            target = rng.integers(0, c, (n, *out))
+        else:
+            target = rng.dirichlet(np.ones(c), (n, *out)).transpose(0, 3, 1, 2)
+        inputs = {"hidden": rng.standard_normal((n, d)),
+                  "kernel": rng.standard_normal((d, c, *out)) * d**-0.5, "target": target,
+                  "bias": rng.standard_normal((c, *out)) * 0.1, "weight": rng.uniform(0.25, 3.0, c)}  # fmt: skip
+        cases.append(_linear_case(f"k-dim|{kind}", dtype, inputs, dict(label_smoothing=0.1)))
+    for reduction, dtype in itertools.product(REDUCTIONS, LINEAR_DTYPES):
+        rng = rng_for("linear ignore_index=None", reduction)
+        n, d, v = 9, 16, 517
+        y = rng.integers(0, v, n)
+        y[[1, 4]] = -100  # torch's None means -100 for class indices
+        inputs = {"hidden": rng.standard_normal((n, d)), "kernel": rng.standard_normal((d, v)) * d**-0.5, "target": y}  # fmt: skip
+        cases.append(_linear_case(f"ignore_index=None|{reduction}", dtype, inputs, dict(reduction=reduction)))  # fmt: skip
     return cases
 
 
