@@ -40,9 +40,9 @@ def _cases():
                 shapes = "x".join(str(tuple(t.shape)) for t in (s.input, *s.args))
                 desc = ",".join(f"{k}={'T' if hasattr(v, 'shape') else v}" for k, v in kw.items())
                 # The default suite: every float64 sample of the reference path and every
-                # fourth of the chunked ones (jaxce sees the same calls there); the rest
+                # sixth of the chunked ones (jaxce sees the same calls there); the rest
                 # with -m slow.
-                full = dtype == "float64" and (variant == "reference" or i % 4 == 0)
+                full = dtype == "float64" and (variant == "reference" or i % 6 == 0)
                 marks = () if full else pytest.mark.slow
                 yield pytest.param(
                     variant, dtype, i, id=f"{variant}-{dtype}-{i}-{shapes}-{desc}", marks=marks
@@ -84,7 +84,14 @@ def test_opinfo_sample(variant, dtype, index):
             hidden, jnp.moveaxis(kernel, -1, 0), target, weight, bias=bias, **kwargs
         )
 
-    result = compare(jax_fn, torch_fn, inputs, grad_wrt=grad_wrt, dtype=dtype, seed=index)
+    # torch's samples draw from [-9, 9]: logits reach ~100 and gradients ~10, so float32
+    # rounding alone (jaxce's materialised loss included) moves a gradient entry by a few
+    # 1e-6 -- above the default float32 atol of 2e-6 (seen: 4.6e-6 fused, 3.2e-6
+    # materialised, 1.8e-6 torch, on values of 12, against torch's float64).
+    tolerance = (2e-5, 1e-5) if dtype == "float32" else None
+    result = compare(
+        jax_fn, torch_fn, inputs, grad_wrt=grad_wrt, dtype=dtype, seed=index, tolerance=tolerance
+    )
     assert result.passed, result.message
     assert not result.error_parity, "torch raised on its own sample"
 
