@@ -1,21 +1,33 @@
-"""The fused linear + cross-entropy core: ``hidden @ kernel + bias`` never materialised.
+"""The one fused linear + cross-entropy core: ``hidden @ kernel + bias`` never materialised,
+on one device or with the vocabulary split over a ``shard_map`` mesh axis.
 
-* forward: one pass over vocabulary chunks with an online log-sum-exp (running max and
-  rescaled sum), also picking the target logit and, with smoothing, ``Σ_c w_c z_c``;
-  only per-token statistics are kept (``_chunked.chunk_stats``);
-* backward: a second pass recomputes each chunk's logits, forms its logit gradient
-  (``_rows.index_logit_grad``) in float32, writes the finished ``dkernel`` (and
-  ``dbias``/``dweight``) slice for that chunk, and accumulates ``dhidden`` in float32;
-* tangent (forward mode): one chunked pass, ``Σ_c dz_c (dhidden @ k_c + hidden @ dk_c +
-  db_c)``; the backward pass above is its hand-written transpose (see
-  ``_derivatives.py``), and both are plain differentiable JAX, so Hessian-vector
-  products stay chunked too.
+``shard_stats`` walks the kernel's vocabulary columns in chunks (``_chunked.chunk_stats``:
+never even a ``[tokens, chunk]`` block beyond one chunk) and returns per-token statistics
+of the (soft-capped) logits only: the log-sum-exp, the target logit (class indices), and,
+with smoothing or class probabilities, the weighted sums ``Σ_c w_c z_c``, ``Σ_c w_c t_c
+z_c`` and ``Σ_c w_c t_c``. The per-token losses are built from them with the same
+formulas as the dense losses -- ``lse - z_y`` and the smoothing term for class indices
+(:func:`index_linear_loss`), ``W lse - S`` for class probabilities
+(:func:`prob_linear_loss`) -- so every option (weight, ignore_index, label smoothing,
+soft-cap, reductions, aux outputs) matches ``cross_entropy`` of the materialised logits.
 
-Live memory is a few ``[tokens, chunk]`` float32 blocks plus a float32 ``[tokens, D]``
-accumulator: no ``[tokens, vocab]`` array and no float32 copy of the kernel. Matmuls run
-in the input dtype with float32 accumulation (``preferred_element_type``); softmax math is
-float32; gradients come back in the inputs' dtypes. The cost is one extra matmul (the
-recomputed logits): four instead of three.
+Vocabulary parallelism (``opts.axis_name``): each member of the mesh axis holds a
+contiguous slice of the vocabulary (``kernel[:, r*V_local:(r+1)*V_local]``, the layout of
+``P(None, axis_name)``; class probabilities and class weights likewise), its statistics
+cover that slice, and the per-token statistics are combined with ``pmax``/``psum`` of
+``[tokens]`` vectors -- O(tokens) communication. Without an axis the same code runs over
+the one device's whole vocabulary.
+
+Derivatives: ``shard_stats`` is a ``custom_jvp`` whose tangent (one chunked pass) is
+paired, through ``linear_map``, with a hand-written chunked transpose (the backward pass:
+it recomputes each chunk's logits, writes that chunk's ``dkernel`` slice and accumulates
+``dhidden`` in float32 -- four vocabulary matmuls in all, against three for the
+materialised loss); everything around it (the per-token formulas, the cross-device
+combination) is plain autodiff, which gives the derivatives in ``weight``, ``eps`` and the
+targets. The gradient w.r.t. a ``hidden`` replicated over the axis is summed across it by
+``linear_map``'s cast. Live memory: a few ``[tokens, chunk]`` float32 blocks plus a float32
+``[tokens, D]`` accumulator for 16-bit inputs; no ``[tokens, vocab]`` array and no float32
+copy of the kernel.
 """
 
 from __future__ import annotations
@@ -26,8 +38,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _rows
 from jaxce._chunked import (
     accumulate_chunk_grads,
     chunk_classes,
@@ -36,134 +48,323 @@ from jaxce._chunked import (
     chunk_loop,
     chunk_stats,
     chunks,
+    mask_columns,
+    real_columns,
+    weight_chunk,
     zero_grads,
 )
-from jaxce._derivatives import lean_jvp_rule
+from jaxce._derivatives import lean_tangent
 from jaxce._options import Options, checked_eps, compute_dtype
-from jaxce._targets import target_info, target_weight
+from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
+from jaxce._targets import nan_if_out_of_range, target_info
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(6,))
-def fused_index_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
-    """Per-token losses of ``hidden [N, D] @ kernel [D, V] + bias`` against ``target
-    [N]``, as :func:`jaxce._index.index_loss` on those logits (``opts.stats`` too)."""
-    return _fwd(hidden, kernel, bias, target, weight, eps, opts)[0]
-
-
-class _Res(NamedTuple):
-    hidden: Any
-    kernel: Any
-    bias: Any
-    target: Any
-    weight: Any
-    eps: Any
-    lse: Any
-    nll: Any
-    smooth: Any
-
-
-def _fwd(hidden, kernel, bias, target, weight, eps, opts):
-    eps = checked_eps(eps)
-    dtype = compute_dtype(hidden.dtype)
-    vocab = kernel.shape[1]
-    info = target_info(target, vocab, opts.ignore_index)
-    lse, z_y, wz, _, _, _, arg = chunk_stats(
-        hidden, kernel, bias, info.idx, info.in_range, weight, eps is not None, opts
-    )
-    nll = lse - z_y
-    w_y = target_weight(weight, info, dtype)
-    smooth = None
-    if eps is not None:
-        smooth = lse * _rows.sum_weight(weight, vocab, dtype) - wz  # Σ_c w_c (lse - z_c)
-    loss = _rows.combine_index_loss(info.valid, w_y, nll, smooth, eps, vocab)
-    res = _Res(hidden, kernel, bias, target, weight, eps, lse, nll, smooth)
-    if opts.stats:
-        return (loss, lse, arg), res
-    return loss, res
-
-
-def _chunk_rows(rows, start, size, idx, weight):
-    """A chunk's view of the gradient rows: ``(rows [N, 1], is_target, w_c)``."""
+def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real):
+    """A chunk's raw logits, its (soft-capped) logits (-inf at padding columns), its
+    local class ids and which columns are real (None: all)."""
+    real = real_columns(start, size, n_real)
+    raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
     cls = chunk_classes(start, size)
-    w_c = None if weight is None else lax.dynamic_slice_in_dim(weight, start, size)[None, :]
-    return _rows.expand_rows(rows, 1), cls == idx[:, None], w_c
+    return raw, mask_columns(softcap(raw, cap), real, -jnp.inf), cls, real
 
 
-def _bwd(opts, res: _Res, ct):
-    hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
-    g, g_lse = ct if opts.stats else (ct, None)
+@partial(jax.custom_jvp, nondiff_argnums=(8, 9))
+def shard_stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts: Options):
+    """``(lse_d, z_y_d, wz_d, tz_d, wt_d, top_d, arg_d)`` over this device's vocabulary
+    slice: log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target
+    index; None without ``idx``), ``Σ w z`` (None without ``with_wz``), and ``Σ w t z`` and
+    ``Σ w t`` for class probabilities ``probs [N, V_local]`` (None without ``probs``) of the
+    (capped) logits,
+    and the raw logits' row max and its local class (None unless ``opts.stats``; no
+    derivative). ``n_real``: None, or how many of the slice's columns are real classes
+    (the rest pad an uneven split).
+
+    Derivatives in ``hidden``, ``kernel``, ``bias``, ``weight`` and ``probs``; the tangent
+    and its transpose compute only the terms of the inputs that are differentiated
+    (symbolic zeros), so a weight or target gradient costs nothing unless asked for.
+    """
+    return _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
+
+
+def _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts):
+    lse, z_y, wz, tz, wt, top, arg = chunk_stats(
+        hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real, probs
+    )
+    if opts.stats:
+        # The class as a float (exact below 2**24 classes): a float output can take the zero
+        # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
+        arg = arg.astype(lse.dtype)
+    return lse, z_y, wz, tz, wt, top, arg
+
+
+def _present(t):
+    return t is not None and not isinstance(t, SymbolicZero)
+
+
+def _stats_jvp(with_wz, opts, primals, tangents):
+    hidden, kernel, bias, idx, here, weight, probs, n_real = primals
+    out = _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
+    dh, dk, db, _, _, dw, dt, _ = tangents
+    # The weight moves wz, tz and wt; the probabilities move tz and wt.
+    dw = dw if (with_wz or probs is not None) and _present(dw) else None
+    dt = dt if probs is not None and _present(dt) else None
+    present = tuple(_present(t) for t in (dh, dk, db, dw, dt))
+    moving = tuple(o for o in out[:5] if o is not None)
+    t_out = lean_tangent(
+        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
+        lambda res, cts: _transpose(res, cts, present, with_wz, opts.chunk, opts.cap),
+        (hidden, kernel, bias, idx, here, weight, probs, n_real, out[0]),
+        (dh, dk, db, dw, dt),
+        moving,
+    )
+    t_iter = iter(t_out)
+    tangent = tuple(None if o is None else next(t_iter) for o in out[:5])
+    if opts.stats:
+        tangent = (*tangent, jnp.zeros_like(out[5]), jnp.zeros_like(out[6]))
+    else:
+        tangent = (*tangent, None, None)
+    return out, tangent
+
+
+shard_stats.defjvp(_stats_jvp, symbolic_zeros=True)
+
+
+def _tangent(res, tangents, with_wz, chunk, cap):
+    hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
+    dh, dk, db, dw, dt = tangents
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
-    info = target_info(target, vocab, opts.ignore_index)
-    w_y = target_weight(weight, info, dtype)
-    g = g.astype(dtype)
     w = None if weight is None else weight.astype(dtype)
-    rows = _rows.index_grad_rows(g, info.valid, w_y, lse, eps, weight, vocab, dtype, g_lse)
+    dw = None if dw is None else dw.astype(dtype)
 
-    def body(start, size, carry, hidden, kernel):
-        dh, dk, db, dw = carry
-        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
-        z = _rows.softcap(raw, opts.cap)
-        rows_k, is_target, w_c = _chunk_rows(rows, start, size, info.idx, w)
-        dz = _rows.index_logit_grad(z, rows_k, is_target, w_c)
-        dz = _rows.times_slope(dz, _rows.softcap_slope(raw, opts.cap))
+    def body(start, size, acc, hidden, kernel, dk, probs, dt):
+        d_lse, d_zy, d_wz, d_tz, d_wt = acc
+        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
+        z0 = mask_columns(z, real, 0)
+        wc = weight_chunk(w, start, size)
+        tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
+        dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
+        if dz is not None:  # None: only the weight or the probabilities move
+            dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
+            d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
+            if idx is not None:
+                hit = here[:, None] & (cls == idx[:, None])
+                d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
+            if with_wz:
+                d_wz = d_wz + jnp.sum(wc * dz, axis=1)
+            if tc is not None:
+                d_tz = d_tz + jnp.sum(wc * tc * dz, axis=1)
+        if dw is not None:
+            dwc = weight_chunk(dw, start, size)
+            if with_wz:
+                d_wz = d_wz + jnp.sum(dwc * z0, axis=1)
+            if tc is not None:
+                d_tz = d_tz + jnp.sum(dwc * tc * z0, axis=1)
+                d_wt = d_wt + jnp.sum(mask_columns(dwc * tc, real, 0), axis=1)
+        if dt is not None:
+            dtc = weight_chunk(dt, start, size).astype(dtype)
+            d_tz = d_tz + jnp.sum(wc * dtc * z0, axis=1)
+            d_wt = d_wt + jnp.sum(mask_columns(wc * dtc, real, 0), axis=1)
+        return d_lse, d_zy, d_wz, d_tz, d_wt
+
+    zero = jnp.zeros_like(lse)
+    pinned = (hidden, kernel, dk, probs, dt)
+    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 5, pinned)
+    return tuple(
+        t
+        for t, on in zip(
+            out,
+            (True, idx is not None, with_wz, probs is not None, probs is not None),
+            strict=True,
+        )
+        if on
+    )
+
+
+def _transpose(res, cts, present, with_wz, chunk, cap):
+    hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
+    cts = iter(cts)
+    g_lse = next(cts)
+    g_zy = next(cts) if idx is not None else None
+    g_wz = next(cts) if with_wz else None
+    g_tz = next(cts) if probs is not None else None
+    g_wt = next(cts) if probs is not None else None
+    want_dw, want_dt = present[3], present[4]
+    dtype = compute_dtype(hidden.dtype)
+    vocab = kernel.shape[1]
+    w = None if weight is None else weight.astype(dtype)
+
+    def body(start, size, carry, hidden, kernel, probs):
+        dh, dk, db, dw, dt = carry
+        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
+        z0 = mask_columns(z, real, 0)
+        wc = weight_chunk(w, start, size)
+        tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
+        dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
+        if g_zy is not None:
+            dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
+        if g_wz is not None:
+            dz = dz + wc * g_wz[:, None]
+        if g_tz is not None:
+            dz = dz + wc * tc * g_tz[:, None]
+        dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
         dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
         if dw is not None:
-            at_target, spread = _rows.weight_grad_terms(
-                g, info.valid, rows.keep, nll, rows.b, lse, z, 1
-            )
-            dw_c = jnp.sum(jnp.where(is_target, at_target[:, None], 0), axis=0)
-            if spread is not None:
-                dw_c = dw_c + jnp.sum(spread, axis=0)
+            spread = 0
+            if g_wz is not None:
+                spread = spread + g_wz[:, None] * z0
+            if g_tz is not None:
+                spread = spread + mask_columns(tc * (g_tz[:, None] * z0 + g_wt[:, None]), real, 0)
+            dw_c = jnp.sum(spread, axis=0)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
-        return dh, dk, db, dw
+        if dt is not None:
+            dt_c = mask_columns(wc * (g_tz[:, None] * z0 + g_wt[:, None]), real, 0)
+            dt = lax.dynamic_update_slice_in_dim(dt, dt_c.astype(dt.dtype), start, 1)
+        return dh, dk, db, dw, dt
 
-    init = zero_grads(hidden, kernel, bias, weight, dtype)
-    dh, dk, db, dw = chunk_loop(chunks(vocab, opts.chunk), body, init, (hidden, kernel))
-    deps = _rows.index_eps_grad(g, info.valid, w_y, nll, smooth, eps, vocab)
-    return dh.astype(hidden.dtype), dk, db, None, dw, deps
+    dh, dk, db, dw = zero_grads(hidden, kernel, bias, weight if want_dw else None, dtype)
+    dt = jnp.zeros_like(probs) if want_dt else None
+    init = (dh, dk, db, dw, dt)
+    dh, dk, db, dw, dt = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel, probs))
+    return dh.astype(hidden.dtype), dk, db, dw, dt
 
 
-def _tangent(opts, res: _Res, tangents):
-    """``d l_n`` (and with ``stats`` ``d lse_n``) for tangents ``(dhidden, dkernel, dbias,
-    -, dweight, deps)`` (None: zero), chunk by chunk like the backward pass (whose
-    cotangent transpose it is)."""
-    hidden, kernel, bias, target, weight, eps, lse, nll, smooth = res
-    dh, dk, db, _, dw, deps = tangents
+class ShardTargets(NamedTuple):
+    """Where each target lives when the vocabulary is split over ``axis_name``."""
+
+    valid: Any  # counted (not ignore_index)
+    here: Any  # counted, in range, and in this device's slice
+    idx: Any  # index into this device's slice (0 where not ``here``)
+    w_y: Any  # w[y] gathered across the axis (ones if unweighted; NaN if out of range)
+
+
+def shard_targets(target, weight, v_local, vocab, ignore_index, axis_name, dtype) -> ShardTargets:
+    """Where each of ``target``'s global class indices lives, for contiguous slices of
+    ``v_local`` classes per device along ``axis_name`` (``vocab`` classes in all)."""
+    info = target_info(target, vocab, ignore_index)
+    valid = info.valid
+    local = info.idx if axis_name is None else info.idx - lax.axis_index(axis_name) * v_local
+    here = valid & info.in_range & (local >= 0) & (local < v_local)
+    idx = jnp.where(here, local, 0)
+    if weight is None:
+        w_y = jnp.ones(target.shape, dtype)
+    else:
+        picked = weight.astype(dtype)[idx]
+        w_y = _total(jnp.where(here, picked, jnp.zeros_like(picked)), axis_name)
+    # A counted target outside [0, V) is NaN, never a plausible finite loss.
+    return ShardTargets(valid, here, idx, nan_if_out_of_range(w_y, info))
+
+
+def split_vocab(v_local: int, opts: Options) -> tuple[int, Any]:
+    """``(vocab, n_real)``: the global vocabulary size, and None (an even split) or how
+    many of this device's ``v_local`` columns are real classes (the rest are padding)."""
+    padded = v_local * lax.axis_size(opts.axis_name)
+    vocab = padded if opts.vocab_size is None else opts.vocab_size
+    if vocab == padded:
+        return vocab, None
+    start = lax.axis_index(opts.axis_name) * v_local
+    return vocab, jnp.clip(vocab - start, 0, v_local).astype(jnp.int32)
+
+
+def _combine_lse(lse_d, axis_name):
+    """The log-sum-exp over every device's slice from each one's own (``axis_name`` None:
+    the one device's)."""
+    if axis_name is None:
+        return lse_d
+    top = lax.pmax(lax.stop_gradient(lse_d), axis_name)
+    top = jnp.where(jnp.isneginf(top), jnp.zeros_like(top), top)
+    return top + jnp.log(lax.psum(jnp.exp(lse_d - top), axis_name))
+
+
+def _global_argmax(top_d, arg_d, v_local, axis_name):
+    """The global first argmax from each device's row max ``top_d`` and its local class
+    ``arg_d``: the smallest global class among the devices holding the row max."""
+    arg_d = arg_d.astype(jnp.int32)
+    if axis_name is None:
+        return arg_d
+    best = lax.pmax(top_d, axis_name)
+    first = jnp.iinfo(jnp.int32).max
+    gidx = arg_d + lax.axis_index(axis_name) * v_local
+    return lax.pmin(jnp.where(top_d == best, gidx, first), axis_name)
+
+
+def _total(v, axis_name):
+    return v if axis_name is None else lax.psum(v, axis_name)
+
+
+def index_linear_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
+    """Per-token losses of ``hidden [N, D] @ kernel + bias`` against class indices
+    ``target [N]`` (global indices; ``kernel`` this device's slice with ``opts.axis_name``,
+    see the module doc), with ``(valid, w_y)`` and, with ``opts.stats``, ``(lse,
+    argmax)``."""
+    axis_name, ignore_index = opts.axis_name, opts.ignore_index
+    eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
-    vocab = kernel.shape[1]
-    info = target_info(target, vocab, opts.ignore_index)
-    w_y = target_weight(weight, info, dtype)
-    zero = jnp.zeros_like(lse)
-    w = None if weight is None else weight.astype(dtype)
-    rows = _rows.index_grad_rows(
-        jnp.ones_like(lse), info.valid, w_y, lse, eps, weight, vocab, dtype
+    v_local = kernel.shape[1]
+    vocab, n_real = (v_local, None) if axis_name is None else split_vocab(v_local, opts)
+    valid, here, idx, w_y = shard_targets(
+        target, weight, v_local, vocab, ignore_index, axis_name, dtype
     )
-
-    def body(start, size, acc, hidden, kernel, dk):
-        acc, d_lse = acc
-        raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
-        z = _rows.softcap(raw, opts.cap)
-        dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
-        if dz is not None:
-            dz = _rows.times_slope(dz, _rows.softcap_slope(raw, opts.cap))
-            rows_k, is_target, w_c = _chunk_rows(rows, start, size, info.idx, w)
-            acc = acc + jnp.sum(_rows.index_logit_grad(z, rows_k, is_target, w_c) * dz, axis=1)
-            if opts.stats:
-                d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
-        if dw is not None and rows.b is not None:
-            dwc = lax.dynamic_slice_in_dim(dw.astype(dtype), start, size)[None, :]
-            spread = _rows.weight_grad_terms(1, info.valid, 1, nll, rows.b, lse, z, 1)[1]
-            acc = acc + jnp.sum(dwc * spread, axis=1)
-        return acc, d_lse
-
-    pinned = (hidden, kernel, dk)
-    out, d_lse = chunk_loop(chunks(vocab, opts.chunk), body, (zero, zero), pinned)
-    if dw is not None:
-        out = out + jnp.where(info.valid, rows.keep * nll * dw.astype(dtype)[info.idx], zero)
-    if deps is not None:
-        out = out + _rows.index_eps_rows(info.valid, w_y, nll, smooth, vocab) * deps.astype(dtype)
-    return (out, d_lse) if opts.stats else out
+    lse_d, z_y_d, wz_d, _, _, top_d, arg_d = shard_stats(
+        hidden, kernel, bias, idx, here, weight, None, n_real, eps is not None, opts
+    )
+    lse = _combine_lse(lse_d, axis_name)
+    nll = lse - _total(z_y_d, axis_name)
+    smooth = None
+    if eps is not None:
+        smooth = lse * _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype)
+        smooth = smooth - _total(wz_d, axis_name)
+    loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
+    if not opts.stats:
+        return loss, valid, w_y, None
+    return loss, valid, w_y, (lse, _global_argmax(top_d, arg_d, v_local, axis_name))
 
 
-fused_index_loss.defjvp(lean_jvp_rule(_fwd, _tangent, _bwd), symbolic_zeros=True)
+def _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype):
+    """``Σ_c w_c`` over the real classes of every slice (``vocab`` if unweighted)."""
+    if weight is None:
+        return vocab
+    real = real_columns(0, v_local, n_real)
+    return _total(jnp.sum(mask_columns(weight.astype(dtype)[None, :], real, 0)), axis_name)
+
+
+def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options):
+    """Per-token losses ``Σ_c w_c t'_c (lse - z_c)`` of ``hidden [N, D] @ kernel + bias``
+    against class probabilities ``probs [N, V]`` (``t' = (1 - eps) t + eps / V``), as
+    :func:`jaxce._prob.prob_loss` on those logits; and, with ``opts.stats``, ``(lse,
+    argmax, hit)`` (``hit``: the argmax is the target's).
+
+    With ``opts.axis_name`` (inside ``shard_map``), ``kernel``, ``bias``, ``weight`` and
+    ``probs`` are this device's vocabulary slice and the per-token statistics are combined
+    across the axis; without it, one device holds the whole vocabulary. Both run the
+    vocabulary-chunked :func:`shard_stats`: ``loss = W lse - S`` with ``W = Σ_c w_c t'_c``
+    and ``S = Σ_c w_c t'_c z_c = (1 - eps) Σ_c w_c t_c z_c + eps / V Σ_c w_c z_c``, so the
+    derivatives in ``eps``, ``weight`` and the probabilities are autodiff's through these
+    per-token sums and :func:`shard_stats`'s own (nothing ``[N, V]`` is formed unless the
+    probabilities themselves are differentiated).
+    """
+    axis_name = opts.axis_name
+    eps = checked_eps(eps)
+    dtype = compute_dtype(hidden.dtype)
+    v_local = kernel.shape[1]
+    vocab, n_real = (v_local, None) if axis_name is None else split_vocab(v_local, opts)
+    lse_d, _, wz_d, tz_d, wt_d, top_d, arg_d = shard_stats(
+        hidden, kernel, bias, None, None, weight, probs, n_real, eps is not None, opts
+    )
+    lse = _combine_lse(lse_d, axis_name)
+    real = real_columns(0, v_local, n_real)
+    big_w, s = _total(wt_d, axis_name), _total(tz_d, axis_name)
+    if eps is not None:
+        keep, spread = 1 - eps.astype(dtype), eps.astype(dtype) / vocab
+        sum_w = _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype)
+        big_w = keep * big_w + spread * sum_w
+        s = keep * s + spread * _total(wz_d, axis_name)
+    loss = big_w * lse - s
+    if not opts.stats:
+        return loss, None
+    arg = _global_argmax(top_d, arg_d, v_local, axis_name)
+    t_max = mask_columns(lax.stop_gradient(probs), real, -jnp.inf)
+    t_arg = _global_argmax(
+        jnp.max(t_max, axis=1).astype(dtype), jnp.argmax(t_max, axis=1), v_local, axis_name
+    )
+    return loss, (lse, arg, arg == t_arg)

@@ -1,5 +1,5 @@
-"""Public ``linear_cross_entropy``: fused linear + cross-entropy (core in ``_fused.py``,
-vocabulary-parallel form in ``_vocab_parallel.py``)."""
+"""Public ``linear_cross_entropy``: fused linear + cross-entropy (the core, single-device
+and vocabulary-parallel, in ``_fused.py``)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from jax import lax
 from jaxce import _validate
 from jaxce._chunked import auto_chunk
 from jaxce._cross_entropy import cross_entropy
-from jaxce._fused import fused_index_loss
+from jaxce._fused import index_linear_loss, prob_linear_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
-from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator, index_stats
+from jaxce._reduction import CrossEntropyAux, finish_loss, index_stats
 from jaxce._targets import batch_total, counted_sum, debug_check_targets, mask_targets
-from jaxce._vocab_parallel import prob_linear_loss, vocab_parallel_loss
 
 
 def linear_cross_entropy(
@@ -323,10 +322,10 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
         )
     shape = target.shape
     t1 = target.reshape(-1)
-    dtype = compute_dtype(hidden.dtype)
     want_denominator = opts.reduction == "mean" or opts.return_aux
+    vocab = kernel.shape[1]
     if opts.axis_name is not None:
-        vocab = kernel.shape[1] * lax.axis_size(opts.axis_name)
+        vocab = vocab * lax.axis_size(opts.axis_name)
         if opts.vocab_size is not None:
             if opts.vocab_size > vocab:
                 raise ValueError(
@@ -334,19 +333,10 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
                     f"devices' kernel slices ({kernel.shape[1]} x {vocab // kernel.shape[1]})"
                 )
             vocab = opts.vocab_size
-        if opts.check:
-            debug_check_targets(t1, vocab, opts.ignore_index)
-        loss, valid, w_y, stats = vocab_parallel_loss(h2, kernel, bias, t1, weight, eps, opts)
-        denominator = counted_sum(valid, w_y, opts.batch_axis) if want_denominator else None
-    else:
-        vocab = kernel.shape[1]
-        if opts.check:
-            debug_check_targets(t1, vocab, opts.ignore_index)
-        out = fused_index_loss(h2, kernel, bias, t1, weight, eps, opts)
-        loss, stats = (out[0], out[1:]) if opts.stats else (out, None)
-        denominator = None
-        if want_denominator:
-            denominator = index_denominator(t1, weight, vocab, opts, dtype)
+    if opts.check:
+        debug_check_targets(t1, vocab, opts.ignore_index)
+    loss, valid, w_y, stats = index_linear_loss(h2, kernel, bias, t1, weight, eps, opts)
+    denominator = counted_sum(valid, w_y, opts.batch_axis) if want_denominator else None
     valid = None
     if opts.stats:
         stats, valid = index_stats(t1, vocab, opts.ignore_index, *stats)

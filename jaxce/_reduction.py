@@ -1,7 +1,7 @@
 """'none' / 'sum' / 'mean' with PyTorch's denominators.
 
 Reductions act on the per-element losses of the cores (``_index.py``, ``_prob.py``,
-``_fused.py``, ``_vocab_parallel.py``) and are differentiated by plain autodiff:
+``_fused.py``) and are differentiated by plain autodiff:
 everything here is element-sized, never logits-sized.
 """
 

@@ -2,7 +2,7 @@
 
 Every loss in jaxce is built from these per-row (per-element) pieces: the dense
 ``cross_entropy`` cores (``_index.py``, ``_prob.py``), the fused linear loss chunk by chunk
-(``_fused.py``) and the vocabulary-parallel loss (``_vocab_parallel.py``). This is the
+(``_fused.py``, single-device and vocabulary-parallel). This is the
 spelling TPUs and GPUs compile; a backend that needs a different spelling of a pass
 supplies it in ``jaxce/_backends/`` with the same contract.
 
