@@ -222,6 +222,8 @@ def prepare(
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
     vocab_size = _validate.check_vocab_size(vocab_size, axis_name)
+    if vocab_size is not None:
+        check_vocab_fits(vocab_size, vocab, axis_name)
     out_dtype = _validate.check_loss_dtype(loss_dtype, out_dtype)
     z = _validate.check_z_loss(z_loss)
     cap = _validate.check_softcap(logit_softcap)
@@ -249,6 +251,23 @@ def prepare(
         vocab_size=vocab_size,
     )
     return (hidden, kernel, bias, target, weight, eps, z, where), opts
+
+
+def check_vocab_fits(vocab_size, v_local, axis_name):
+    """``vocab_size`` classes fit in the ``n`` devices' kernel slices of ``v_local``
+    columns along ``axis_name`` (known while tracing inside ``jax.shard_map``)."""
+    try:
+        shards = lax.axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not a mesh axis in scope: call linear_cross_entropy "
+            "with axis_name inside jax.shard_map over that axis"
+        ) from e
+    if vocab_size > v_local * shards:
+        raise ValueError(
+            f"vocab_size ({vocab_size}) must be at most the columns of all devices' kernel "
+            f"slices ({v_local} x {shards})"
+        )
 
 
 def check_kernel(kernel, hidden, max_ndim=2):
@@ -325,14 +344,7 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
     want_denominator = opts.reduction == "mean" or opts.return_aux
     vocab = kernel.shape[1]
     if opts.axis_name is not None:
-        vocab = vocab * lax.axis_size(opts.axis_name)
-        if opts.vocab_size is not None:
-            if opts.vocab_size > vocab:
-                raise ValueError(
-                    f"vocab_size ({opts.vocab_size}) must be at most the columns of all "
-                    f"devices' kernel slices ({kernel.shape[1]} x {vocab // kernel.shape[1]})"
-                )
-            vocab = opts.vocab_size
+        vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
     if opts.check:
         debug_check_targets(t1, vocab, opts.ignore_index)
     loss, valid, w_y, stats = index_linear_loss(h2, kernel, bias, t1, weight, eps, opts)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _validate
 from jaxce._linear import linear_loss, prepare
 from jaxce._reduction import CrossEntropyAux
 
@@ -80,28 +79,22 @@ def sharded_linear_cross_entropy(
     for name, axis in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
         if axis is not None and axis not in mesh.shape:
             raise ValueError(f"{name} must name an axis of mesh {dict(mesh.shape)}; got {axis!r}")
-    reduction = _validate.check_reduction(reduction)
-    return_aux = _validate.check_flag(return_aux, "return_aux")
-    kernel = jnp.asarray(kernel)
-    hidden = jnp.asarray(hidden)
-    target = jnp.asarray(target)
-    if kernel.ndim != 2:
-        raise ValueError(
-            f"kernel must be [D, V] (D features, V classes); got shape {tuple(kernel.shape)}"
-        )
-    probs = target.shape == (*hidden.shape[:1], kernel.shape[1])
-    if hidden.ndim != 2 or not (probs or target.shape == hidden.shape[:1]):
-        raise ValueError(
-            f"hidden must be [N, D] and target [N] (class indices) or [N, V] (class "
-            f"probabilities); got {tuple(hidden.shape)} and {tuple(target.shape)}"
-        )
+    if jnp.ndim(hidden) != 2:
+        raise ValueError(f"hidden must be [N, D] (tokens, features); got shape {jnp.shape(hidden)}")
+    # Every argument checked once, on the global arrays and with linear_cross_entropy's
+    # own messages, before anything is split or traced.
+    (hidden, kernel, _, target, _, _, _, _), opts = prepare(
+        hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
+        chunk_size, None, where, z_loss, logit_softcap, return_aux, check_targets,
+        loss_dtype, None,
+    )  # fmt: skip
+    probs = target.ndim == hidden.ndim
     if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
         raise ValueError(
             f"the number of tokens ({hidden.shape[0]}) must divide evenly over mesh axis "
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
-    where = _validate.check_where(where, tuple(hidden.shape[:1]), "the tokens of hidden [N, D]")
-    out_dtype = _validate.check_loss_dtype(loss_dtype, hidden.dtype)
+    reduction, return_aux, out_dtype = opts.reduction, opts.return_aux, opts.out_dtype
     vocab = kernel.shape[1]
     shards = mesh.shape[vocab_axis]
     padding = -vocab % shards

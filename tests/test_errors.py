@@ -179,7 +179,11 @@ def _mesh():
         (dict(vocab_axis="vocab"), ValueError, r"vocab_axis must name an axis of mesh .*'vocab'"),
         (dict(batch_axis="batch"), ValueError, r"batch_axis must name an axis of mesh"),
         (dict(reduction="avg"), ValueError, r"reduction must be .*'avg'"),
-        (dict(kernel=jnp.zeros((8,))), ValueError, r"kernel must be \[D, V\] .*got shape \(8,\)"),
+        (
+            dict(kernel=jnp.zeros((8,))),
+            ValueError,
+            r"kernel must have shape \(D, V\) with D = hidden.shape\[-1\] = 8; got \(8,\)",
+        ),
         (dict(hidden=jnp.zeros((2, 4, 8))), ValueError, r"hidden must be \[N, D\]"),
     ],
 )
