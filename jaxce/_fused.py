@@ -107,7 +107,9 @@ def _bwd(opts, res: _Res, ct):
         rows_k, is_target, w_c = _chunk_rows(rows, start, size, info.idx, w)
         dz = _rows.index_logit_grad(z, rows_k, is_target, w_c)
         dz = _rows.times_slope(dz, _rows.softcap_slope(raw, opts.cap))
-        dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
+        dh, dk, db = accumulate_chunk_grads(
+            hidden, kernel, dz, start, size, dh, dk, db, dtype, opts.implementation
+        )
         if dw is not None:
             at_target, spread = _rows.weight_grad_terms(
                 g, info.valid, rows.keep, nll, rows.b, lse, z, 1

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _validate
+from jaxce._backends import check_implementation
 from jaxce._chunked import auto_chunk
 from jaxce._fused import fused_index_loss
 from jaxce._options import Options, compute_dtype
@@ -37,6 +38,7 @@ def linear_cross_entropy(
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
     vocab_size: int | None = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -70,6 +72,10 @@ def linear_cross_entropy(
         the kernel padded at the end to ``n * ceil(V / n)`` (any values), and
         ``vocab_size=V``; the padding columns never enter the loss and get zero gradient.
         None: every column is a class.
+      implementation: how the backward pass's chunk matmuls are spelled (the values are
+        the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None (default)
+        for the platform compiled for, ``'xla'`` the portable spelling everywhere,
+        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform.
 
     Returns:
       The loss: ``target.shape`` for ``'none'``, else a scalar; dtype ``hidden.dtype``
@@ -95,6 +101,7 @@ def linear_cross_entropy(
         chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
         loss_dtype, vocab_size,
     )  # fmt: skip
+    opts = opts._replace(implementation=check_implementation(implementation))
     return linear_loss(*arrays, opts=opts)
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
+from jaxce._backends import check_implementation
 from jaxce._linear import linear_loss, prepare
 from jaxce._reduction import CrossEntropyAux
 
@@ -31,6 +32,7 @@ def sharded_linear_cross_entropy(
     return_aux: bool = False,
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """:func:`jaxce.linear_cross_entropy` over a device mesh, vocabulary-parallel.
 
@@ -54,6 +56,7 @@ def sharded_linear_cross_entropy(
       where: optional ``[N]`` boolean mask, split like ``target``.
       z_loss, logit_softcap, return_aux, check_targets, loss_dtype: as in
         :func:`jaxce.cross_entropy`.
+      implementation: as in :func:`jaxce.linear_cross_entropy`.
 
     Returns:
       The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar. With
@@ -80,6 +83,7 @@ def sharded_linear_cross_entropy(
         if axis is not None and axis not in mesh.shape:
             raise ValueError(f"{name} must name an axis of mesh {dict(mesh.shape)}; got {axis!r}")
     reduction = _validate.check_reduction(reduction)
+    implementation = check_implementation(implementation)
     return_aux = _validate.check_flag(return_aux, "return_aux")
     kernel = jnp.asarray(kernel)
     hidden = jnp.asarray(hidden)
@@ -117,7 +121,8 @@ def sharded_linear_cross_entropy(
             h, k, t, w, ignore_index, reduction, e, b, chunk_size, vocab_axis, m, z_loss,
             logit_softcap, return_aux, check_targets, out_dtype, vocab if padding else None,
         )  # fmt: skip
-        return linear_loss(*arrays, opts=opts._replace(batch_axis=batch_axis))
+        opts = opts._replace(batch_axis=batch_axis, implementation=implementation)
+        return linear_loss(*arrays, opts=opts)
 
     in_specs = (rows, P(None, vocab_axis), rows, None if weight is None else classes,
                 None if bias is None else classes, P(), None if where is None else rows)  # fmt: skip

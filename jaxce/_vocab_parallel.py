@@ -79,7 +79,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
     dh, dk, db, _, _, dw, _ = tangents
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
-        lambda res, cts: _transpose(res, cts, with_wz, opts.chunk, opts.cap),
+        lambda res, cts: _transpose(res, cts, with_wz, opts.chunk, opts.cap, opts.implementation),
         (hidden, kernel, bias, idx, here, weight, n_real, out[0]),
         (dh, dk, db, dw if with_wz else None),
         tuple(o for o in out[:3] if o is not None),
@@ -124,7 +124,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
     return (d_lse, d_zy, d_wz) if with_wz else (d_lse, d_zy)
 
 
-def _transpose(res, cts, with_wz, chunk, cap):
+def _transpose(res, cts, with_wz, chunk, cap, implementation):
     hidden, kernel, bias, idx, here, weight, n_real, lse = res
     g_lse, g_zy = cts[0], cts[1]
     g_wz = cts[2] if with_wz else None
@@ -141,7 +141,9 @@ def _transpose(res, cts, with_wz, chunk, cap):
             wc = 1 if w is None else lax.dynamic_slice_in_dim(w, start, size)[None, :]
             dz = dz + wc * g_wz[:, None]
         dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
-        dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
+        dh, dk, db = accumulate_chunk_grads(
+            hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation
+        )
         if dw is not None:
             dw_c = jnp.sum(g_wz[:, None] * mask_columns(z, real, 0), axis=0)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import cpu_mesh
+from cases import entry_points
 
 import jaxce
 from parity.compare import compare
@@ -416,37 +416,13 @@ def test_module_form_takes_the_options():
         jaxce.CrossEntropyLoss(z_loss=-1.0)
 
 
-def _entry_points():
-    """Every loss entry point, called on [N, C] bfloat16 logits (as hidden @ eye for the
-    fused ones) with class indices, one-hot labels for the probability drop-in."""
-    mesh = cpu_mesh((1,), ("model",))
-    eye = jnp.eye(C, dtype=jnp.bfloat16)
-    return {
-        "cross_entropy": lambda x, t, **kw: jaxce.cross_entropy(x, t, **kw),
-        "probabilities": lambda x, t, **kw: jaxce.cross_entropy(
-            x, jax.nn.one_hot(t, C, dtype=x.dtype), **kw
-        ),
-        "module": lambda x, t, **kw: jaxce.CrossEntropyLoss(**kw)(x, t),
-        "linear": lambda x, t, **kw: jaxce.linear_cross_entropy(x, eye, t, **kw),
-        "sharded": lambda x, t, **kw: jaxce.sharded_linear_cross_entropy(
-            x, eye, t, mesh=mesh, vocab_axis="model", **kw
-        ),
-        "optax_integer": lambda x, t, **kw: jnp.mean(
-            jaxce.softmax_cross_entropy_with_integer_labels(x, t, **kw)
-        ),
-        "optax_probabilities": lambda x, t, **kw: jnp.mean(
-            jaxce.softmax_cross_entropy(x, jax.nn.one_hot(t, C, dtype=x.dtype), **kw)
-        ),
-    }
-
-
-@pytest.mark.parametrize("entry", list(_entry_points()))
+@pytest.mark.parametrize("entry", list(entry_points()))
 def test_loss_dtype_float32_keeps_a_16_bit_loss_unrounded(entry):
     rng = np.random.default_rng(12)
     x64 = rng.standard_normal((N, C)) * 4
     t = jnp.asarray(rng.integers(0, C, N))
     x = jnp.asarray(x64, jnp.bfloat16)
-    fn = _entry_points()[entry]
+    fn = entry_points()[entry]
     default = fn(x, t)
     wide = fn(x, t, loss_dtype=jnp.float32)
     assert default.dtype == jnp.bfloat16
