@@ -1,6 +1,6 @@
 """Options beyond PyTorch: ``where``, ``z_loss``, ``logit_softcap``, ``return_aux``.
 
-References are the plain formulas written out below in float64 and differentiated by
+References are the plain formulas of ``tests/reference.py`` in float64, differentiated by
 autodiff; the fused linear loss is checked against them through ``hidden @ kernel``.
 """
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cases import entry_points
+from reference import plain_cross_entropy
 
 import jaxce
 from parity.compare import compare
@@ -36,39 +37,12 @@ def _data(seed=0, axis=-1, prob=False):
 
 
 def plain_loss(x, t, w, eps, reduction, *, mask=None, z=0.0, cap=None, axis=-1, prob=False):
-    """The definition, in float64: softcap, PyTorch's cross-entropy, z · lse², mask."""
-    x = jnp.moveaxis(x, axis, -1)
-    if cap is not None:
-        x = cap * jnp.tanh(x / cap)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    logp = x - lse[..., None]
-    w = jnp.ones(x.shape[-1]) if w is None else w
-    w_row = w.reshape((1,) * (x.ndim - 1) + (-1,))
-    if prob:
-        t = jnp.moveaxis(t, axis, -1)
-        tp = (1 - eps) * t + eps / x.shape[-1]
-        loss = -jnp.sum(w_row * tp * logp, axis=-1)
-        valid = jnp.ones(loss.shape, bool)
-        weight_n = jnp.ones(loss.shape)
-    else:
-        valid = t != IGNORE
-        idx = jnp.where(valid, t, 0)
-        nll = -jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0]
-        smooth = -jnp.sum(w_row * logp, axis=-1)
-        loss = (1 - eps) * w[idx] * nll + eps / x.shape[-1] * smooth
-        weight_n = w[idx]
-    if mask is not None:
-        valid = valid & mask
-    loss = jnp.where(valid, loss, 0.0)
-    z_term = jnp.where(valid, z * lse**2, 0.0)
-    if reduction == "none":
-        return loss + z_term
-    if reduction == "sum":
-        return jnp.sum(loss) + jnp.sum(z_term)
-    # The cross-entropy's weighted mean; the z-loss averaged over the counted elements
-    # (PaLM / t5x / Liger-Kernel), whatever the weights.
-    count = jnp.sum(valid, dtype=loss.dtype)
-    return jnp.sum(loss) / jnp.sum(jnp.where(valid, weight_n, 0.0)) + jnp.sum(z_term) / count
+    """:func:`reference.plain_cross_entropy` in this file's argument names (``prob``: ``t``
+    holds probabilities; the reference tells by the shape)."""
+    assert prob == (t.shape == x.shape)
+    return plain_cross_entropy(
+        x, t, w, IGNORE, reduction, eps, axis, where=mask, z_loss=z, logit_softcap=cap
+    )
 
 
 OPTION_SETS = {
