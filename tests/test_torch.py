@@ -1,9 +1,10 @@
 """Parity with torch 2.13 (the judge): values, input gradients and target gradients.
 
-The option grids run every implementation (``jaxce._backends``: the portable spelling and
-each backend's, one more factor of the pairwise cover). Every comparison goes through the parity harness's core (``parity.compare``: dtypes,
+Every comparison goes through the parity harness's core (``parity.compare``: dtypes,
 tolerances, NaN/inf placement, the three-way rule for 16-bit dtypes), on cases of the
-shared grid (``parity/grid.py``, ``parity.suites.ce_case``) where one fits.
+shared grid (``parity/grid.py``, ``parity.suites.ce_case``) where one fits. The option
+grids run every implementation (``jaxce._backends``: the portable spelling and each
+backend's), one more factor of their pairwise covers.
 """
 
 from __future__ import annotations

@@ -84,9 +84,9 @@ def check_implementation(implementation: Any) -> str | None:
         return _DEFAULT[0]
     if isinstance(implementation, str) and implementation in IMPLEMENTATIONS:
         return implementation
+    names = ", ".join(map(repr, IMPLEMENTATIONS))
     raise ValueError(
-        f"implementation must be None (automatic) or one of {', '.join(map(repr, IMPLEMENTATIONS))}; "
-        f"got {implementation!r}"
+        f"implementation must be None (automatic) or one of {names}; got {implementation!r}"
     )
 
 
