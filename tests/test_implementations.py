@@ -174,29 +174,32 @@ def test_unknown_implementation_names_the_supported_ones(entry, name):
 
 
 def test_automatic_choice_is_made_at_lowering_for_the_target_platform():
-    # One jaxpr holds the platform choice; lowered for the CPU it is XLA:CPU's spelling
-    # (a multi-output reduce for bfloat16 smoothing), for CUDA the portable forward.
+    # One traced program holds the choice; lowering picks the target platform's spelling.
+    # The probe: the gradient of bfloat16 soft-capped logits, which XLA:CPU and XLA:GPU
+    # both read through a bit-shift upcast (jaxce/_backends/bits.py), the portable
+    # spelling through a plain convert. Lowering for CUDA needs no GPU.
     x = jax.ShapeDtypeStruct((8, 64), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((8,), jnp.int32)
 
-    def loss(x, t, implementation=None):
-        return jaxce.cross_entropy(x, t, label_smoothing=0.1, implementation=implementation)
+    def grad(implementation=None):
+        def loss(x, t):
+            out = jaxce.cross_entropy(x, t, logit_softcap=30.0, implementation=implementation)
+            return out.astype(jnp.float32)
 
-    def text(fn, platforms):
-        return jax.jit(fn).trace(x, t).lower(lowering_platforms=platforms).as_text()
+        return jax.jit(jax.grad(loss)).trace(x, t)
 
-    auto_cpu = text(loss, ("cpu",))
+    def shifts(implementation, platform):
+        text = grad(implementation).lower(lowering_platforms=(platform,)).as_text()
+        return text.count("stablehlo.shift_left")
+
+    for platform in ("cpu", "cuda"):
+        assert shifts(None, platform) == shifts(f"xla_{platform.replace('cuda', 'gpu')}", platform)
+        assert shifts(None, platform) > 0
+        assert shifts("xla", platform) == 0
+    # Lowered for a platform without a spelling of its own (TPU): the portable one.
+    assert shifts(None, "tpu") == 0
     # StableHLO keeps a one-branch case on a constant; XLA removes it before compiling.
-    compiled = jax.jit(loss).lower(x, t).compile().as_text()
-    assert "conditional" not in compiled
-    assert text(lambda x, t: loss(x, t, "xla_cpu"), ("cpu",)).count(
-        "stablehlo.reduce"
-    ) == auto_cpu.count("stablehlo.reduce")
-    # Lowered for CUDA (compile-only, no GPU needed): the portable forward pass.
-    auto_cuda = text(loss, ("cuda",))
-    portable = text(lambda x, t: loss(x, t, "xla"), ("cuda",))
-    assert auto_cuda.count("stablehlo.reduce") == portable.count("stablehlo.reduce")
-    assert auto_cpu.count("stablehlo.reduce") != portable.count("stablehlo.reduce")
+    assert "conditional" not in grad().lower().compile().as_text()
 
 
 def test_default_implementation_hook_sets_the_automatic_choice():
