@@ -115,9 +115,9 @@ def cross_entropy(
         non-float probability target, or an option of the wrong type.
       ValueError: wrong shapes, an unknown ``reduction``, ``axis`` out of bounds,
         ``label_smoothing`` outside [0, 1] (PyTorch silently ignores negative values),
-        ``ignore_index >= 0`` with probability targets, an unknown ``implementation``, or —
-        when ``target`` is concrete
-        (outside jit) — a class index outside ``[0, C)`` that is not ``ignore_index``.
+        ``ignore_index >= 0`` with probability targets, an unknown ``implementation``,
+        or — when ``target`` is concrete (outside jit) — a class index outside ``[0, C)``
+        that is not ``ignore_index``.
         Under ``jax.jit`` such an index cannot be checked; the loss and gradient are then
         NaN (never a plausible finite number).
 

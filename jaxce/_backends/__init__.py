@@ -23,6 +23,11 @@ picks one:
   the GPU's spelling on a CPU. A name stays valid when its backend stops respelling a
   pass: it then means the portable pass.
 
+Why users may name a platform's spelling (not only a private test hook): it is safe, as
+every spelling computes the same values with the same (portable) derivatives on every
+platform, and it is useful, as it reproduces on one machine the exact program another
+platform runs (a GPU run's numerics on a CPU, say). Only the automatic choice is tuned.
+
 Derivatives are always the portable spelling's: each chosen spelling is a
 ``jax.custom_jvp`` whose rule differentiates the portable function (forward mode, and
 through it reverse mode and every higher order), so a spelling needs no derivative of its
