@@ -55,7 +55,10 @@ They are candidates for moving behind :func:`spelled` once each move is re-measu
 every compiler it touches.
 
 A Pallas kernel for a pass would plug in the same way: a further implementation name, its
-spelling given to :func:`spelled`, and the portable derivatives.
+spelling given to :func:`spelled`, and the portable derivatives. Every spelling today
+takes every shape and option; one that cannot (a kernel's tile constraints, say) must
+fall back to the portable pass under the automatic choice and raise a ValueError naming
+what it supports when named explicitly.
 
 Why public API and not a primitive: up to jaxce 0.2 this was a custom primitive (impl,
 JVP, transpose, batching and per-platform lowerings on ``jax.interpreters``). A
