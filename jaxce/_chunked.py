@@ -146,15 +146,19 @@ def zero_grads(hidden, kernel, bias, weight, dtype):
     )
 
 
-def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype):
+def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation=None):
     """Adds a chunk's logit gradient ``dz`` to the backward carries: ``dh += dz @ k_c.T``
     (float32 accumulator), writes ``dk[:, chunk] = hidden.T @ dz`` and ``db[chunk]`` (None:
-    not wanted). Matmuls take ``dz`` in ``hidden``'s dtype with ``dtype`` accumulation."""
+    not wanted). Matmuls take ``dz`` in ``hidden``'s dtype with ``dtype`` accumulation;
+    ``implementation`` spells them (``Options.implementation``)."""
     dz_in = dz.astype(hidden.dtype)
     k = kernel_chunk(kernel, start, size)
-    add_hidden_grad = spelled(_add_hidden_grad, {"dtype": dtype}, cpu=xla_cpu.add_hidden_grad)
+    static = {"dtype": dtype}
+    add_hidden_grad = spelled(
+        _add_hidden_grad, static, implementation, xla_cpu=xla_cpu.add_hidden_grad
+    )
     dh = add_hidden_grad(dh, dz_in, k)
-    kernel_grad = spelled(_kernel_grad, {"dtype": dtype}, cpu=xla_cpu.chunk_kernel_grad)
+    kernel_grad = spelled(_kernel_grad, static, implementation, xla_cpu=xla_cpu.chunk_kernel_grad)
     dk_c = kernel_grad(hidden, dz_in)
     dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
     if db is not None:

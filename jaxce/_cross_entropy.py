@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _validate
+from jaxce._backends import check_implementation
 from jaxce._index import index_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._prob import prob_loss
@@ -30,6 +31,7 @@ def cross_entropy(
     return_aux: bool = False,
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Cross-entropy between logits and targets, exactly as PyTorch defines it.
 
@@ -93,6 +95,13 @@ def cross_entropy(
       loss_dtype: the dtype of the returned loss (and ``aux.z_loss``); None (default):
         PyTorch's (below). ``jnp.float32`` keeps a bfloat16/float16 loss, computed in
         float32, from being rounded to the input's precision.
+      implementation: how the passes over the logits are spelled (the values are the same
+        whichever is chosen; derivatives are always the portable spelling's). None
+        (default): chosen for the platform the program is compiled for — XLA:CPU's
+        spelling on CPUs, XLA:GPU's on CUDA GPUs, the portable one elsewhere (TPUs).
+        ``'xla'``: the portable spelling on every platform. ``'xla_cpu'`` /
+        ``'xla_gpu'``: that compiler's spelling on any platform (its memory and speed are
+        tuned for, and measured on, that compiler only).
 
     Returns:
       The loss: shape ``target.shape`` (index targets) or ``input.shape`` without ``axis``
@@ -106,8 +115,9 @@ def cross_entropy(
         non-float probability target, or an option of the wrong type.
       ValueError: wrong shapes, an unknown ``reduction``, ``axis`` out of bounds,
         ``label_smoothing`` outside [0, 1] (PyTorch silently ignores negative values),
-        ``ignore_index >= 0`` with probability targets, or — when ``target`` is concrete
-        (outside jit) — a class index outside ``[0, C)`` that is not ``ignore_index``.
+        ``ignore_index >= 0`` with probability targets, an unknown ``implementation``,
+        or — when ``target`` is concrete (outside jit) — a class index outside ``[0, C)``
+        that is not ``ignore_index``.
         Under ``jax.jit`` such an index cannot be checked; the loss and gradient are then
         NaN (never a plausible finite number).
 
@@ -133,6 +143,7 @@ def cross_entropy(
     cap = _validate.check_softcap(logit_softcap)
     return_aux = _validate.check_flag(return_aux, "return_aux")
     check_targets = _validate.check_flag(check_targets, "check_targets")
+    implementation = check_implementation(implementation)
     target, spec = _validate.check_target(input, target, axis, ignore_index)
     weight = _validate.check_weight(weight, spec.num_classes)
     element_shape = tuple(d for i, d in enumerate(input.shape) if i != axis)
@@ -155,6 +166,7 @@ def cross_entropy(
         return_aux=return_aux,
         check=check_targets,
         out_dtype=out_dtype,
+        implementation=implementation,
     )
     if spec.kind == "index":
         return _index_cross_entropy(input, target, weight, eps, z, opts=opts)
@@ -204,7 +216,8 @@ class CrossEntropyLoss:
       reduction: ``'none'``, ``'mean'`` or ``'sum'``.
       label_smoothing: ε in [0, 1].
       axis: the class axis of the input (default -1; ``axis=1`` is PyTorch's layout).
-      z_loss, logit_softcap, check_targets, loss_dtype: see :func:`cross_entropy`
+      z_loss, logit_softcap, check_targets, loss_dtype, implementation: see
+        :func:`cross_entropy`
         (``where`` is given per call: ``loss(input, target, where=mask)``).
 
     Example:
@@ -231,11 +244,13 @@ class CrossEntropyLoss:
         logit_softcap: float | None = None,
         check_targets: bool = False,
         loss_dtype: jax.typing.DTypeLike | None = None,
+        implementation: str | None = None,
     ) -> None:
         _validate.check_flag(check_targets, "check_targets")
         _validate.check_loss_dtype(loss_dtype, jnp.float32)
         _validate.check_z_loss(z_loss)
         _validate.check_softcap(logit_softcap)
+        check_implementation(implementation)
         _validate.check_reduction(reduction)
         _validate.check_ignore_index(ignore_index)
         _validate.check_label_smoothing(label_smoothing)
@@ -256,6 +271,7 @@ class CrossEntropyLoss:
         self.logit_softcap = logit_softcap
         self.check_targets = check_targets
         self.loss_dtype = loss_dtype
+        self.implementation = implementation
 
     def __call__(
         self,
@@ -277,6 +293,7 @@ class CrossEntropyLoss:
             logit_softcap=self.logit_softcap,
             check_targets=self.check_targets,
             loss_dtype=self.loss_dtype,
+            implementation=self.implementation,
         )
 
     def __repr__(self) -> str:
@@ -289,5 +306,6 @@ class CrossEntropyLoss:
             + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
             + (", check_targets=True" if self.check_targets else "")
             + ("" if self.loss_dtype is None else f", loss_dtype={jnp.dtype(self.loss_dtype).name}")
+            + ("" if self.implementation is None else f", implementation={self.implementation!r}")
             + ")"
         )

@@ -33,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import Primitive
+
+# The one use of jax.interpreters in jaxce/; why public API cannot do this instead:
+# tests/test_higher_order.py, test_linear_map_does_what_public_api_cannot.
 from jax.interpreters import ad, batching, mlir
 
 from jaxce._compat import cast_varying, varying_axes

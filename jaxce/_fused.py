@@ -112,7 +112,9 @@ def _stats_jvp(with_wz, opts, primals, tangents):
     moving = tuple(o for o in out[:5] if o is not None)
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
-        lambda res, cts: _transpose(res, cts, present, with_wz, opts.chunk, opts.cap),
+        lambda res, cts: _transpose(
+            res, cts, present, with_wz, opts.chunk, opts.cap, opts.implementation
+        ),
         (hidden, kernel, bias, idx, here, weight, probs, n_real, out[0]),
         (dh, dk, db, dw, dt),
         moving,
@@ -181,7 +183,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
     )
 
 
-def _transpose(res, cts, present, with_wz, chunk, cap):
+def _transpose(res, cts, present, with_wz, chunk, cap, implementation):
     hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
     cts = iter(cts)
     g_lse = next(cts)
@@ -208,7 +210,9 @@ def _transpose(res, cts, present, with_wz, chunk, cap):
         if g_tz is not None:
             dz = dz + wc * tc * g_tz[:, None]
         dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
-        dh, dk, db = accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype)
+        dh, dk, db = accumulate_chunk_grads(
+            hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation
+        )
         if dw is not None:
             spread = 0
             if g_wz is not None:

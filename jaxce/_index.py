@@ -52,7 +52,10 @@ class _Res(NamedTuple):
 
 def _row_stats(x, idx, weight, opts, smooth, dtype):
     static = dict(axis=opts.axis, cap=opts.cap, smooth=smooth, dtype=dtype)
-    return spelled(_rows.index_row_stats, static, cpu=xla_cpu.index_row_stats)(x, idx, weight)
+    row_stats = spelled(
+        _rows.index_row_stats, static, opts.implementation, xla_cpu=xla_cpu.index_row_stats
+    )
+    return row_stats(x, idx, weight)
 
 
 def _fwd(x, target, weight, eps, opts):
@@ -88,7 +91,11 @@ def _bwd(opts, res: _Res, ct):
     rows = _rows.index_grad_rows(g, info.valid, w_y, lse, eps, weight, num_classes, dtype, g_lse)
     static = dict(axis=axis, cap=opts.cap, dtype=dtype)
     dense_grad = spelled(
-        _rows.index_dense_grad, static, cpu=xla_cpu.index_dense_grad, cuda=xla_gpu.index_dense_grad
+        _rows.index_dense_grad,
+        static,
+        opts.implementation,
+        xla_cpu=xla_cpu.index_dense_grad,
+        xla_gpu=xla_gpu.index_dense_grad,
     )
     dx = dense_grad(x, info.idx, _rows.expand_rows(rows, axis), weight)
 

@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 
 from jaxce import _validate
+from jaxce._backends import check_implementation
 from jaxce._chunked import auto_chunk
 from jaxce._cross_entropy import cross_entropy
 from jaxce._fused import index_linear_loss, prob_linear_loss
@@ -38,6 +39,7 @@ def linear_cross_entropy(
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
     vocab_size: int | None = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -89,6 +91,10 @@ def linear_cross_entropy(
         the kernel padded at the end to ``n * ceil(V / n)`` (any values), and
         ``vocab_size=V``; the padding columns never enter the loss and get zero gradient.
         None: every column is a class.
+      implementation: how the backward pass's chunk matmuls are spelled (the values are
+        the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None (default)
+        for the platform compiled for, ``'xla'`` the portable spelling everywhere,
+        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform.
 
     Returns:
       The loss: the elements' shape (``hidden``'s without ``D``) for ``'none'``, else a
@@ -126,19 +132,21 @@ def linear_cross_entropy(
         return _out_features_loss(
             hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
             axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype,
-            vocab_size,
+            vocab_size, implementation,
         )  # fmt: skip
     arrays, opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
         loss_dtype, vocab_size,
     )  # fmt: skip
+    opts = opts._replace(implementation=check_implementation(implementation))
     return linear_loss(*arrays, opts=opts)
 
 
 def _out_features_loss(
     hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, axis_name,
     where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
+    implementation,
 ):  # fmt: skip
     """K-dimensional out-features, ``kernel [D, C, d1, ..., dK]``: the logits ``[..., C,
     d1, ..., dK]`` are formed (as PyTorch's own chunked path falls back to its reference
@@ -167,6 +175,7 @@ def _out_features_loss(
         logits, target, weight, ignore_index, reduction, label_smoothing,
         axis=hidden.ndim - 1, where=where, z_loss=z_loss, logit_softcap=logit_softcap,
         return_aux=return_aux, check_targets=check_targets, loss_dtype=loss_dtype,
+        implementation=implementation,
     )  # fmt: skip
 
 

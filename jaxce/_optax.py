@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxce import _validate
+from jaxce._backends import check_implementation
 from jaxce._index import index_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._prob import prob_loss
@@ -114,19 +115,18 @@ def _masks(where: Any, logits: Any, axis: Any, axes: tuple[int, ...]) -> tuple[A
     return None, _to_last(jnp.broadcast_to(where, logits.shape), axes)
 
 
-def _lse(x: Any) -> Any:
+def _lse(x: Any, implementation: str | None) -> Any:
     """Per-row log-sum-exp along the last axis, with the lean gradient (the softmax)."""
     ignored = jnp.full(x.shape[:-1], -1, jnp.int32)  # every row ignored: only lse is used
-    return index_loss(
-        x, ignored, None, None, Options(axis=x.ndim - 1, ignore_index=-1, stats=True)
-    )[1]
+    opts = Options(axis=x.ndim - 1, ignore_index=-1, stats=True, implementation=implementation)
+    return index_loss(x, ignored, None, None, opts)[1]
 
 
-def _masked_lse(x: Any, class_mask: Any) -> Any:
+def _masked_lse(x: Any, class_mask: Any, implementation: str | None) -> Any:
     """Per-row log-sum-exp over the unmasked classes, with the lean gradient (softmax over
     them). Rows with no class left get a finite placeholder (the callers zero them)."""
     alive = jnp.any(class_mask, axis=-1, keepdims=True)
-    return _lse(jnp.where(class_mask | ~alive, x, jnp.full_like(x, -jnp.inf)))
+    return _lse(jnp.where(class_mask | ~alive, x, jnp.full_like(x, -jnp.inf)), implementation)
 
 
 def _check_logits(logits: Any) -> Any:
@@ -145,6 +145,7 @@ def softmax_cross_entropy_with_integer_labels(
     where: jax.typing.ArrayLike | None = None,
     *,
     loss_dtype: jax.typing.DTypeLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""``optax.softmax_cross_entropy_with_integer_labels``, with jaxce's lean gradient.
 
@@ -169,6 +170,10 @@ def softmax_cross_entropy_with_integer_labels(
         raises ValueError, as in optax.
       loss_dtype: the losses' dtype (jaxce only; default: the logits', as optax), e.g.
         ``jnp.float32`` to keep bfloat16 logits' losses unrounded.
+      implementation: how the passes over the logits are spelled (jaxce only; the values
+        are the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None
+        (default) for the platform compiled for, ``'xla'`` the portable spelling
+        everywhere, ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform.
 
     Returns:
       ``[batch...]`` losses in ``logits``' dtype (computed in float32 or wider).
@@ -200,13 +205,14 @@ def softmax_cross_entropy_with_integer_labels(
     row_mask, class_mask = _masks(where, logits, axis, axes)
     dtype = jax.dtypes.canonicalize_dtype(logits.dtype)  # NumPy float64 logits without x64
     out_dtype = _validate.check_loss_dtype(loss_dtype, dtype)
+    impl = check_implementation(implementation)
     if math.prod(logits.shape) == 0:
         return _integer_empty(batch, out_dtype, row_mask, class_mask)
     labels = jnp.broadcast_to(labels, batch)
     x = _to_last(logits, axes)
     if class_mask is None:
-        return _integer_rows(x, labels, row_mask, out_dtype=out_dtype)
-    return _integer_class_mask(x, labels, class_mask, out_dtype=out_dtype)
+        return _integer_rows(x, labels, row_mask, out_dtype=out_dtype, implementation=impl)
+    return _integer_class_mask(x, labels, class_mask, out_dtype=out_dtype, implementation=impl)
 
 
 def _integer_empty(batch, dtype, row_mask, class_mask):
@@ -223,19 +229,20 @@ def _integer_empty(batch, dtype, row_mask, class_mask):
 _NEVER = -(2**70)
 
 
-@partial(jax.jit, static_argnames="out_dtype")
-def _integer_rows(x, labels, row_mask, *, out_dtype):
+@partial(jax.jit, static_argnames=("out_dtype", "implementation"))
+def _integer_rows(x, labels, row_mask, *, out_dtype, implementation):
     if row_mask is not None:  # masked rows: any in-range label, then zeroed (no gradient)
         labels = jnp.where(row_mask, labels, jnp.zeros_like(labels))
-    loss = index_loss(x, labels, None, None, Options(axis=x.ndim - 1, ignore_index=_NEVER))
+    opts = Options(axis=x.ndim - 1, ignore_index=_NEVER, implementation=implementation)
+    loss = index_loss(x, labels, None, None, opts)
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.zeros_like(loss))
     return loss.astype(out_dtype)
 
 
-@partial(jax.jit, static_argnames="out_dtype")
-def _integer_class_mask(x, labels, class_mask, *, out_dtype):
-    lse = _masked_lse(x, class_mask)
+@partial(jax.jit, static_argnames=("out_dtype", "implementation"))
+def _integer_class_mask(x, labels, class_mask, *, out_dtype, implementation):
+    lse = _masked_lse(x, class_mask, implementation)
     _, in_range, idx = target_info(labels, x.shape[-1], _NEVER)
     x_y = jnp.take_along_axis(x, idx[..., None], axis=-1)[..., 0].astype(lse.dtype)
     out = jnp.where(in_range, lse - x_y, jnp.full_like(lse, jnp.nan))
@@ -250,6 +257,7 @@ def softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     *,
     loss_dtype: jax.typing.DTypeLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""``optax.softmax_cross_entropy``, with jaxce's lean gradient.
 
@@ -272,6 +280,10 @@ def softmax_cross_entropy(
         classes leave the normaliser and the sum, as in optax. A non-boolean mask raises
         ValueError, as in optax.
       loss_dtype: the losses' dtype (jaxce only; default: as optax, below).
+      implementation: how the passes over the logits are spelled (jaxce only; the values
+        are the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None
+        (default) for the platform compiled for, ``'xla'`` the portable spelling
+        everywhere, ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform.
 
     Returns:
       ``[batch...]`` losses, dtype the promotion of ``logits`` and ``labels`` (the
@@ -307,16 +319,17 @@ def softmax_cross_entropy(
         labels = jnp.asarray(labels).astype(jax.dtypes.canonicalize_dtype(logits.dtype))
     out_dtype = jax.dtypes.canonicalize_dtype(promote_float_dtypes(logits.dtype, labels.dtype))
     out_dtype = _validate.check_loss_dtype(loss_dtype, out_dtype)
+    impl = check_implementation(implementation)
     if math.prod(logits.shape) == 0:  # no rows, or empty rows: -(an empty sum)
         return jnp.full(_batch_shape(tuple(logits.shape), axes), -0.0, out_dtype)
     x = _to_last(logits, axes)
     if tuple(labels.shape) == tuple(logits.shape):
         t = _to_last(labels, axes)
         if class_mask is None:
-            return _prob_rows(x, t, row_mask, out_dtype=out_dtype)
+            return _prob_rows(x, t, row_mask, out_dtype=out_dtype, implementation=impl)
     else:
         t = _broadcast_labels(labels, tuple(logits.shape), axes)
-    return _prob_terms(x, t, row_mask, class_mask, out_dtype=out_dtype)
+    return _prob_terms(x, t, row_mask, class_mask, out_dtype=out_dtype, implementation=impl)
 
 
 def _broadcast_labels(labels: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
@@ -330,22 +343,27 @@ def _broadcast_labels(labels: Any, shape: tuple[int, ...], axes: tuple[int, ...]
     return _to_last(labels, axes)
 
 
-@partial(jax.jit, static_argnames="out_dtype")
-def _prob_rows(x, t, row_mask, *, out_dtype):
-    loss = prob_loss(x, t, None, None, Options(axis=x.ndim - 1))
+@partial(jax.jit, static_argnames=("out_dtype", "implementation"))
+def _prob_rows(x, t, row_mask, *, out_dtype, implementation):
+    loss = prob_loss(x, t, None, None, Options(axis=x.ndim - 1, implementation=implementation))
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, jnp.full_like(loss, -0.0))
     return loss.astype(out_dtype)
 
 
-@partial(jax.jit, static_argnames="out_dtype")
-def _prob_terms(x, t, row_mask, class_mask, *, out_dtype):
+@partial(jax.jit, static_argnames=("out_dtype", "implementation"))
+def _prob_terms(x, t, row_mask, class_mask, *, out_dtype, implementation):
     """``Σ_c t_c (lse - x_c)`` from the (masked) lse. ``t`` may keep size-1 dimensions
     (broadcast labels): the product broadcasts them, so the residual is ``t`` itself."""
     dtype = compute_dtype(promote_float_dtypes(x.dtype, t.dtype))
     # The lse in the logits' compute dtype (wider labels do not widen a copy of the logits;
     # optax's log-softmax is in the logits' dtype too).
-    lse = (_lse(x) if class_mask is None else _masked_lse(x, class_mask)).astype(dtype)
+    lse = (
+        _lse(x, implementation)
+        if class_mask is None
+        else _masked_lse(x, class_mask, implementation)
+    )
+    lse = lse.astype(dtype)
     terms = t.astype(dtype) * (lse[..., None] - x.astype(dtype))
     if class_mask is not None:
         terms = jnp.where(class_mask, terms, jnp.zeros_like(terms))

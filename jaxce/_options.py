@@ -28,6 +28,7 @@ class Options(NamedTuple):
     axis_name: str | None = None  # the vocabulary-parallel mesh axis (fused losses)
     vocab_size: int | None = None  # vocabulary-parallel: the classes in all (None: even split)
     batch_axis: str | None = None  # reductions also sum over this mesh axis (in shard_map)
+    implementation: str | None = None  # the passes' spelling (None: the platform's; _backends)
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:

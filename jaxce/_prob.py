@@ -46,7 +46,9 @@ def _dtype(x, target):
 def _fwd(x, target, weight, eps, opts):
     eps = checked_eps(eps)
     static = dict(axis=opts.axis, cap=opts.cap, dtype=_dtype(x, target))
-    row_stats = spelled(_rows.prob_row_stats, static, cpu=xla_cpu.prob_row_stats)
+    row_stats = spelled(
+        _rows.prob_row_stats, static, opts.implementation, xla_cpu=xla_cpu.prob_row_stats
+    )
     stats = row_stats(x, target, weight, eps)
     lse = jnp.squeeze(stats.lse, opts.axis)
     loss = jnp.squeeze(stats.loss, opts.axis)
@@ -61,7 +63,13 @@ def _bwd(opts, res: _Res, ct):
     x, target, weight, eps, lse, q = res
     g, g_lse = ct if opts.stats else (ct, None)
     static = dict(axis=opts.axis, cap=opts.cap, dtype=_dtype(x, target))
-    grads = spelled(_rows.prob_grads, static, cpu=xla_cpu.prob_grads, cuda=xla_gpu.prob_grads)
+    grads = spelled(
+        _rows.prob_grads,
+        static,
+        opts.implementation,
+        xla_cpu=xla_cpu.prob_grads,
+        xla_gpu=xla_gpu.prob_grads,
+    )
     expand = partial(jnp.expand_dims, axis=opts.axis)
     return grads(x, target, weight, eps, expand(lse), expand(q), g, g_lse)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxce._backends import check_implementation
 from jaxce._linear import linear_loss, prepare
 from jaxce._reduction import CrossEntropyAux
 
@@ -30,6 +31,7 @@ def sharded_linear_cross_entropy(
     return_aux: bool = False,
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """:func:`jaxce.linear_cross_entropy` over a device mesh, vocabulary-parallel.
 
@@ -54,6 +56,7 @@ def sharded_linear_cross_entropy(
       where: optional ``[N]`` boolean mask, split like ``target``.
       z_loss, logit_softcap, return_aux, check_targets, loss_dtype: as in
         :func:`jaxce.cross_entropy`.
+      implementation: as in :func:`jaxce.linear_cross_entropy`.
 
     Returns:
       The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar. With
@@ -79,6 +82,7 @@ def sharded_linear_cross_entropy(
     for name, axis in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
         if axis is not None and axis not in mesh.shape:
             raise ValueError(f"{name} must name an axis of mesh {dict(mesh.shape)}; got {axis!r}")
+    implementation = check_implementation(implementation)
     if jnp.ndim(hidden) != 2:
         raise ValueError(f"hidden must be [N, D] (tokens, features); got shape {jnp.shape(hidden)}")
     # Every argument checked once, on the global arrays and with linear_cross_entropy's
@@ -113,7 +117,8 @@ def sharded_linear_cross_entropy(
             h, k, t, w, ignore_index, reduction, e, b, chunk_size, vocab_axis, m, z_loss,
             logit_softcap, return_aux, check_targets, out_dtype, vocab if padding else None,
         )  # fmt: skip
-        return linear_loss(*arrays, opts=opts._replace(batch_axis=batch_axis))
+        opts = opts._replace(batch_axis=batch_axis, implementation=implementation)
+        return linear_loss(*arrays, opts=opts)
 
     in_specs = (rows, P(None, vocab_axis), P(batch_axis, vocab_axis) if probs else rows,
                 None if weight is None else classes,

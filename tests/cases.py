@@ -94,3 +94,28 @@ def weighted_sum(out):
 def linear_reference(h, k, b, y, w, **options):
     """The unfused loss of ``h @ k + b`` (``b`` None: no bias), by ``jaxce.cross_entropy``."""
     return jaxce.cross_entropy(h @ k + (0 if b is None else b[None, :]), y, w, **options)
+
+
+def entry_points(num_classes=9):
+    """Every public loss entry point, by name, as ``fn(x, t, **keywords)`` on ``[N, C]``
+    logits (as ``hidden @ eye`` for the fused ones, so ``x`` must be bfloat16 there) and
+    class indices ``t`` (one-hot labels for the probability forms); a scalar loss."""
+    mesh = cpu_mesh((1,), ("model",))
+    eye = jnp.eye(num_classes, dtype=jnp.bfloat16)
+    return {
+        "cross_entropy": lambda x, t, **kw: jaxce.cross_entropy(x, t, **kw),
+        "probabilities": lambda x, t, **kw: jaxce.cross_entropy(
+            x, jax.nn.one_hot(t, num_classes, dtype=x.dtype), **kw
+        ),
+        "module": lambda x, t, **kw: jaxce.CrossEntropyLoss(**kw)(x, t),
+        "linear": lambda x, t, **kw: jaxce.linear_cross_entropy(x, eye, t, **kw),
+        "sharded": lambda x, t, **kw: jaxce.sharded_linear_cross_entropy(
+            x, eye, t, mesh=mesh, vocab_axis="model", **kw
+        ),
+        "optax_integer": lambda x, t, **kw: jnp.mean(
+            jaxce.softmax_cross_entropy_with_integer_labels(x, t, **kw)
+        ),
+        "optax_probabilities": lambda x, t, **kw: jnp.mean(
+            jaxce.softmax_cross_entropy(x, jax.nn.one_hot(t, num_classes, dtype=x.dtype), **kw)
+        ),
+    }

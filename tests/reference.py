@@ -2,8 +2,9 @@
 
 * :func:`numpy_cross_entropy`: float64 NumPy, written straight from torch's definition with
   ``log_softmax`` and a gather, class axis moved last. No code shared with jaxce.
-* :func:`plain_cross_entropy`: the same formula in plain JAX (autodiff through
-  ``jax.nn.log_softmax``), the reference for gradients.
+* :func:`plain_cross_entropy`: the same formula in plain JAX (autodiff through the
+  log-softmax), the reference for gradients, with jaxce's options beyond PyTorch
+  (``where``, ``z_loss``, ``logit_softcap``).
 """
 
 from __future__ import annotations
@@ -65,28 +66,55 @@ def _reduce(losses, reduction, denominator):
 
 
 def plain_cross_entropy(
-    x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, axis=-1
+    x,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    axis=-1,
+    *,
+    where=None,
+    z_loss=0.0,
+    logit_softcap=None,
 ):
-    """The textbook formula in plain JAX, differentiated by autodiff (reference only)."""
+    """The textbook formula in plain JAX, differentiated by autodiff (reference only).
+
+    With jaxce's options beyond PyTorch: ``logit_softcap`` (the loss of
+    ``cap * tanh(x / cap)``), ``where`` (False elements count as ignored) and ``z_loss``
+    (``z * lse**2`` per counted element; its 'mean' divides by the number of counted
+    elements, as in PaLM, t5x and Liger-Kernel, whatever the weights).
+    """
+    if logit_softcap is not None:
+        x = logit_softcap * jnp.tanh(x / logit_softcap)
     num_classes = x.shape[axis]
-    lp = jax.nn.log_softmax(x, axis=axis)
+    lse = jax.nn.logsumexp(x, axis=axis)
+    lp = x - jnp.expand_dims(lse, axis)
     w = jnp.ones((num_classes,), x.dtype) if weight is None else weight
     w_b = w.reshape(tuple(num_classes if i == axis % x.ndim else 1 for i in range(x.ndim)))
     eps = label_smoothing
     if target.shape == x.shape:
         t = target * (1 - eps) + eps / num_classes
         losses = -jnp.sum(w_b * t * lp, axis=axis)
-        denominator = losses.size
+        valid = jnp.ones(losses.shape, bool)
+        if where is not None:
+            valid = valid & where
+        w_n = jnp.ones(losses.shape, losses.dtype)  # PyTorch: numel / C, not the weights
     else:
         valid = target != ignore_index
+        if where is not None:
+            valid = valid & where
         ys = jnp.where(valid, target, 0)
         picked = jnp.squeeze(jnp.take_along_axis(lp, jnp.expand_dims(ys, axis), axis=axis), axis)
-        losses = jnp.where(valid, -w[ys] * picked, 0.0)
-        smooth = jnp.where(valid, -jnp.sum(w_b * lp, axis=axis), 0.0)
-        losses = (1 - eps) * losses + eps / num_classes * smooth
-        denominator = jnp.sum(jnp.where(valid, w[ys], 0.0))
+        smooth = -jnp.sum(w_b * lp, axis=axis)
+        losses = (1 - eps) * (-w[ys] * picked) + eps / num_classes * smooth
+        w_n = w[ys]
+    losses = jnp.where(valid, losses, 0.0)
+    z_terms = jnp.where(valid, z_loss * lse**2, 0.0)
+    with_z = not (isinstance(z_loss, float) and z_loss == 0.0)
     if reduction == "none":
-        return losses
+        return losses + z_terms if with_z else losses
     if reduction == "sum":
-        return jnp.sum(losses)
-    return jnp.sum(losses) / denominator
+        return jnp.sum(losses) + jnp.sum(z_terms) if with_z else jnp.sum(losses)
+    mean = jnp.sum(losses) / jnp.sum(jnp.where(valid, w_n, 0.0))
+    return mean + jnp.sum(z_terms) / jnp.sum(valid, dtype=losses.dtype) if with_z else mean

@@ -265,7 +265,7 @@ def test_traced_losses_carry_no_effect_unless_check_targets(fused):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_long_rows_reduced_in_parts_match_float64(num_classes, dtype):
     # Rows longer than 32,768 classes are reduced as sub-rows (an XLA:CPU speed fix in
-    # _core._split_rows): same values, gradients and non-finite behaviour.
+    # jaxce/_backends/xla_cpu.py, _split_rows): same values, gradients and non-finite behaviour.
     rng = np.random.default_rng(num_classes)
     x = rng.standard_normal((4, num_classes)) * 3
     x[1, 5] = 40.0  # the row max in the first sub-row

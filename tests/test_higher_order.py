@@ -426,3 +426,34 @@ def test_linearize_both_losses():
         (h, k),
         "linear",
     )
+
+
+def test_linear_map_does_what_public_api_cannot():
+    # Why jaxce/_derivatives.py keeps a primitive on jax.interpreters (the only one left in
+    # jaxce/): a custom_vjp refuses forward mode, and jax.custom_derivatives.linear_call
+    # (a linear function with a hand-written transpose) refuses derivatives with respect
+    # to its residuals, which second order needs. linear_map takes both. If JAX's public
+    # API starts doing either, this test fails: then revisit _derivatives.py.
+    from jax.custom_derivatives import linear_call
+
+    @jax.custom_vjp
+    def sine(x):
+        return jnp.sin(x)
+
+    sine.defvjp(lambda x: (jnp.sin(x), x), lambda x, ct: (jnp.cos(x) * ct,))
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(sine, (1.0,), (1.0,))
+
+    def scale(r, x):  # r * x, linear in x, its own transpose
+        return r * x
+
+    with pytest.raises((AssertionError, TypeError, NotImplementedError, ValueError)):
+        jax.grad(lambda r: linear_call(scale, scale, r, 2.0))(3.0)
+
+    def mapped(r, x):
+        fun = lambda res, lin: (scale(res[0], lin[0]),)  # noqa: E731
+        return linear_map(fun, fun, (r,), (x,))[0]
+
+    assert jax.grad(lambda x: mapped(3.0, x))(2.0) == 3.0  # the transpose
+    assert jax.grad(lambda r: mapped(r, 2.0))(3.0) == 2.0  # the residual
+    assert jax.jvp(lambda x: mapped(3.0, x), (2.0,), (1.0,))[1] == 3.0  # forward mode

@@ -1,6 +1,7 @@
 """What the backward pass keeps: no logits-sized residual besides the input itself (every
-entry point: cross_entropy and the optax drop-ins). Backend-independent; the compilers'
-temporaries are pinned in test_budgets.py."""
+entry point: cross_entropy and the optax drop-ins), under every implementation (the
+portable spelling and each backend's). Backend-independent; the compilers' temporaries
+are pinned in test_budgets.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxce
+from jaxce._backends import IMPLEMENTATIONS, default_implementation
 
 N, C = 16, 1000
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS)
+def implementation(request):
+    """Every test here runs once per implementation (the entry points' automatic choice
+    set to it)."""
+    with default_implementation(request.param):
+        yield request.param
 
 
 def _residuals(fn, *args):

@@ -1,4 +1,5 @@
-"""The parity harness: its comparison core, its CLI, and the --quick grid (marked parity)."""
+"""The parity harness: its comparison core, its CLI, and the --quick grid (marked parity)
+under every implementation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from jaxce._backends import IMPLEMENTATIONS, default_implementation  # noqa: E402
 from parity import compare  # noqa: E402
 from parity.__main__ import main  # noqa: E402
 from parity.runner import run_one, select_cases  # noqa: E402
@@ -133,22 +135,39 @@ def test_cli_writes_reports_and_exit_status(tmp_path):
 
 QUICK = select_cases(sorted(SUITES), quick=True)
 _ALL = {name: build() for name, build in SUITES.items()}
+# The option grid's own cases are sampled once, by test_torch.py's pairwise covers (every
+# implementation, every option value); here, the harness's other categories: transforms,
+# edge inputs, the module form, the fused loss, error parity.
+OPTION_GRID = ("index targets", "prob targets")
 
 
-def _quick_param(key):
-    # Half of the --quick tenth (a fixed hash split) and every error-parity case run by
-    # default; the other half is marked slow.
-    case = _ALL[key[0]][key[1]]
-    slow = zlib.crc32(case.id.encode()) % 20 and case.category != "error parity"
-    return pytest.param(key, id=case.id, marks=(pytest.mark.slow,) if slow else ())
-
-
-QUICK_PARAMS = [_quick_param(key) for key in QUICK]
+def _quick_params():
+    # Half of the --quick tenth (a fixed hash split) by default, the other half marked
+    # slow; each case under every implementation (error parity, which raises before any
+    # pass runs, under the automatic one only).
+    params = []
+    for key in QUICK:
+        case = _ALL[key[0]][key[1]]
+        if case.category in OPTION_GRID:
+            continue
+        errors = case.category == "error parity"
+        slow = zlib.crc32(case.id.encode()) % 20 and not errors
+        for implementation in (None,) if errors else IMPLEMENTATIONS:
+            params.append(
+                pytest.param(
+                    key,
+                    implementation,
+                    id=case.id + ("" if implementation is None else f"|{implementation}"),
+                    marks=(pytest.mark.slow,) if slow else (),
+                )
+            )
+    return params
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("key", QUICK_PARAMS)
-def test_quick_grid_case(key):
-    result = run_one(key)
+@pytest.mark.parametrize(("key", "implementation"), _quick_params())
+def test_quick_grid_case(key, implementation):
+    with default_implementation(implementation):
+        result = run_one(key)
     assert result["passed"], result["message"]
     assert zlib.crc32(result["id"].encode()) % 10 == 0 or result["category"] == "error parity"

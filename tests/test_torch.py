@@ -2,7 +2,9 @@
 
 Every comparison goes through the parity harness's core (``parity.compare``: dtypes,
 tolerances, NaN/inf placement, the three-way rule for 16-bit dtypes), on cases of the
-shared grid (``parity/grid.py``, ``parity.suites.ce_case``) where one fits.
+shared grid (``parity/grid.py``, ``parity.suites.ce_case``) where one fits. The option
+grids run every implementation (``jaxce._backends``: the portable spelling and each
+backend's), one more factor of their pairwise covers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 from cases import covering_grid
 
 import jaxce
+from jaxce._backends import IMPLEMENTATIONS, default_implementation
 from parity.compare import ROUNDOFF, compare, run_jax, run_torch
 from parity.grid import (
     IGNORES,
@@ -30,8 +33,11 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 
-def _assert_parity(case):
-    result = case.run()
+def _assert_parity(case, implementation=None):
+    """Judges ``case``; with ``implementation``, the entry points' automatic implementation
+    (None) is that one meanwhile (``jaxce._backends.default_implementation``)."""
+    with default_implementation(implementation):
+        result = case.run()
     assert not result.error_parity, result.message  # both raised: not a comparison
     assert result.passed, result.message
 
@@ -39,60 +45,65 @@ def _assert_parity(case):
 # The whole option grid in float64 (the parity harness, `python -m parity`, runs it in
 # every dtype and transform); float32 on a slice of it.
 @pytest.mark.parametrize(
-    ("layout", "reduction", "weight", "ignore", "eps"),
-    covering_grid(TEST_LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
+    ("implementation", "layout", "reduction", "weight", "ignore", "eps"),
+    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
 )
-def test_index_parity_float64(layout, reduction, weight, ignore, eps):
+def test_index_parity_float64(implementation, layout, reduction, weight, ignore, eps):
     _assert_parity(
         ce_case(kind="index", layout=layout, weight=weight, ignore=ignore, reduction=reduction,
-                smoothing=eps, dtype="float64")
+                smoothing=eps, dtype="float64"),
+        implementation,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("layout", "reduction", "weight", "eps"),
-    covering_grid(TEST_LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
+    ("implementation", "layout", "reduction", "weight", "eps"),
+    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
 )
-def test_prob_parity_float64(layout, reduction, weight, eps):
+def test_prob_parity_float64(implementation, layout, reduction, weight, eps):
     _assert_parity(
         ce_case(kind="prob", layout=layout, weight=weight, ignore="absent", reduction=reduction,
-                smoothing=eps, dtype="float64")
+                smoothing=eps, dtype="float64"),
+        implementation,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("layout", "reduction", "ignore", "eps"),
-    covering_grid(TEST_LAYOUTS, REDUCTIONS, ["present", "all"], [0.0, 0.05]),
+    ("implementation", "layout", "reduction", "ignore", "eps"),
+    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, ["present", "all"], [0.0, 0.05]),
 )
-def test_index_parity_float32(layout, reduction, ignore, eps):
+def test_index_parity_float32(implementation, layout, reduction, ignore, eps):
     _assert_parity(
         ce_case(kind="index", layout=layout, weight="random", ignore=ignore, reduction=reduction,
-                smoothing=eps, dtype="float32")
+                smoothing=eps, dtype="float32"),
+        implementation,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("layout", "reduction", "eps"),
-    covering_grid(TEST_LAYOUTS, REDUCTIONS, [0.0, 0.05]),
+    ("implementation", "layout", "reduction", "eps"),
+    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, [0.0, 0.05]),
 )
-def test_prob_parity_float32(layout, reduction, eps):
+def test_prob_parity_float32(implementation, layout, reduction, eps):
     _assert_parity(
         ce_case(kind="prob", layout=layout, weight="random", ignore="absent", reduction=reduction,
-                smoothing=eps, dtype="float32")
+                smoothing=eps, dtype="float32"),
+        implementation,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("kind", "reduction", "weight", "eps", "dtype"),
-    covering_grid(["index", "prob"], REDUCTIONS, ["none", "random"], [0.0, 0.1],
+    ("implementation", "kind", "reduction", "weight", "eps", "dtype"),
+    covering_grid(IMPLEMENTATIONS, ["index", "prob"], REDUCTIONS, ["none", "random"], [0.0, 0.1],
                   ["bfloat16", "float16"]),
 )  # fmt: skip
-def test_low_precision_no_worse_than_torch(kind, reduction, weight, eps, dtype):
+def test_low_precision_no_worse_than_torch(implementation, kind, reduction, weight, eps, dtype):
     # The three-way rule: jaxce's error against torch's float64 result no worse than
     # torch's own error at this dtype plus two units of roundoff.
     _assert_parity(
         ce_case(kind=kind, layout="(64,33)", weight=weight, ignore="present", reduction=reduction,
-                smoothing=eps, dtype=dtype)
+                smoothing=eps, dtype=dtype),
+        implementation,
     )  # fmt: skip
 
 

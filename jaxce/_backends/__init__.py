@@ -1,154 +1,168 @@
-"""Backend spellings, chosen when the program is lowered for a platform.
+"""Implementations: the portable spelling of each pass, and the backends' own spellings.
 
 jaxce's math is written once, portably, in ``jaxce/_rows.py`` (and the chunk loop in
-``jaxce/_chunked.py``); that is what TPUs and GPUs run. Where one backend's compiler needs
-the same values spelled differently to keep its temporaries small or its passes fast, the
-step is wrapped in :func:`by_platform`: the jaxpr holds one primitive, lowered with the
-portable function by default and with the platform's own spelling on that platform, and
-differentiated (forward mode, second order) as the portable function, so a spelling
-needs no derivative of its own. Each spelling lives in this package, one module per
-backend (``xla_cpu.py``), with the measurement that justifies it and the XLA version it
-was measured on, so it can be deleted when XLA changes.
+``jaxce/_chunked.py``); that is what TPUs and GPUs run, the ``"xla"`` implementation.
+Where one compiler needs the same values spelled differently to keep its temporaries
+small or its passes fast, the pass is wrapped in :func:`spelled`, and the backend's
+spelling lives in this package, one module per backend, with the measurement that
+justifies it and the XLA version it was measured on, so it can be deleted when XLA
+changes (its budget test in ``tests/test_budgets.py`` then still passes).
 
-A Pallas kernel for a pass (the row statistics, the logit gradient, a chunk step) would
-plug in the same way: ``by_platform(portable, tpu=kernel)``, keeping the portable
-derivatives.
+The ``implementation`` option of the public entry points (``Options.implementation``)
+picks one:
 
-Not ``jax.default_backend()``: the platform is the one the program is compiled for (AOT
-and cross-compilation included), known only at lowering.
+* ``None`` (default): the choice is made when the program is lowered, for the platform it
+  is compiled for (AOT and cross-compilation included; not ``jax.default_backend()``),
+  with ``jax.lax.platform_dependent``: ``"xla_cpu"`` on CPUs, ``"xla_gpu"`` on CUDA GPUs,
+  ``"xla"`` everywhere else. The compiler sees only the chosen spelling.
+* ``"xla"``: the portable spelling, on every platform.
+* ``"xla_cpu"`` / ``"xla_gpu"``: that backend's spelling of the passes it respells (the
+  portable one for the others), on whatever platform the program is compiled for. The
+  values are the same on every platform (every spelling is plain JAX); only memory and
+  speed are tuned for, and measured on, the named compiler. This is also how CI executes
+  the GPU's spelling on a CPU. A name stays valid when its backend stops respelling a
+  pass: it then means the portable pass.
+
+Why users may name a platform's spelling (not only a private test hook): it is safe, as
+every spelling computes the same values with the same (portable) derivatives on every
+platform, and it is useful, as it reproduces on one machine the exact program another
+platform runs (a GPU run's numerics on a CPU, say). Only the automatic choice is tuned.
+
+Derivatives are always the portable spelling's: each chosen spelling is a
+``jax.custom_jvp`` whose rule differentiates the portable function (forward mode, and
+through it reverse mode and every higher order), so a spelling needs no derivative of its
+own and every implementation has identical derivative programs.
+
+The passes a backend may respell (same arguments, same values, same output structure):
+
+===============================  =======================================  ==============
+pass (portable)                  what it computes                         respelled by
+===============================  =======================================  ==============
+``_rows.index_row_stats``        max, lse, target logit, smoothing sum    xla_cpu
+``_rows.index_dense_grad``       the dense logit gradient (index targets) xla_cpu, xla_gpu
+``_rows.prob_row_stats``         lse and loss of probability targets      xla_cpu
+``_rows.prob_grads``             all cotangents of probability targets    xla_cpu, xla_gpu
+``_chunked._add_hidden_grad``    a chunk's ``dh += dz @ k.T``             xla_cpu
+``_chunked._kernel_grad``        a chunk's ``hidden.T @ dz``              xla_cpu
+===============================  =======================================  ==============
+
+Compiler workarounds still inside the portable modules, each next to its measurement:
+the ``upcast=`` hook of ``_rows.index_dense_grad`` / ``_rows.prob_grads`` (the spelling
+of one upcast, used by xla_cpu and xla_gpu), ``_rows.pick_class``'s masked sum (a TPU
+measurement), the gather in ``_chunked.chunk_stats`` (an XLA:CPU one), and
+``_chunked.chunk_loop``'s per-iteration barrier (XLA:CPU) and ``_exact_zero`` (TPU).
+They are candidates for moving behind :func:`spelled` once each move is re-measured on
+every compiler it touches.
+
+A Pallas kernel for a pass would plug in the same way: a further implementation name, its
+spelling given to :func:`spelled`, and the portable derivatives. Every spelling today
+takes every shape and option; one that cannot (a kernel's tile constraints, say) must
+fall back to the portable pass under the automatic choice and raise a ValueError naming
+what it supports when named explicitly.
+
+Why public API and not a primitive: up to jaxce 0.2 this was a custom primitive (impl,
+JVP, transpose, batching and per-platform lowerings on ``jax.interpreters``). A
+``platform_dependent`` inside a ``custom_jvp`` does the same with public JAX: the XLA:CPU
+temporaries pinned in ``tests/test_budgets.py`` and the residuals in
+``tests/test_memory.py`` are unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax import lax
 
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# The implementation names users may pass (None: automatic, see the module doc).
+IMPLEMENTATIONS = ("xla", "xla_cpu", "xla_gpu")
 
-
-def by_platform(default: Callable, **spellings: Callable | None) -> Callable:
-    """``default``, computed on a platform named in ``spellings`` by that spelling.
-
-    ``default`` and each spelling take the same arguments (pytrees of arrays; close over
-    static values) and return equal values of identical shapes and dtypes. Derivatives,
-    on every platform, are those of ``default``.
-    """
-    unknown = set(spellings) - set(PLATFORMS)
-    if unknown:
-        raise ValueError(f"unknown platforms {sorted(unknown)}; expected some of {PLATFORMS}")
-    chosen = tuple((p, f) for p, f in spellings.items() if f is not None)
-    if not chosen:
-        return default
-
-    def call(*args: Any) -> Any:
-        leaves, in_tree = jax.tree.flatten(args)
-        leaves = [jnp.asarray(v) for v in leaves]  # Python numbers too
-        flat_default, out_tree = _flat(default, in_tree)
-        spelled = tuple((p, _flat(f, in_tree)[0]) for p, f in chosen)
-        out = _bind(leaves, flat_default, spelled)
-        return jax.tree.unflatten(out_tree(), out)
-
-    return call
+# The platforms on which the automatic choice (None) takes each backend's spelling.
+AUTOMATIC = {"xla_cpu": ("cpu",), "xla_gpu": ("cuda",)}
 
 
-def spelled(portable: Callable, static: dict[str, Any], **spellings: Callable | None) -> Callable:
-    """:func:`by_platform` of ``portable`` and the ``spellings``, each given the keyword
-    arguments ``static`` (options that are not arrays)."""
-    return by_platform(
-        partial(portable, **static),
-        **{p: None if f is None else partial(f, **static) for p, f in spellings.items()},
+def check_implementation(implementation: Any) -> str | None:
+    """``implementation`` if it names one; None resolved to :func:`default_implementation`'s
+    name (None outside it); anything else a ValueError naming the supported ones."""
+    if implementation is None:
+        return _DEFAULT[0]
+    if isinstance(implementation, str) and implementation in IMPLEMENTATIONS:
+        return implementation
+    names = ", ".join(map(repr, IMPLEMENTATIONS))
+    raise ValueError(
+        f"implementation must be None (automatic) or one of {names}; got {implementation!r}"
     )
 
 
-def _bind(args, default, spellings):
-    # The output types come from tracing ``default`` on the arguments themselves, so that
-    # inside shard_map they carry the arguments' varying mesh axes.
-    out_avals = tuple(jax.make_jaxpr(default)(*args).out_avals)
-    return _spelled_p.bind(*args, default=default, spellings=spellings, out_avals=out_avals)
+_DEFAULT: list[str | None] = [None]
 
 
-def _flat(fn: Callable, in_tree: Any) -> tuple[Callable, Callable]:
-    """``fn`` on flat leaves returning flat leaves, and a thunk giving its output tree
-    (known once it has run)."""
-    store = {}
-
-    def flat(*leaves):
-        out = fn(*jax.tree.unflatten(in_tree, leaves))
-        leaves_out, store["tree"] = jax.tree.flatten(out)
-        return leaves_out
-
-    return flat, lambda: store["tree"]
-
-
-def _abstract_eval(*avals, default, spellings, out_avals):
-    del avals, default, spellings
-    return list(out_avals)
+@contextlib.contextmanager
+def default_implementation(implementation: str | None) -> Iterator[None]:
+    """Test hook: entry points called inside the context with ``implementation=None``
+    use ``implementation`` instead (so a whole test grid, such as the parity harness's,
+    runs on one spelling). Read when an entry point is called, outside ``jax.jit``: the
+    choice is part of the options, so compiled programs are never reused across it."""
+    previous = _DEFAULT[0]
+    _DEFAULT[0] = check_implementation(implementation)
+    try:
+        yield
+    finally:
+        _DEFAULT[0] = previous
 
 
-def _impl(*args, default, spellings, out_avals):
-    del spellings, out_avals
-    return default(*args)
+def spelled(
+    portable: Callable,
+    static: dict[str, Any],
+    implementation: str | None,
+    **spellings: Callable | None,
+) -> Callable:
+    """``portable`` (given the keyword arguments ``static``), computed by the spelling of
+    ``implementation`` (see the module doc).
+
+    ``spellings``: implementation name -> that backend's spelling of the pass (None, or
+    left out: the backend uses ``portable``). Each takes ``portable``'s arguments (pytrees
+    of arrays, Python numbers, None) and returns equal values of identical structure,
+    shapes and dtypes. Derivatives, of every spelling, are those of ``portable``.
+    """
+    unknown = set(spellings) - set(AUTOMATIC)
+    if unknown:
+        raise ValueError(f"unknown spellings {sorted(unknown)}; expected some of {list(AUTOMATIC)}")
+    default = partial(portable, **static)
+    chosen = {name: partial(f, **static) for name, f in spellings.items() if f is not None}
+    if implementation == "xla" or not chosen:
+        return default
+    if implementation is not None:
+        if implementation not in chosen:
+            return default
+        return _portable_derivatives(chosen[implementation], default)
+    per_platform = {p: f for name, f in chosen.items() for p in AUTOMATIC[name]}
+
+    def by_platform(*args):
+        return lax.platform_dependent(*args, default=default, **per_platform)
+
+    return _portable_derivatives(by_platform, default)
 
 
-def _lowering_for(platform):
-    def impl(*args, default, spellings, out_avals):
-        del out_avals
-        return dict(spellings).get(platform, default)(*args)
+def _portable_derivatives(spelling: Callable, portable: Callable) -> Callable:
+    """``spelling``, differentiated (in every mode and order) as ``portable``."""
 
-    return mlir.lower_fun(impl, multiple_results=True)
+    @jax.custom_jvp
+    def call(*args):
+        return spelling(*args)
 
+    @call.defjvp
+    def _jvp(primals, tangents):
+        _, out_tangents = jax.jvp(portable, primals, tangents)
+        return call(*primals), out_tangents
 
-def _jvp(primals, tangents, *, default, spellings, out_avals):
-    out = _spelled_p.bind(*primals, default=default, spellings=spellings, out_avals=out_avals)
-    tangents = [ad.instantiate_zeros(t) for t in tangents]
-    _, t_out = jax.jvp(lambda *a: tuple(default(*a)), tuple(primals), tuple(tangents))
-    return out, list(t_out)
+    def wrapped(*args):
+        # Python numbers (an IndexGradRows' ``keep = 1``) as arrays: custom_jvp arguments.
+        leaves, tree = jax.tree.flatten(args)
+        return call(*jax.tree.unflatten(tree, [jnp.asarray(v) for v in leaves]))
 
-
-def _transpose(cts, *args, default, spellings, out_avals):
-    del spellings, out_avals  # only linear uses are transposed, through the portable function
-    avals = [a.aval if ad.is_undefined_primal(a) else jax.typeof(a) for a in args]
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    lin = [i for i, a in enumerate(args) if ad.is_undefined_primal(a)]
-
-    def of_lin(*moving):
-        full = list(args)
-        for i, v in zip(lin, moving, strict=True):
-            full[i] = v
-        return tuple(default(*full))
-
-    cts = tuple(ad.instantiate_zeros(ct) for ct in cts)
-    grads = jax.linear_transpose(of_lin, *(specs[i] for i in lin))(cts)
-    out = [None] * len(args)
-    for i, g in zip(lin, grads, strict=True):
-        out[i] = g
-    return out
-
-
-def _batch(args, dims, *, default, spellings, out_avals):
-    del out_avals
-    axes = tuple(dims)
-
-    def batched(f):
-        return lambda *a: list(jax.vmap(lambda *b: tuple(f(*b)), in_axes=axes)(*a))
-
-    out = _bind(args, batched(default), tuple((p, batched(f)) for p, f in spellings))
-    return out, [0] * len(out)
-
-
-_spelled_p = Primitive("jaxce_by_platform")
-_spelled_p.multiple_results = True
-_spelled_p.def_impl(_impl)
-_spelled_p.def_abstract_eval(_abstract_eval)
-ad.primitive_jvps[_spelled_p] = _jvp
-ad.primitive_transposes[_spelled_p] = _transpose
-batching.primitive_batchers[_spelled_p] = _batch
-mlir.register_lowering(_spelled_p, mlir.lower_fun(_impl, multiple_results=True))
-for _platform in PLATFORMS:
-    mlir.register_lowering(_spelled_p, _lowering_for(_platform), platform=_platform)
+    return wrapped

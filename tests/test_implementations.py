@@ -1,0 +1,220 @@
+"""Every implementation, executed under ``jax.jit`` on this CPU: the portable spelling
+(what TPUs and GPUs run), XLA:CPU's and XLA:GPU's (``jaxce/_backends``).
+
+Each is checked against the float64 references of ``tests/reference.py`` (values and
+gradients, every dtype, the options a backend respells for: weights, smoothing, the soft
+cap, 16-bit inputs), for every entry point. PyTorch parity on the harness's quick grid
+runs per implementation in ``tests/test_parity.py``, and the residual checks in
+``tests/test_memory.py``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import covering_grid, entry_points, weighted_sum
+from reference import numpy_cross_entropy, plain_cross_entropy
+
+import jaxce
+from jaxce._backends import AUTOMATIC, IMPLEMENTATIONS, default_implementation
+from parity.compare import ROUNDOFF
+from parity.grid import LAYOUTS, ce_inputs, rng_for
+
+
+def _automatic():
+    """The implementation the automatic choice (None) takes on JAX's default backend."""
+    platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    return next((name for name, ps in AUTOMATIC.items() if platform in ps), "xla")
+
+
+# Every named spelling; the automatic choice's on this backend is what every other test
+# runs, so here it runs with the slow tests (-m "").
+IMPLEMENTATION_PARAMS = [
+    pytest.param(name, id=name, marks=(pytest.mark.slow,) if name == _automatic() else ())
+    for name in IMPLEMENTATIONS
+]
+
+
+def _tolerance(dtype):
+    """(rtol, atol scale) of a gradient in ``dtype`` against float64: its own rounding
+    (the math is float32 or wider)."""
+    return {"float64": (1e-10, 1e-12), "float32": (2e-5, 1e-6)}.get(
+        dtype, (0, 2 * ROUNDOFF.get(dtype, 0))
+    )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_PARAMS)
+@pytest.mark.parametrize(
+    ("kind", "dtype", "layout", "weight", "eps", "cap", "reduction"),
+    covering_grid(["index", "prob"], ["float64", "float32", "bfloat16", "float16"],
+                  ["(N,C)", "(N,C,d1)"], ["none", "random"], [0.0, 0.1], [None, 4.0],
+                  ["none", "mean"]),
+)  # fmt: skip
+def test_cross_entropy_matches_float64_reference(
+    implementation, kind, dtype, layout, weight, eps, cap, reduction
+):
+    shape, axis = LAYOUTS[layout]
+    rng = rng_for("implementation", kind, dtype, layout, weight, eps, cap, reduction)
+    x, t, w, ignore_index = ce_inputs(rng, kind, shape, axis, weight, "present")
+    # The inputs rounded to dtype once: the reference sees exactly what the loss sees.
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float64))
+    if kind == "prob":
+        t = np.asarray(jnp.asarray(t, dtype).astype(jnp.float64))
+    options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=eps, axis=axis)
+
+    def ours(x, t):
+        loss = jaxce.cross_entropy(
+            x, t, None if w is None else jnp.asarray(w), **options, logit_softcap=cap,
+            loss_dtype=jnp.float32 if dtype != "float64" else None,
+            implementation=implementation,
+        )  # fmt: skip
+        return weighted_sum(loss)
+
+    def reference(x, t):
+        z = x if cap is None else cap * jnp.tanh(x / cap)
+        return weighted_sum(
+            plain_cross_entropy(z, t, None if w is None else jnp.asarray(w), **options)
+        )
+
+    argnums = (0, 1) if kind == "prob" else (0,)
+    xj = jnp.asarray(x, dtype)
+    tj = jnp.asarray(t, dtype) if kind == "prob" else jnp.asarray(t)
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums))(xj, tj)
+    ref_grads = jax.grad(reference, argnums)(jnp.asarray(x), jnp.asarray(t))
+
+    # The value: against the NumPy reference, in float32 or wider whatever the dtype.
+    z = x if cap is None else cap * np.tanh(x / cap)
+    want = weighted_sum(jnp.asarray(numpy_cross_entropy(z, t, w, **options)))
+    np.testing.assert_allclose(value, want, rtol=1e-12 if dtype == "float64" else 2e-6)
+    for g, r, arg in zip(grads, ref_grads, (xj, tj), strict=False):
+        assert g.dtype == arg.dtype  # gradients in their input's dtype, as in torch
+        rtol, atol = _tolerance(dtype)
+        g = np.asarray(g.astype(jnp.float64))
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * max(1.0, np.max(np.abs(r))))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_PARAMS)
+def test_linear_cross_entropy_matches_float64_reference(implementation):
+    # bfloat16 (where XLA:CPU respells the chunk matmuls), D = 128 >= the chunk (so it
+    # takes its identity-matmul transpose); V = 517: four full chunks and a remainder.
+    # The vocabulary-parallel loss runs the same chunk step (test_every_entry_point_...).
+    dtype, eps, cap = "bfloat16", 0.1, 3.0
+    rng = rng_for("linear implementation")
+    n, d, v = 16, 128, 517
+    h = np.asarray(jnp.asarray(rng.standard_normal((n, d)), dtype).astype(jnp.float64))
+    k = np.asarray(jnp.asarray(rng.standard_normal((d, v)) * d**-0.5, dtype).astype(jnp.float64))
+    b = rng.standard_normal(v) * 0.1
+    w = rng.uniform(0.5, 2.0, v)
+    y = rng.integers(0, v, n)
+    y[3] = -100
+
+    def ours(h, k, b):
+        loss = jaxce.linear_cross_entropy(
+            h, k, jnp.asarray(y), jnp.asarray(w), reduction="none", label_smoothing=eps,
+            bias=b, chunk_size=128, logit_softcap=cap, loss_dtype=jnp.float32,
+            implementation=implementation,
+        )  # fmt: skip
+        return weighted_sum(loss)
+
+    def reference(h, k, b):
+        z = h @ k + b[None, :]
+        z = z if cap is None else cap * jnp.tanh(z / cap)
+        loss = plain_cross_entropy(z, jnp.asarray(y), jnp.asarray(w), reduction="none",
+                                   label_smoothing=eps)  # fmt: skip
+        return weighted_sum(loss)
+
+    args = (jnp.asarray(h, dtype), jnp.asarray(k, dtype), jnp.asarray(b, jnp.float32))
+    value, grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(*args)
+    ref_value, ref_grads = jax.value_and_grad(reference, (0, 1, 2))(
+        jnp.asarray(h), jnp.asarray(k), jnp.asarray(np.asarray(args[2], np.float64))
+    )
+    np.testing.assert_allclose(value, ref_value, rtol=2e-5)
+    for g, r, arg in zip(grads, ref_grads, args, strict=True):
+        assert g.dtype == arg.dtype
+        # The matmuls round their inputs and products to dtype (bfloat16 products: 2^-8).
+        rtol = 4 * ROUNDOFF[dtype]
+        r = np.asarray(r)
+        atol = rtol * np.max(np.abs(r))
+        np.testing.assert_allclose(np.asarray(g.astype(jnp.float64)), r, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATION_PARAMS)
+@pytest.mark.parametrize("entry", list(entry_points()))
+def test_every_entry_point_takes_every_implementation(entry, implementation):
+    # bfloat16 logits, under jit, against the float64 loss of the same (rounded) logits.
+    rng = rng_for("entry implementation", entry)
+    x = jnp.asarray(rng.standard_normal((12, 9)) * 3, jnp.bfloat16)
+    t = jnp.asarray(rng.integers(0, 9, 12))
+    fn = entry_points()[entry]
+    loss = partial(fn, t=t, loss_dtype=jnp.float32, implementation=implementation)
+    value, grad = jax.jit(jax.value_and_grad(loss))(x)
+    want = numpy_cross_entropy(np.asarray(x.astype(jnp.float64)), np.asarray(t))
+    np.testing.assert_allclose(value, want, rtol=2e-6)
+    assert grad.dtype == jnp.bfloat16
+    ref = jax.grad(lambda x: plain_cross_entropy(x, t))(x.astype(jnp.float64))
+    np.testing.assert_allclose(
+        np.asarray(grad.astype(jnp.float64)),
+        ref,
+        atol=2 * ROUNDOFF["bfloat16"] * float(np.max(np.abs(ref))),
+    )
+
+
+@pytest.mark.parametrize("entry", list(entry_points()))
+@pytest.mark.parametrize("name", ["cuda", "XLA", "pallas", 1])
+def test_unknown_implementation_names_the_supported_ones(entry, name):
+    x = jnp.zeros((12, 9), jnp.bfloat16)
+    t = jnp.zeros((12,), jnp.int32)
+    match = r"implementation must be None \(automatic\) or one of 'xla', 'xla_cpu', 'xla_gpu'; got "
+    with pytest.raises(ValueError, match=match + repr(name)):
+        entry_points()[entry](x, t, implementation=name)
+
+
+def test_automatic_choice_is_made_at_lowering_for_the_target_platform():
+    # One traced program holds the choice; lowering picks the target platform's spelling.
+    # The probe: the gradient of bfloat16 soft-capped logits, which XLA:CPU and XLA:GPU
+    # both read through a bit-shift upcast (jaxce/_backends/bits.py), the portable
+    # spelling through a plain convert. Lowering for CUDA needs no GPU.
+    x = jax.ShapeDtypeStruct((8, 64), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+    def grad(implementation=None):
+        def loss(x, t):
+            out = jaxce.cross_entropy(x, t, logit_softcap=30.0, implementation=implementation)
+            return out.astype(jnp.float32)
+
+        return jax.jit(jax.grad(loss)).trace(x, t)
+
+    def shifts(implementation, platform):
+        text = grad(implementation).lower(lowering_platforms=(platform,)).as_text()
+        return text.count("stablehlo.shift_left")
+
+    for platform in ("cpu", "cuda"):
+        assert shifts(None, platform) == shifts(f"xla_{platform.replace('cuda', 'gpu')}", platform)
+        assert shifts(None, platform) > 0
+        assert shifts("xla", platform) == 0
+    # Lowered for a platform without a spelling of its own (TPU): the portable one.
+    assert shifts(None, "tpu") == 0
+    # StableHLO keeps a one-branch case on a constant; XLA removes it before compiling.
+    assert "conditional" not in grad().lower().compile().as_text()
+
+
+def test_default_implementation_hook_sets_the_automatic_choice():
+    x = jax.ShapeDtypeStruct((8, 64), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+    def lowered(**kw):
+        fn = jax.jit(lambda x, t: jaxce.cross_entropy(x, t, label_smoothing=0.1, **kw))
+        return fn.trace(x, t).lower(lowering_platforms=("cpu",)).as_text()
+
+    with default_implementation("xla"):
+        hooked = lowered()
+        explicit = lowered(implementation="xla_cpu")  # a named one wins
+    assert hooked == lowered(implementation="xla")
+    assert explicit == lowered(implementation="xla_cpu")
+    assert hooked != explicit
+    with pytest.raises(ValueError, match="got 'tpu'"), default_implementation("tpu"):
+        pass
