@@ -41,6 +41,7 @@ from jax import lax
 
 from jaxce import _rows
 from jaxce._backends.bits import upcast_mul, upcast_shift
+from jaxce._compat import cast_varying, varying_axes
 from jaxce._rows import IndexGradRows, IndexStats, ProbStats, softcap, softcap_slope, times_slope
 
 # ---------------------------------------------------------------------------------------
@@ -318,6 +319,9 @@ def add_hidden_grad(dh, dz, k, *, dtype):
         return lax.dynamic_update_slice_in_dim(dh, old + prod, start, axis=0)
 
     full = [b for b in blocks if b[1] == rows]
+    # Inside shard_map the loop's carry must already vary over the mesh axes its updates
+    # vary over (this spelling is traced on every platform: lax.platform_dependent).
+    dh = cast_varying(dh, varying_axes(dz) | varying_axes(k))
     dh = lax.fori_loop(0, len(full), lambda i, dh: add_block(i * rows, rows, dh), dh)
     for start, size in blocks[len(full) :]:
         dh = add_block(start, size, dh)
