@@ -393,6 +393,18 @@ def device_name():
     return re.sub(r"[^a-z0-9]+", "-", f"cpu-{name}-{os.cpu_count()}c".lower())
 
 
+def merged(path, meta):
+    """``meta`` over the folder's earlier meta.json, keeping other sections' sizes, times
+    and commands (compile-only: targets and timemodel share the folder)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("label") != meta["label"]:
+        return meta
+    runs = {s: old.get("command", "") for s in old.get("seconds", {})} | old.get("commands", {})
+    runs |= {s: f"{meta['command']} ({meta['date']}, {meta['git']})" for s in meta["seconds"]}
+    keep = {k: {**old.get(k, {}), **meta[k]} for k in ("seconds", "sizes")}
+    return {**old, **meta, **keep, "commands": runs}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", help=f"some of: {', '.join(SECTIONS)}")
@@ -441,7 +453,7 @@ def main(argv=None):
             run.log(f"{section} FAILED: {type(err).__name__}: {err}")
             continue
         meta["seconds"][section] = round(time.time() - t0, 1)
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        (out / "meta.json").write_text(json.dumps(merged(out / "meta.json", meta), indent=1))
         run.log(f"{section}: done in {time.time() - t0:.0f} s")
     with contextlib.suppress(ImportError):
         from benchmarks import plots
