@@ -57,6 +57,11 @@ CPU = {
         ),
         (16384, 4096, 131072),
     ),
+    # value_and_grad of the mean, modelled: the issue's shape and tokamax's measured one
+    "timemodel": {
+        "targets": (targets.H100, targets.TPU_V5P, targets.TPU_V6E, targets.TPU_V5E),
+        "shapes": ((16384, 4096, 131072, "bfloat16"), (16384, 4096, 128256, "bfloat16")),
+    },
     "repeats": 5,
     "child_timeout": 900,
 }
@@ -315,6 +320,57 @@ def markdown(rows):
     return "\n".join(out) + "\n"
 
 
+def timemodel(run):
+    """Roofline time (benchmarks/timemodel.py, calibrated on tokamax's H100 measurements)
+    of value_and_grad of the fused and materialised linear losses, per target."""
+    from benchmarks import timemodel as tm
+
+    rows = []
+    for target in run.sizes["timemodel"]["targets"]:
+        if why := targets.available(target):
+            run.log(f"{target}: unavailable ({why})")
+            continue
+        chip, eff = tm.CHIPS[target], tm.calibrated(target)
+        for n, d, v, dtype in run.sizes["timemodel"]["shapes"]:
+            specs, variants, argnums, _ = cases.linear_case(n, d, v, dtype)
+            variants = {k: variants[k] for k in TIMEMODEL_VARIANTS}
+            if target.startswith("gpu"):  # tokamax's XLA losses (its TPU kernel is opaque)
+                for impl in ("xla", "chunked_xla"):
+                    variants[f"tokamax {impl}"] = cases.tokamax_loss(impl)
+            for variant, f in variants.items() if run.left() > 0 else ():
+                tok = variant.startswith("tokamax") and cases.tokamax_context(
+                    target, targets.devices(target)
+                )
+                mem, c = compiled(target, jax.value_and_grad(f, argnums), *specs, context=tok)
+                row = dict(target=target, chip=chip.name, shape=join((n, d, v)), dtype=dtype)
+                row.update(variant=variant, status=mem["status"])
+                if c is not None:
+                    est, peak = tm.estimate(c.as_text(), chip, eff), None
+                    peak = tm.estimate(c.as_text(), chip, tm.PEAK)
+                    used = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
+                    row.update(
+                        model_ms=round(est.seconds * 1e3, 2),
+                        roofline_ms=round(peak.seconds * 1e3, 2),
+                        matmuls=round(est.matmuls(n, d, v), 3),
+                        tflop=round(est.flops / 1e12, 2),
+                        hbm_gb=round(est.bytes / 1e9, 2),
+                        launches=int(est.launches),
+                        temp_mib=round(mem["temp_bytes"] / 2**20, 1),
+                        fits_hbm=used <= chip.hbm,
+                        xla_cost_model_ms=mem["model_ms"],
+                        efficiency=tm.describe(eff),
+                    )
+                rows.append(row)
+            done = [r for r in rows if r["target"] == target and r["shape"] == join((n, d, v))]
+            run.log(
+                f"{target} {join((n, d, v))}: "
+                + ", ".join(f"{r['variant']} {r.get('model_ms', r['status'])} ms" for r in done)
+            )
+    return {"timemodel.csv": rows}
+
+
+TIMEMODEL_VARIANTS = ("jaxce fused", "jaxce unfused", "optax unfused")
+
 SECTIONS = {
     "ce_time": ce_time,
     "ce_memory": ce_memory,
@@ -324,6 +380,7 @@ SECTIONS = {
     "linear_peak": linear_peak,
     "higher_order": higher_order,
     "targets": compile_only,
+    "timemodel": timemodel,
 }
 
 
@@ -334,6 +391,18 @@ def device_name():
         name = next((ln.split(":")[1] for ln in fh if ln.startswith("model name")), "")
     name = re.sub(r"\((R|TM)\)|\b(CPU|Processor)\b|@.*", "", name, flags=re.I)
     return re.sub(r"[^a-z0-9]+", "-", f"cpu-{name}-{os.cpu_count()}c".lower())
+
+
+def merged(path, meta):
+    """``meta`` over the folder's earlier meta.json, keeping other sections' sizes, times
+    and commands (compile-only: targets and timemodel share the folder)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("label") != meta["label"]:
+        return meta
+    runs = {s: old.get("command", "") for s in old.get("seconds", {})} | old.get("commands", {})
+    runs |= {s: f"{meta['command']} ({meta['date']}, {meta['git']})" for s in meta["seconds"]}
+    keep = {k: {**old.get(k, {}), **meta[k]} for k in ("seconds", "sizes")}
+    return {**old, **meta, **keep, "commands": runs}
 
 
 def main(argv=None):
@@ -347,7 +416,7 @@ def main(argv=None):
     parser.add_argument("--targets", default=",".join((*targets.ALL, targets.TPU_V5P_4)))
     args = parser.parse_args(argv)
     sections = args.sections or (
-        GPU_SECTIONS if args.gpu else [s for s in SECTIONS if s != "targets"]
+        GPU_SECTIONS if args.gpu else [s for s in SECTIONS if s not in ("targets", "timemodel")]
     )
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
@@ -356,7 +425,8 @@ def main(argv=None):
     run = Run(sizes, args.budget_s or (400 if args.gpu else None), args.targets.split(","))
     if args.gpu and not run.gpu and not args.quick:
         raise SystemExit("--gpu: JAX sees no GPU (--quick runs the GPU sections' smoke test)")
-    name = "compile-only" if sections == ["targets"] else device_name()
+    compile_only_sections = {"targets", "timemodel"}
+    name = "compile-only" if set(sections) <= compile_only_sections else device_name()
     out = (
         args.out or (Path("/tmp/jaxce-bench") if args.quick else REPO / "benchmarks/results") / name
     )
@@ -383,7 +453,7 @@ def main(argv=None):
             run.log(f"{section} FAILED: {type(err).__name__}: {err}")
             continue
         meta["seconds"][section] = round(time.time() - t0, 1)
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        (out / "meta.json").write_text(json.dumps(merged(out / "meta.json", meta), indent=1))
         run.log(f"{section}: done in {time.time() - t0:.0f} s")
     with contextlib.suppress(ImportError):
         from benchmarks import plots

@@ -90,6 +90,13 @@ def _with_tokamax(variants, implementation):
     return {**variants, "tokamax": tokamax}
 
 
+def tokamax_loss(implementation):
+    """tokamax's fused op as ``(hidden, kernel, y)`` with one implementation."""
+    from tokamax import linear_softmax_cross_entropy_loss as loss
+
+    return lambda h, k, y: loss(h, y, k, reduction="mean", implementation=implementation)
+
+
 def tokamax_context(target, devices):
     """For tracing tokamax for a compile-only target: its device check off and, for its
     TPU kernel, the TPU generation named by an abstract mesh."""

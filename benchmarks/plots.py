@@ -1,7 +1,7 @@
 """Figures from a results folder's CSVs (nothing is measured here); ratios are computed
 from the raw columns: ``python -m benchmarks.plots DIR [DIR ...]``. ce_time.png, ce_memory.png
 (with peak_rss.csv), peak_rss.png, linear_memory.png (with linear_peak.csv), linear_time.png,
-and headline.png (a panel of each of the first three)."""
+timemodel.png and headline.png (a panel of each of the first three)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ STYLE = {  # color, marker, line style
     "plain unfused": ("C2", "^", "-"),
     "torch reference": ("C3", "D", "-"),
     "torch chunked": ("C5", "P", "-"),
+    "tokamax xla": ("C6", "x", "-"),
+    "tokamax chunked_xla": ("C7", "X", "-"),
 }
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "figure.dpi": 100})
 
@@ -187,6 +189,12 @@ def linear_time(ax, rows, label):
     bars(ax, rows, shape, "provider", partial(bar, "median_ms", False), "ms (median)", title)
 
 
+def timemodel(ax, rows, shape_):
+    rows = [r for r in rows if r["shape"] == shape_]
+    title = f"modelled value_and_grad time, {shape_.replace('x', '×')} {rows[0]['dtype']}"
+    bars(ax, rows, lambda r: r["chip"], "variant", partial(bar, "model_ms", True), "ms", title)
+
+
 def figure(path, panels, title, width=4.6, height=3.6, rows=1, widths=None):
     """A figure of ``panels`` (functions of one axes); no title above them if None."""
     widths = widths or [width] * math.ceil(len(panels) / rows)
@@ -247,6 +255,10 @@ def draw(out):
         width = 1.6 + 2.2 * len(unique(lin_t, shape))
         panel = partial(linear_time, rows=lin_t, label=label)
         figure(out / "linear_time.png", [panel], None, width=width, height=3.4)
+    if tm := read(out / "timemodel.csv"):
+        panels = [partial(timemodel, rows=tm, shape_=s) for s in unique(tm, "shape")]
+        title = "roofline model from compile-only HLO (benchmarks/timemodel.py), calibrated"
+        figure(out / "timemodel.png", panels, title, width=5.6, height=3.6)
     if head:
         title = f"jaxce vs optax vs PyTorch — {label}"
         figure(out / "headline.png", head, title, width=4.8, height=3.8)

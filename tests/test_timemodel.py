@@ -1,0 +1,97 @@
+"""benchmarks/timemodel.py: FLOPs, bytes and trip counts read from optimized HLO.
+
+Expected values are derived by hand from the programs' shapes; nothing here depends on the
+calibration (the model is run at peak efficiency or with a made-up chip).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import cases, targets, timemodel
+
+S = jax.ShapeDtypeStruct
+M, K = 128, 7  # matrix side, loop trip count
+
+
+def _loop(x, w):
+    """K matmuls x @ w in a fori_loop (kept rolled by XLA:CPU)."""
+    return jax.lax.fori_loop(0, K, lambda i, a: jnp.tanh(a @ w), x)
+
+
+def _hlo(fn, *specs, target="cpu"):
+    return targets.compile_for(target, fn, *specs).as_text()
+
+
+@pytest.fixture(scope="module")
+def loop_hlo():
+    return _hlo(_loop, S((M, M), jnp.float32), S((M, M), jnp.float32))
+
+
+def test_loop_of_k_matmuls_counts_k_times_one_matmul(loop_hlo):
+    assert re.search(r'"known_trip_count":\{"n":"7"\}', loop_hlo), "XLA unrolled the loop"
+    est = timemodel.estimate(loop_hlo, "cpu", timemodel.PEAK)
+    assert est.flops == K * 2 * M * M * M  # one [M, M] @ [M, M]: 2·M³ FLOPs
+    assert est.matmul_flops32 == est.flops  # float32 operands
+
+
+def test_trip_count_read_from_the_condition_when_not_annotated(loop_hlo):
+    """TPU HLO has no known_trip_count: the bound comes from the loop's condition."""
+    bare = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", loop_hlo)
+    assert "known_trip_count" not in bare
+    comps, _entry = timemodel.parse(bare)
+    loops = [i for c in comps.values() for i in c.instrs if i.op == "while"]
+    assert [timemodel.trip_count(comps, w) for w in loops] == [K]
+    assert timemodel.estimate(bare, "cpu", timemodel.PEAK).flops == K * 2 * M**3
+
+
+def test_roofline_of_one_matmul_by_hand():
+    """One [m, k] @ [k, n] float32 product on a made-up chip: the time is the larger of
+    FLOPs / peak and bytes (both inputs read, the output written) / bandwidth."""
+    m, k, n = 256, 512, 64
+    hlo = _hlo(jnp.dot, S((m, k), jnp.float32), S((k, n), jnp.float32))
+    flops, nbytes = 2 * m * k * n, 4 * (m * k + k * n + m * n)
+    for flop_rate, bandwidth in ((1e12, 1e9), (1e9, 1e12)):  # memory-, then compute-bound
+        chip = timemodel.Chip("made up", flop_rate, flop_rate, bandwidth, 1e9, "test")
+        est = timemodel.estimate(hlo, chip, timemodel.PEAK)
+        assert est.flops == flops
+        assert est.bytes == nbytes
+        assert est.seconds == pytest.approx(max(flops / flop_rate, nbytes / bandwidth))
+    slow = timemodel.Efficiency(dot16=0.5, dot32=0.5, bw=0.5, launch_s=1e-3)
+    est = timemodel.estimate(hlo, chip, slow)  # compute-bound: half the rate + one launch
+    assert est.launches == 1
+    assert est.seconds == pytest.approx(2 * flops / 1e9 + 1e-3)
+
+
+def test_in_place_update_counts_the_update_not_the_buffer():
+    """A loop writing row i of a [R, C] buffer: R updates of C floats, not R buffers."""
+    r, c = 64, 4096
+
+    def fill(buf, row):
+        return jax.lax.fori_loop(
+            0, r, lambda i, b: jax.lax.dynamic_update_slice(b, row[None] * i, (i, 0)), buf
+        )
+
+    hlo = _hlo(fill, S((r, c), jnp.float32), S((c,), jnp.float32))
+    est = timemodel.estimate(hlo, "cpu", timemodel.PEAK)
+    buffer = 4 * r * c
+    assert est.bytes < 8 * buffer  # naive operand + output counting: 2·R buffers
+    assert est.bytes >= 2 * buffer  # every row written once and its source read once
+
+
+@pytest.mark.xla_budget
+@pytest.mark.parametrize("target", [targets.TPU_V5P, targets.H100])
+def test_device_matmul_work_of_the_materialised_loss(target):
+    """value_and_grad of the materialised loss: one logits matmul forward, d-hidden and
+    d-kernel backward = 3 × 2·N·D·V on the GPU and TPU compilers too."""
+    if reason := targets.available(target):
+        pytest.skip(f"compile-only target {target} unavailable: {reason}")
+    n, d, v = 256, 128, 4096
+    specs, variants, argnums, _ = cases.linear_case(n, d, v, "bfloat16")
+    hlo = _hlo(jax.value_and_grad(variants["jaxce unfused"], argnums), *specs, target=target)
+    assert timemodel.matmul_work(hlo, n, d, v) == pytest.approx(3.0)
+    assert timemodel.estimate(hlo, target).seconds > 0
