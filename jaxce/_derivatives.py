@@ -148,6 +148,12 @@ batching.primitive_batchers[_linear_map_p] = _batch
 mlir.register_lowering(_linear_map_p, mlir.lower_fun(_impl, multiple_results=True))
 
 
+def is_present(tangent: Any) -> bool:
+    """Whether a ``custom_jvp`` tangent (with ``symbolic_zeros``) is a real array: not
+    None and not a symbolic zero."""
+    return tangent is not None and not isinstance(tangent, SymbolicZero)
+
+
 def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
     """The loss tangent ``tangent_fn(res, tangents)``, whose transpose (used by reverse
     mode) is the hand-written backward pass ``transpose_fn(res, ct)``.
@@ -159,7 +165,7 @@ def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
     ``tangent_fn`` returns, and ``transpose_fn`` receives, a tuple).
     """
     multi = isinstance(like, tuple)
-    present = tuple(t is not None and not isinstance(t, SymbolicZero) for t in tangents)
+    present = tuple(map(is_present, tangents))
     if not any(present):
         return tuple(map(jnp.zeros_like, like)) if multi else jnp.zeros_like(like)
     leaves, tree = jax.tree.flatten(res)

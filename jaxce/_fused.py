@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from jaxce._chunked import (
     accumulate_chunk_grads,
@@ -53,7 +52,7 @@ from jaxce._chunked import (
     weight_chunk,
     zero_grads,
 )
-from jaxce._derivatives import lean_tangent
+from jaxce._derivatives import is_present, lean_tangent
 from jaxce._options import Options, checked_eps, compute_dtype
 from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
 from jaxce._targets import nan_if_out_of_range, target_info
@@ -97,23 +96,19 @@ def _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts
     return lse, z_y, wz, tz, wt, top, arg
 
 
-def _present(t):
-    return t is not None and not isinstance(t, SymbolicZero)
-
-
 def _stats_jvp(with_wz, opts, primals, tangents):
     hidden, kernel, bias, idx, here, weight, probs, n_real = primals
     out = _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
     dh, dk, db, _, _, dw, dt, _ = tangents
     # The weight moves wz, tz and wt; the probabilities move tz and wt.
-    dw = dw if (with_wz or probs is not None) and _present(dw) else None
-    dt = dt if probs is not None and _present(dt) else None
-    present = tuple(_present(t) for t in (dh, dk, db, dw, dt))
+    dw = dw if (with_wz or probs is not None) and is_present(dw) else None
+    dt = dt if probs is not None and is_present(dt) else None
+    wanted = (dw is not None, dt is not None)  # the transpose forms only these two
     moving = tuple(o for o in out[:5] if o is not None)
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
         lambda res, cts: _transpose(
-            res, cts, present, with_wz, opts.chunk, opts.cap, opts.implementation
+            res, cts, wanted, with_wz, opts.chunk, opts.cap, opts.implementation
         ),
         (hidden, kernel, bias, idx, here, weight, probs, n_real, out[0]),
         (dh, dk, db, dw, dt),
@@ -183,7 +178,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
     )
 
 
-def _transpose(res, cts, present, with_wz, chunk, cap, implementation):
+def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
     hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
     cts = iter(cts)
     g_lse = next(cts)
@@ -191,7 +186,7 @@ def _transpose(res, cts, present, with_wz, chunk, cap, implementation):
     g_wz = next(cts) if with_wz else None
     g_tz = next(cts) if probs is not None else None
     g_wt = next(cts) if probs is not None else None
-    want_dw, want_dt = present[3], present[4]
+    want_dw, want_dt = wanted
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
@@ -213,16 +208,20 @@ def _transpose(res, cts, present, with_wz, chunk, cap, implementation):
         dh, dk, db = accumulate_chunk_grads(
             hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation
         )
+        # d/d(w_c t_c) of g_tz * tz + g_wt * wt, shared by the weight and target gradients.
+        by_wt = None
+        if g_tz is not None and (dw is not None or dt is not None):
+            by_wt = g_tz[:, None] * z0 + g_wt[:, None]
         if dw is not None:
             spread = 0
             if g_wz is not None:
                 spread = spread + g_wz[:, None] * z0
-            if g_tz is not None:
-                spread = spread + mask_columns(tc * (g_tz[:, None] * z0 + g_wt[:, None]), real, 0)
+            if by_wt is not None:
+                spread = spread + mask_columns(tc * by_wt, real, 0)
             dw_c = jnp.sum(spread, axis=0)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, 0)
         if dt is not None:
-            dt_c = mask_columns(wc * (g_tz[:, None] * z0 + g_wt[:, None]), real, 0)
+            dt_c = mask_columns(wc * by_wt, real, 0)
             dt = lax.dynamic_update_slice_in_dim(dt, dt_c.astype(dt.dtype), start, 1)
         return dh, dk, db, dw, dt
 
