@@ -153,7 +153,7 @@ def _out_features_loss(
     here) and :func:`jaxce.cross_entropy` takes them with the class axis after the
     tokens'."""
     hidden = _validate.check_input(hidden)
-    kernel = check_kernel(kernel, hidden, max_ndim=kernel.ndim)
+    kernel = _validate.check_kernel(kernel, hidden, max_ndim=kernel.ndim)
     if hidden.ndim < 2:
         raise ValueError(
             f"a K-dimensional loss (kernel of shape {tuple(kernel.shape)}) needs batched "
@@ -164,13 +164,13 @@ def _out_features_loss(
             "axis_name and vocab_size (vocabulary parallelism) need a 2-D kernel [D, V]; got "
             f"a kernel of shape {tuple(kernel.shape)}"
         )
-    bias = check_bias(bias, kernel.shape[1:])
+    bias = _validate.check_bias(bias, kernel.shape[1:])
     logits = jnp.tensordot(hidden, kernel, axes=1)
     if bias is not None:
         logits = logits + bias.astype(logits.dtype)[(None,) * (hidden.ndim - 1)]
     target = _validate.as_array(target, "target")
     probs = tuple(target.shape) == tuple(logits.shape)
-    ignore_index = check_linear_ignore_index(ignore_index, probs)
+    ignore_index = _validate.check_linear_ignore_index(ignore_index, probs)
     return cross_entropy(
         logits, target, weight, ignore_index, reduction, label_smoothing,
         axis=hidden.ndim - 1, where=where, z_loss=z_loss, logit_softcap=logit_softcap,
@@ -192,12 +192,12 @@ def prepare(
     probabilities.
     """
     hidden = _validate.check_input(hidden)
-    kernel = check_kernel(kernel, hidden)
+    kernel = _validate.check_kernel(kernel, hidden)
     vocab = kernel.shape[1]
     reduction = _validate.check_reduction(reduction)
     target = _validate.as_array(target, "target")
     probs = tuple(target.shape) == (*hidden.shape[:-1], vocab)
-    ignore_index = check_linear_ignore_index(ignore_index, probs)
+    ignore_index = _validate.check_linear_ignore_index(ignore_index, probs)
     eps = _validate.check_label_smoothing(label_smoothing)
     out_dtype = hidden.dtype
     if probs:
@@ -223,7 +223,7 @@ def prepare(
             f"target must hold integer class indices; got {_validate.dtype_name(target.dtype)}"
         )
     weight = _validate.check_weight(weight, vocab)
-    bias = check_bias(bias, kernel.shape[1:])
+    bias = _validate.check_bias(bias, kernel.shape[1:])
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -232,7 +232,7 @@ def prepare(
         raise TypeError(f"axis_name must be a mesh axis name (str) or None; got {axis_name!r}")
     vocab_size = _validate.check_vocab_size(vocab_size, axis_name)
     if vocab_size is not None:
-        check_vocab_fits(vocab_size, vocab, axis_name)
+        _validate.check_vocab_fits(vocab_size, vocab, axis_name)
     out_dtype = _validate.check_loss_dtype(loss_dtype, out_dtype)
     z = _validate.check_z_loss(z_loss)
     cap = _validate.check_softcap(logit_softcap)
@@ -260,75 +260,6 @@ def prepare(
         vocab_size=vocab_size,
     )
     return (hidden, kernel, bias, target, weight, eps, z, where), opts
-
-
-def check_vocab_fits(vocab_size, v_local, axis_name):
-    """``vocab_size`` classes fit in the ``n`` devices' kernel slices of ``v_local``
-    columns along ``axis_name`` (known while tracing inside ``jax.shard_map``)."""
-    try:
-        shards = lax.axis_size(axis_name)
-    except NameError as e:
-        raise ValueError(
-            f"axis_name {axis_name!r} is not a mesh axis in scope: call linear_cross_entropy "
-            "with axis_name inside jax.shard_map over that axis"
-        ) from e
-    if vocab_size > v_local * shards:
-        raise ValueError(
-            f"vocab_size ({vocab_size}) must be at most the columns of all devices' kernel "
-            f"slices ({v_local} x {shards})"
-        )
-
-
-def check_kernel(kernel, hidden, max_ndim=2):
-    """The kernel: ``hidden``'s floating dtype, ``[D, V]`` (``[D, C, d1, ...]`` up to
-    ``max_ndim`` dimensions)."""
-    kernel = _validate.as_array(kernel, "kernel")
-    if not _validate.is_float_dtype(kernel.dtype):
-        raise TypeError(
-            f"kernel must have a floating dtype; got {_validate.dtype_name(kernel.dtype)}"
-        )
-    if kernel.dtype != hidden.dtype:
-        raise TypeError(
-            f"kernel must have hidden's dtype {_validate.dtype_name(hidden.dtype)}; got "
-            f"{_validate.dtype_name(kernel.dtype)}"
-        )
-    if not 2 <= kernel.ndim <= max_ndim or kernel.shape[0] != hidden.shape[-1]:
-        expected = "(D, V)" if max_ndim == 2 else "(D, V) or (D, C, d1, ..., dK)"
-        raise ValueError(
-            f"kernel must have shape {expected} with D = hidden.shape[-1] = "
-            f"{hidden.shape[-1]}; got {tuple(kernel.shape)}"
-        )
-    return kernel
-
-
-def check_bias(bias, classes):
-    """The optional bias: floating, one entry per class (``classes``: the kernel's shape
-    without ``D``)."""
-    if bias is None:
-        return None
-    bias = _validate.as_array(bias, "bias")
-    if tuple(bias.shape) != tuple(classes):
-        raise ValueError(
-            f"bias must have shape {tuple(classes)} (the kernel's shape without D), one entry "
-            f"per class; got {tuple(bias.shape)}"
-        )
-    if not _validate.is_float_dtype(bias.dtype):
-        raise TypeError(f"bias must have a floating dtype; got {_validate.dtype_name(bias.dtype)}")
-    return bias
-
-
-def check_linear_ignore_index(ignore_index, probs):
-    """PyTorch's ``F.linear_cross_entropy`` rule: None means -100 for class indices, and
-    class probabilities take no ``ignore_index`` at all."""
-    if ignore_index is None:
-        return -100
-    ignore_index = _validate.check_ignore_index(ignore_index)
-    if probs:
-        raise ValueError(
-            "ignore_index cannot be given when target holds class probabilities (it has the "
-            f"logits' shape); got ignore_index={ignore_index}, expected None"
-        )
-    return ignore_index
 
 
 @partial(jax.jit, static_argnames=("opts",))

@@ -291,3 +291,70 @@ def check_vocab_size(vocab_size: Any, axis_name: Any) -> int | None:
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive; got {vocab_size}")
     return int(vocab_size)
+
+
+def check_vocab_fits(vocab_size, v_local, axis_name):
+    """``vocab_size`` classes fit in the ``n`` devices' kernel slices of ``v_local``
+    columns along ``axis_name`` (known while tracing inside ``jax.shard_map``)."""
+    try:
+        shards = jax.lax.axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not a mesh axis in scope: call linear_cross_entropy "
+            "with axis_name inside jax.shard_map over that axis"
+        ) from e
+    if vocab_size > v_local * shards:
+        raise ValueError(
+            f"vocab_size ({vocab_size}) must be at most the columns of all devices' kernel "
+            f"slices ({v_local} x {shards})"
+        )
+
+
+def check_kernel(kernel, hidden, max_ndim=2):
+    """The kernel: ``hidden``'s floating dtype, ``[D, V]`` (``[D, C, d1, ...]`` up to
+    ``max_ndim`` dimensions)."""
+    kernel = as_array(kernel, "kernel")
+    if not is_float_dtype(kernel.dtype):
+        raise TypeError(f"kernel must have a floating dtype; got {dtype_name(kernel.dtype)}")
+    if kernel.dtype != hidden.dtype:
+        raise TypeError(
+            f"kernel must have hidden's dtype {dtype_name(hidden.dtype)}; got "
+            f"{dtype_name(kernel.dtype)}"
+        )
+    if not 2 <= kernel.ndim <= max_ndim or kernel.shape[0] != hidden.shape[-1]:
+        expected = "(D, V)" if max_ndim == 2 else "(D, V) or (D, C, d1, ..., dK)"
+        raise ValueError(
+            f"kernel must have shape {expected} with D = hidden.shape[-1] = "
+            f"{hidden.shape[-1]}; got {tuple(kernel.shape)}"
+        )
+    return kernel
+
+
+def check_bias(bias, classes):
+    """The optional bias: floating, one entry per class (``classes``: the kernel's shape
+    without ``D``)."""
+    if bias is None:
+        return None
+    bias = as_array(bias, "bias")
+    if tuple(bias.shape) != tuple(classes):
+        raise ValueError(
+            f"bias must have shape {tuple(classes)} (the kernel's shape without D), one entry "
+            f"per class; got {tuple(bias.shape)}"
+        )
+    if not is_float_dtype(bias.dtype):
+        raise TypeError(f"bias must have a floating dtype; got {dtype_name(bias.dtype)}")
+    return bias
+
+
+def check_linear_ignore_index(ignore_index, probs):
+    """PyTorch's ``F.linear_cross_entropy`` rule: None means -100 for class indices, and
+    class probabilities take no ``ignore_index`` at all."""
+    if ignore_index is None:
+        return -100
+    ignore_index = check_ignore_index(ignore_index)
+    if probs:
+        raise ValueError(
+            "ignore_index cannot be given when target holds class probabilities (it has the "
+            f"logits' shape); got ignore_index={ignore_index}, expected None"
+        )
+    return ignore_index
