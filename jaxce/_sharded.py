@@ -87,7 +87,8 @@ def sharded_linear_cross_entropy(
         raise ValueError(f"hidden must be [N, D] (tokens, features); got shape {jnp.shape(hidden)}")
     # Every argument checked once, on the global arrays and with linear_cross_entropy's
     # own messages, before anything is split or traced.
-    (hidden, kernel, _, target, _, _, _, _), opts = prepare(
+    # Index targets come back with `where` folded in (then None): not folded twice.
+    (hidden, kernel, _, target, _, _, _, where), opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, None, where, z_loss, logit_softcap, return_aux, check_targets,
         loss_dtype, None,
