@@ -18,6 +18,7 @@ from jaxce._fused import index_linear_loss, prob_linear_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._reduction import CrossEntropyAux, finish_loss, index_stats
 from jaxce._targets import batch_total, counted_sum, debug_check_targets, mask_targets
+from jaxce._token_blocks import auto_picks_min_work, block_rows, min_work_loss
 
 
 def linear_cross_entropy(
@@ -40,6 +41,8 @@ def linear_cross_entropy(
     loss_dtype: jax.typing.DTypeLike | None = None,
     vocab_size: int | None = None,
     implementation: str | None = None,
+    strategy: str = "auto",
+    block_size: int | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -129,6 +132,10 @@ def linear_cross_entropy(
       (``grad``, ``jvp``, ``vmap``, second order) all work on the fused path.
     """
     if jnp.ndim(kernel) > 2:
+        _validate.resolve_strategy(
+            _validate.check_strategy(strategy), _validate.min_work_unsupported(
+                reduction, return_aux, jnp.ndim(kernel)), fits=False,
+        )  # fmt: skip
         return _out_features_loss(
             hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
             axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype,
@@ -137,7 +144,7 @@ def linear_cross_entropy(
     arrays, opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
-        loss_dtype, vocab_size,
+        loss_dtype, vocab_size, strategy=strategy, block_size=block_size,
     )  # fmt: skip
     opts = opts._replace(implementation=check_implementation(implementation))
     return linear_loss(*arrays, opts=opts)
@@ -182,6 +189,7 @@ def _out_features_loss(
 def prepare(
     hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, chunk_size,
     axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
+    *, strategy="auto", block_size=None,
 ):  # fmt: skip
     """Checks :func:`linear_cross_entropy`'s arguments (a 2-D ``kernel``): ``((hidden,
     kernel, bias, target, weight, eps, z, where), opts)`` for :func:`linear_loss`.
@@ -247,6 +255,13 @@ def prepare(
             _validate.check_target_values(target, vocab, ignore_index)
     num_tokens = int(np.prod(element_shape, dtype=np.int64))
     chunk = min(chunk_size or auto_chunk(num_tokens, vocab), max(vocab, 1))
+    strategy = _validate.check_strategy(strategy)
+    block_size = _validate.check_block_size(block_size)
+    dim = hidden.shape[-1]
+    block = min(block_size or block_rows(num_tokens, dim, vocab), max(num_tokens, 1))
+    fits = auto_picks_min_work(num_tokens, dim, vocab, block, hidden.dtype.itemsize)
+    unsupported = _validate.min_work_unsupported(reduction, return_aux, kernel.ndim)
+    strategy = _validate.resolve_strategy(strategy, unsupported, fits)
     opts = Options(
         ignore_index=ignore_index,
         cap=cap,
@@ -258,6 +273,8 @@ def prepare(
         chunk=chunk,
         axis_name=axis_name,
         vocab_size=vocab_size,
+        strategy=strategy,
+        block=block,
     )
     return (hidden, kernel, bias, target, weight, eps, z, where), opts
 
@@ -265,6 +282,16 @@ def prepare(
 @partial(jax.jit, static_argnames=("opts",))
 def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    if opts.strategy == "min_work":  # 'mean' / 'sum' only: a scalar
+        probs = target.ndim == hidden.ndim
+        t2 = target.reshape(-1, target.shape[-1]) if probs else target.reshape(-1)
+        if opts.check:
+            vocab = kernel.shape[1]
+            if opts.axis_name is not None:
+                vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
+            debug_check_targets(t2, vocab, opts.ignore_index)
+        valid = None if where is None else where.reshape(-1)
+        return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts)
     if target.ndim == hidden.ndim:  # class probabilities, [..., V]
         shape = target.shape[:-1]
         loss, stats = prob_linear_loss(

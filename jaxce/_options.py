@@ -29,6 +29,8 @@ class Options(NamedTuple):
     vocab_size: int | None = None  # vocabulary-parallel: the classes in all (None: even split)
     batch_axis: str | None = None  # reductions also sum over this mesh axis (in shard_map)
     implementation: str | None = None  # the passes' spelling (None: the platform's; _backends)
+    strategy: str = "min_memory"  # the fused losses' algorithm, resolved: or "min_work"
+    block: int = 0  # token block of strategy="min_work" (rows of hidden per block)
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:

@@ -358,3 +358,49 @@ def check_linear_ignore_index(ignore_index, probs):
             f"logits' shape); got ignore_index={ignore_index}, expected None"
         )
     return ignore_index
+
+
+STRATEGIES = ("auto", "min_memory", "min_work")
+
+
+def check_strategy(strategy: Any) -> str:
+    """``strategy``: one of :data:`STRATEGIES`."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    return strategy
+
+
+def min_work_unsupported(reduction: str, return_aux: bool, kernel_ndim: int) -> str | None:
+    """Why ``strategy="min_work"`` cannot run these options (None: it can)."""
+    if kernel_ndim > 2:
+        return f"a 2-D kernel [D, V]; got a {kernel_ndim}-D kernel (K-dimensional out-features)"
+    if reduction == "none":
+        return "reduction 'mean' or 'sum'; got reduction='none'"
+    if return_aux:
+        return "return_aux=False (the aux outputs' derivatives need the recompute path)"
+    return None
+
+
+def resolve_strategy(strategy: str, unsupported: str | None, fits: bool) -> str:
+    """The algorithm that runs: ``"min_memory"`` or ``"min_work"``. ``"auto"`` takes
+    min_work where it is supported and ``fits`` (the memory rule), else min_memory; an
+    explicit ``"min_work"`` that is not supported raises."""
+    if strategy == "min_work" and unsupported is not None:
+        raise ValueError(
+            f"strategy='min_work' supports {unsupported}; use strategy='min_memory' (or "
+            "'auto', which falls back to it)"
+        )
+    if strategy == "auto":
+        return "min_work" if unsupported is None and fits else "min_memory"
+    return strategy
+
+
+def check_block_size(block_size: Any) -> int | None:
+    """``block_size``: None or a positive int (token rows per block of min_work)."""
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, numbers.Integral)
+        or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive int or None; got {block_size!r}")
+    return None if block_size is None else int(block_size)

@@ -1,0 +1,382 @@
+"""``strategy="min_work"``: the fused loss with its gradient formed in the forward pass,
+over token blocks (three vocabulary-sized matmuls for ``value_and_grad``).
+
+The ``'mean'``/``'sum'`` loss is a weighted sum of per-token statistics of the (capped)
+logits ``z = softcap(hidden @ kernel + bias)``::
+
+    L = Σ_n  c_nll nll_n + c_lse lse_n + c_sq lse_n² + c_wz Σ_c w_c z_nc
+             + c_tz Σ_c w_c t_nc z_nc + c_tlse lse_n Σ_c w_c t_nc
+
+with ``nll = lse - z_y`` (class indices), ``t`` the class probabilities, and per-token
+coefficients that depend only on the targets, ``weight``, ``eps``, ``z_loss`` and the
+'mean' denominator (:func:`index_coefs`, :func:`prob_coefs`; plain JAX, so autodiff gives
+their derivatives in ``weight``, ``eps`` and ``z_loss``). :func:`block_loss` is a
+``custom_jvp`` of ``L`` in the arrays and the coefficients. Its rule runs one loop over
+token blocks of ``block`` rows: a block's logits ``[rows, V]`` (float32 accumulation),
+their row statistics, and at once the logit gradient ``∂L/∂z`` (softmax, one-hot and
+weight terms), which gives that block's ``dhidden = dz @ kernel.T`` and adds
+``hidden.T @ dz`` to a ``dkernel`` accumulator (float32 for 16-bit kernels) -- only for the
+inputs whose tangent is not a symbolic zero. The tangent is the linear map ``Σ <grad,
+tangent>``: forward mode evaluates it, reverse mode transposes it into ``g * grad``, so
+``value_and_grad`` does three vocabulary-sized matmuls (logits, d-hidden, d-kernel) and a
+gradient in ``hidden`` alone two. Second order differentiates the rule itself (plain
+autodiff of the block loop).
+
+Vocabulary parallelism (``opts.axis_name``): each device holds a slice of the classes;
+per block, the row max is combined with ``pmax`` and the exponential sums and the
+per-token statistics with one ``psum`` of ``[rows]`` vectors before the softmax is formed;
+the partial d-hidden of each device is summed across the axis by the transpose of the
+tangent's ``psum``.
+
+Memory: one block's float32 logits (and its gradient, formed in place), the ``[N, D]``
+d-hidden in ``hidden``'s dtype and the ``[D, V]`` d-kernel accumulator (float32 where the
+kernel is 16-bit), kept from the forward to the backward pass.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
+from jaxce._derivatives import is_present
+from jaxce._options import Options, checked_eps, compute_dtype
+from jaxce._rows import softcap, softcap_slope, times_slope
+from jaxce._targets import batch_total, counted_sum
+
+# Why ``auto`` may keep ``min_memory``: min_work's extra temporaries (a block's float32
+# logits and, for 16-bit kernels, the float32 [D, V] accumulator) must be at most this
+# fraction of the float32 logits the fused loss avoids (2 bytes per logit: the logits'
+# own size in 16 bits).
+AUTO_BYTES_PER_LOGIT = 2
+
+
+def block_rows(num_tokens: int, dim: int, vocab: int) -> int:
+    """PyTorch's ``chunking_method="aspect_ratio"`` rule: a block's ``[rows, V]`` logits
+    about the size of ``hidden [N, D]``: ``next_pow2(ceil(N / ceil(V / D)))``, at most N."""
+    if num_tokens <= 1:
+        return 1
+    ratio = -(-vocab // max(dim, 1))
+    target = -(-num_tokens // ratio)
+    return int(min(1 << (target - 1).bit_length(), num_tokens))
+
+
+def min_work_bytes(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> int:
+    """min_work's temporaries beyond min_memory's: one block's float32 logits and, for a
+    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator."""
+    del num_tokens
+    acc = 4 * dim * vocab if itemsize < 4 else 0
+    return 4 * rows * vocab + acc
+
+
+def auto_picks_min_work(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> bool:
+    """``strategy="auto"``'s memory rule (the options min_work supports aside)."""
+    extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize)
+    return extra <= AUTO_BYTES_PER_LOGIT * num_tokens * vocab
+
+
+class Coefs(NamedTuple):
+    """Per-token coefficients ``[N]`` of the statistics summed by :func:`block_loss`
+    (None: the term is absent)."""
+
+    nll: Any  # of lse - z_y (class indices)
+    lse: Any  # of lse
+    sq: Any  # of lse² (the z-loss)
+    wz: Any  # of Σ_c w_c z_c (smoothing)
+    tz: Any  # of Σ_c w_c t_c z_c (probabilities)
+    tlse: Any  # of lse Σ_c w_c t_c (probabilities)
+
+
+class Rows(NamedTuple):
+    """Per-token statistics ``[N]`` (the coefficients' derivatives)."""
+
+    nll: Any
+    lse: Any
+    sq: Any
+    wz: Any
+    tz: Any
+    tlse: Any
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(9,))
+def block_loss(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts: Options):
+    """``L`` of the module doc (a scalar, float32; float64 for float64 inputs) over
+    ``hidden [N, D]`` and this device's ``kernel [D, V]``; ``idx``/``here``: the local
+    target index and whether it is on this device (class indices; else None); ``probs``
+    ``[N, V]`` or None; ``n_real``: None or this slice's real columns."""
+    return _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, ())[0]
+
+
+def _block_loss_jvp(opts, primals, tangents):
+    hidden, kernel, bias, weight, probs, coefs, idx, here, n_real = primals
+    dh, dk, db, dw, dt, dc = tangents[:6]
+    arrays = {"hidden": dh, "kernel": dk, "bias": db, "weight": dw, "probs": dt}
+    wanted = tuple(name for name, t in arrays.items() if is_present(t))
+    total, rows, grads = _run(
+        hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wanted
+    )
+    parts = []  # this device's share of the tangent
+    for name in wanted:
+        g, t = grads[name], arrays[name]
+        parts.append(jnp.sum(g.astype(total.dtype) * t.astype(total.dtype)))
+    tangent = jnp.zeros_like(total)
+    if parts:
+        local = sum(parts)
+        tangent = lax.psum(local, opts.axis_name) if opts.axis_name else local
+    # Tokens whose coefficients are all zero (ignored) count for nothing, even where their
+    # statistics are not finite.
+    counted = sum((k != 0 for k in coefs if k is not None), start=jnp.zeros(total.shape, bool))
+    for stat, t in zip(rows, dc, strict=True):
+        if stat is not None and is_present(t):  # the statistics are the same on every device
+            stat = jnp.where(counted, stat, jnp.zeros_like(stat))
+            tangent = tangent + jnp.sum(stat * t.astype(stat.dtype))
+    return total, tangent
+
+
+block_loss.defjvp(_block_loss_jvp, symbolic_zeros=True)
+
+
+def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wanted):
+    """One loop over token blocks: ``(L, Rows, {name: gradient})`` for the ``wanted``
+    inputs (``'hidden'``, ``'kernel'``, ``'bias'``, ``'weight'``, ``'probs'``)."""
+    dtype = compute_dtype(hidden.dtype)
+    n, v_local = hidden.shape[0], kernel.shape[1]
+    axis_name, cap = opts.axis_name, opts.cap
+    c = Coefs(*(None if x is None else x.astype(dtype) for x in coefs))
+    w = None if weight is None else weight.astype(dtype)[None, :]
+    want = set(wanted)
+    dims = (((1,), (0,)), ((), ()))
+
+    def body(start, size, carry, hidden, kernel, probs):
+        held, total, stats, grads = carry
+        h = lax.dynamic_slice_in_dim(hidden, start, size, axis=0)
+        raw = lax.dot_general(h, kernel, dims, preferred_element_type=dtype)
+        if bias is not None:
+            raw = raw + bias.astype(dtype)[None, :]
+        real = real_columns(0, v_local, n_real)
+        z = mask_columns(softcap(raw, cap), real, -jnp.inf)
+        z0 = mask_columns(z, real, 0)
+        cb = Coefs(*(None if x is None else lax.dynamic_slice_in_dim(x, start, size) for x in c))
+        t = None if probs is None else lax.dynamic_slice_in_dim(probs, start, size).astype(dtype)
+        wt_c = None if t is None else (t if w is None else w * t)  # w_c t_c
+
+        # Row statistics, combined across the axis before the softmax is formed.
+        m = lax.stop_gradient(jnp.max(z, axis=1))
+        if axis_name is not None:
+            m = lax.pmax(m, axis_name)
+        m = jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
+        partial_sums = {"s": jnp.sum(jnp.exp(z - m[:, None]), axis=1)}
+        if idx is not None:
+            # The target logit, picked with a gather (no [rows, V] mask is formed).
+            i_b = lax.dynamic_slice_in_dim(idx, start, size)
+            hit = lax.dynamic_slice_in_dim(here, start, size)
+            picked = jnp.take_along_axis(z, i_b[:, None], axis=1)[:, 0]
+            partial_sums["zy"] = jnp.where(hit, picked, jnp.zeros_like(picked))
+        if cb.wz is not None:
+            partial_sums["wz"] = jnp.sum(z0 if w is None else w * z0, axis=1)
+        if t is not None:
+            partial_sums["tz"] = jnp.sum(mask_columns(wt_c * z0, real, 0), axis=1)
+            partial_sums["wt"] = jnp.sum(mask_columns(wt_c, real, 0), axis=1)
+        if axis_name is not None:
+            partial_sums = lax.psum(partial_sums, axis_name)
+        s = partial_sums["s"]
+        lse = m + jnp.log(s)
+        r = Rows(
+            nll=None if cb.nll is None else lse - partial_sums["zy"],
+            lse=lse if cb.lse is not None else None,
+            sq=None if cb.sq is None else lse * lse,
+            wz=partial_sums.get("wz") if cb.wz is not None else None,
+            tz=partial_sums.get("tz") if cb.tz is not None else None,
+            tlse=None if cb.tlse is None else lse * partial_sums["wt"],
+        )
+        for x, k in zip(r, cb, strict=True):
+            if x is not None:
+                # A zero coefficient (an ignored token, eps = 0) never turns inf into NaN.
+                total = total + jnp.sum(jnp.where(k == 0, jnp.zeros_like(x), k * x))
+        stats = tuple(
+            None if a is None else lax.dynamic_update_slice_in_dim(a, x, start, 0)
+            for a, x in zip(stats, r, strict=True)
+        )
+        if not want:
+            return held, total, stats, grads
+
+        # ∂L/∂z over the block: p (softmax) times its coefficient, the one-hot and the
+        # weight terms; zero coefficients (ignored tokens) give exactly 0 for finite logits.
+        p_coef = jnp.zeros_like(lse)
+        for k, term in (
+            (cb.nll, 1),
+            (cb.lse, 1),
+            (cb.sq, 2 * lse),
+            (cb.tlse, partial_sums.get("wt")),
+        ):
+            if k is not None:
+                p_coef = p_coef + k * term
+        lse_p = jnp.where(p_coef == 0, jnp.full_like(lse, jnp.inf), lse)
+        dz = jnp.exp(z - lse_p[:, None]) * p_coef[:, None]
+        if cb.nll is not None:
+            onehot = hit[:, None] & (chunk_classes(0, v_local) == i_b[:, None])
+            dz = dz - jnp.where(onehot, cb.nll[:, None], 0)
+        if cb.wz is not None:
+            dz = dz + cb.wz[:, None] * (1 if w is None else w)
+        if cb.tz is not None:
+            dz = dz + cb.tz[:, None] * wt_c
+        dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
+        dz_in = dz.astype(hidden.dtype)
+        grads = dict(grads)
+        if "hidden" in want:
+            dh_b = lax.dot_general(
+                dz_in, kernel, (((1,), (1,)), ((), ())), preferred_element_type=dtype
+            )
+            grads["hidden"] = lax.dynamic_update_slice_in_dim(
+                grads["hidden"], dh_b.astype(hidden.dtype), start, 0
+            )
+        if "kernel" in want:
+            grads["kernel"] = _add_kernel_grad(grads["kernel"], h, dz_in, dtype)
+        if "bias" in want:
+            grads["bias"] = grads["bias"] + jnp.sum(dz, axis=0)
+        if "weight" in want:
+            by_w = jnp.zeros_like(z0)
+            if cb.wz is not None:
+                by_w = by_w + cb.wz[:, None] * z0
+            if t is not None and cb.tz is not None:
+                by_w = by_w + cb.tz[:, None] * t * z0
+            if t is not None and cb.tlse is not None:
+                by_w = by_w + (cb.tlse * lse)[:, None] * t
+            grads["weight"] = grads["weight"] + jnp.sum(mask_columns(by_w, real, 0), axis=0)
+        if "probs" in want:
+            by_t = jnp.zeros_like(z0)
+            if cb.tz is not None:
+                by_t = by_t + cb.tz[:, None] * z0
+            if cb.tlse is not None:
+                by_t = by_t + (cb.tlse * lse)[:, None]
+            by_t = mask_columns(by_t if w is None else w * by_t, real, 0)
+            grads["probs"] = lax.dynamic_update_slice_in_dim(
+                grads["probs"], by_t.astype(probs.dtype), start, 0
+            )
+        return held, total, stats, grads
+
+    acc = dtype  # d-kernel accumulates in float32 (float64) whatever the kernel's dtype
+    init_grads = {
+        "hidden": lambda: jnp.zeros(hidden.shape, hidden.dtype),
+        "kernel": lambda: jnp.zeros(kernel.shape, acc),
+        "bias": lambda: jnp.zeros((v_local,), dtype),
+        "weight": lambda: jnp.zeros((v_local,), dtype),
+        "probs": lambda: jnp.zeros(probs.shape, probs.dtype),
+    }
+    grads = {name: init_grads[name]() for name in wanted}
+    stats = tuple(None if k is None else jnp.zeros((n,), dtype) for k in c)
+    # ``held`` takes chunk_loop's exact zero (computed from the kernel after the loop, so
+    # that no compiler hoists a converted kernel out of it); it varies over the vocabulary
+    # axis, which the loss must not, hence its psum.
+    carry = (jnp.zeros((), dtype), jnp.zeros((), dtype), stats, grads)
+    held, total, stats, grads = chunk_loop(
+        chunks(n, opts.block), body, carry, (hidden, kernel, probs)
+    )
+    total = total + (held if axis_name is None else lax.psum(held, axis_name))
+    return total, Rows(*stats), grads
+
+
+def _add_kernel_grad(dk, h, dz, dtype):
+    """``dk += h.T @ dz`` over column chunks of ``dk``, each added in place: a whole
+    ``[D, V]`` product would be a second accumulator-sized temporary (XLA:CPU does not
+    fuse the sum into the matmul; jaxlib 0.10.2 and 0.12.0.1: 16 MiB at 256 x 16384 f32).
+    The chunks hold about a quarter of the block's logits, at least 128 columns."""
+    dim, vocab = dk.shape
+    cols = max(128, (h.shape[0] * vocab // (4 * max(dim, 1))) // 128 * 128)
+    dims = (((0,), (0,)), ((), ()))
+
+    def add(start, size, carry, h, dz):
+        dk, zero = carry
+        dz_c = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+        part = lax.dot_general(h, dz_c, dims, preferred_element_type=dtype)
+        old = lax.dynamic_slice_in_dim(dk, start, size, axis=1)
+        return lax.dynamic_update_slice_in_dim(dk, old + part.astype(dk.dtype), start, 1), zero
+
+    # The scalar takes chunk_loop's exact zero (added to the smallest float of the carry),
+    # which would otherwise rewrite the whole accumulator.
+    carry = (dk, jnp.zeros((), dk.dtype))
+    return chunk_loop(chunks(vocab, min(cols, vocab)), add, carry, (h, dz))[0]
+
+
+def index_coefs(valid, w_y, lse_weight_sum, eps, z, vocab, denominator, count, reduction, dtype):
+    """The coefficients of class-index targets (``l_n = (1 - eps) w_y nll + eps / C
+    (lse Σw - Σ w z)``, ``'mean'`` over ``denominator``; z-loss over ``count``)."""
+    zero = jnp.zeros(valid.shape, dtype)
+    g = jnp.ones((), dtype) if reduction == "sum" else 1 / denominator.astype(dtype)
+    keep = 1 if eps is None else 1 - eps.astype(dtype)
+    nll = jnp.where(valid, g * keep * w_y, zero)
+    lse = wz = None
+    if eps is not None:
+        per_class = g * eps.astype(dtype) / vocab
+        lse = jnp.where(valid, per_class * lse_weight_sum, zero)
+        wz = jnp.where(valid, -per_class, zero)
+    return Coefs(nll, lse, _z_coef(valid, z, count, reduction, dtype), wz, None, None)
+
+
+def prob_coefs(valid, sum_w, eps, z, vocab, count, reduction, dtype):
+    """The coefficients of class probabilities (``l_n = (1 - eps)(lse Σ w t - Σ w t z) +
+    eps / C (lse Σw - Σ w z)``; ``'mean'`` over the counted elements)."""
+    zero = jnp.zeros(valid.shape, dtype)
+    g = jnp.ones((), dtype) if reduction == "sum" else 1 / count.astype(dtype)
+    keep = 1 if eps is None else 1 - eps.astype(dtype)
+    tlse = jnp.where(valid, g * keep, zero)
+    tz = jnp.where(valid, -g * keep, zero)
+    lse = wz = None
+    if eps is not None:
+        per_class = g * eps.astype(dtype) / vocab
+        lse = jnp.where(valid, per_class * sum_w, zero)
+        wz = jnp.where(valid, -per_class, zero)
+    return Coefs(None, lse, _z_coef(valid, z, count, reduction, dtype), wz, tz, tlse)
+
+
+def _z_coef(valid, z, count, reduction, dtype):
+    """The z-loss ``z lse²`` summed, or averaged over the counted elements."""
+    if z is None:
+        return None
+    z = jnp.asarray(z, dtype)
+    z = jnp.where(z >= 0, z, jnp.full_like(z, jnp.nan))  # a traced z < 0 (or NaN): NaN
+    per = z if reduction == "sum" else z / count.astype(dtype)
+    return jnp.where(valid, per, jnp.zeros(valid.shape, dtype))
+
+
+def min_work_loss(hidden, kernel, bias, target, weight, eps, z, where, opts: Options):
+    """The scalar ``'mean'``/``'sum'`` loss of :func:`jaxce.linear_cross_entropy` with
+    ``strategy="min_work"`` (``hidden [N, D]``, flat targets; see the module doc)."""
+    # Imported here: _fused imports nothing of this module, and shard_targets lives there.
+    from jaxce._fused import _class_weight_sum, shard_targets, split_vocab
+
+    axis_name = opts.axis_name
+    eps = checked_eps(eps)
+    dtype = compute_dtype(hidden.dtype)
+    v_local = kernel.shape[1]
+    vocab, n_real = (v_local, None) if axis_name is None else split_vocab(v_local, opts)
+    sum_w = None
+    if eps is not None:
+        sum_w = _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype)
+    if target.ndim == 2:  # class probabilities [N, V]
+        valid = jnp.ones(target.shape[:1], bool) if where is None else where
+        count = batch_total(valid, opts.batch_axis, dtype)
+        coefs = prob_coefs(valid, sum_w, eps, z, vocab, count, opts.reduction, dtype)
+        total = block_loss(hidden, kernel, bias, weight, target, coefs, None, None, n_real, opts)
+        denominator = count
+    else:
+        valid, here, idx, w_y = shard_targets(
+            target, weight, v_local, vocab, opts.ignore_index, axis_name, dtype
+        )
+        denominator = counted_sum(valid, w_y, opts.batch_axis)
+        count = None if z is None else batch_total(valid, opts.batch_axis, dtype)
+        coefs = index_coefs(
+            valid, w_y, sum_w, eps, z, vocab, denominator, count, opts.reduction, dtype
+        )
+        total = block_loss(hidden, kernel, bias, weight, None, coefs, idx, here, n_real, opts)
+    out = batch_total(total, opts.batch_axis)
+    if opts.reduction == "mean":
+        # Nothing counted (W = 0): NaN, as in reduce_loss (the gradient still flows).
+        out = out + lax.stop_gradient(
+            jnp.where(denominator == 0, jnp.full_like(out, jnp.nan), jnp.zeros_like(out))
+        )
+    return out.astype(opts.out_dtype)
