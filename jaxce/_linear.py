@@ -50,8 +50,11 @@ def linear_cross_entropy(
     ``cross_entropy(hidden @ kernel + bias, target, weight, ignore_index, reduction,
     label_smoothing)`` for class-index and class-probability targets, batched or unbatched
     ``hidden``, and K-dimensional out-features, with memory that does not grow with
-    ``tokens x vocab``: the vocabulary is processed in chunks in the forward pass (online
-    log-sum-exp) and again in the backward pass (recomputing each chunk's logits).
+    ``tokens x vocab``. Two algorithms (``strategy``): ``"min_memory"`` processes the
+    vocabulary in chunks in the forward pass (online log-sum-exp) and again in the backward
+    pass (recomputing each chunk's logits: four vocabulary-sized matmuls for
+    ``value_and_grad``); ``"min_work"`` walks token blocks once, forming the gradient in the
+    forward pass (three, as many as the materialised loss).
 
     Args:
       hidden: ``[..., D]`` activations (float16/bfloat16/float32/float64); ``[D]`` is one
@@ -97,7 +100,35 @@ def linear_cross_entropy(
       implementation: how the backward pass's chunk matmuls are spelled (the values are
         the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None (default)
         for the platform compiled for, ``'xla'`` the portable spelling everywhere,
-        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform.
+        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform. It
+        spells ``"min_memory"``'s passes; ``"min_work"`` has the one portable spelling.
+      strategy: the algorithm (the values are the same to float tolerance):
+
+        * ``"min_memory"``: vocabulary chunks of ``chunk_size``, the backward pass
+          recomputing each chunk's logits. Temporaries: a few ``[tokens, chunk]`` float32
+          blocks and, for 16-bit inputs, a float32 ``[tokens, D]`` accumulator.
+        * ``"min_work"``: for ``'mean'``/``'sum'``, blocks of ``block_size`` tokens
+          against the whole (local) vocabulary; each block's float32 logits give the
+          loss and, in the same pass, the gradients of the inputs being differentiated
+          (``hidden``, ``kernel``, ``bias``, ``weight``, class-probability ``target``):
+          ``value_and_grad`` does three vocabulary-sized matmuls, a gradient in
+          ``hidden`` alone two. Temporaries: one block's float32 logits and, for a
+          16-bit kernel differentiated, a float32 ``[D, V]`` d-kernel accumulator. Every
+          option works (class weight, ``ignore_index``, ``where``, label smoothing,
+          ``z_loss``, ``logit_softcap``, ``loss_dtype``, ``bias``, probabilities,
+          ``axis_name``), and so do ``jax.jvp`` and second order (which differentiate the
+          block loop itself, without min_memory's lean transpose); ``reduction='none'``,
+          ``return_aux=True`` and K-dimensional kernels are not supported (a
+          ValueError).
+        * ``"auto"`` (default): ``"min_work"`` where it is supported and its extra
+          temporaries (``4 * block_size * V`` bytes, plus ``4 * D * V`` for a 16-bit
+          kernel) are at most ``2 * N * V`` bytes -- the 16-bit size of the logits it
+          avoids, ``N`` tokens and ``V`` classes on this device; ``"min_memory"``
+          otherwise (for 16-bit inputs that means fewer tokens than about twice ``D``).
+      block_size: ``"min_work"``'s token rows per block (PyTorch's
+        ``LinearCrossEntropyOptions.batch_chunk_size``). Default: PyTorch's
+        ``chunking_method="aspect_ratio"`` rule, a block's logits about the size of
+        ``hidden``: ``next_pow2(ceil(N / ceil(V / D)))``, at most ``N``.
 
     Returns:
       The loss: the elements' shape (``hidden``'s without ``D``) for ``'none'``, else a
@@ -125,10 +156,11 @@ def linear_cross_entropy(
       label_smoothing=...)`` (torch's ``linear_weight`` has the ``[V, D]`` layout:
       ``jnp.moveaxis(linear_weight, -1, 0)`` is jaxce's kernel, also for K dimensions).
       ``torch.nn.LinearCrossEntropyOptions`` picks torch's implementation, not the values:
-      its vocabulary-chunked counterpart here is ``chunk_size``; its token chunking
-      (``batch_chunk_size``, ``chunking_method``) and float32 accumulation (``acc_dtype``)
-      have no separate knob yet -- jaxce always accumulates in float32 (float64 for
-      float64 inputs); ``allow_retain_graph`` has no meaning in JAX, whose derivatives
+      its token-chunked path (the gradient formed in the forward pass) is
+      ``strategy="min_work"`` here, ``batch_chunk_size`` is ``block_size`` and
+      ``chunking_method="aspect_ratio"`` the default block; float32 accumulation
+      (``acc_dtype``) has no separate knob -- jaxce always accumulates in float32 (float64
+      for float64 inputs); ``allow_retain_graph`` has no meaning in JAX, whose derivatives
       (``grad``, ``jvp``, ``vmap``, second order) all work on the fused path.
     """
     if jnp.ndim(kernel) > 2:

@@ -1,0 +1,243 @@
+"""linear_cross_entropy's ``strategy``: ``"min_work"`` (the gradient formed in the forward
+pass over token blocks) against the plain float64 formula and ``"min_memory"``, its
+matmul work read from the compiled program, and the errors of what it does not do.
+
+The vocabulary-parallel and sharded forms of both strategies are in test_sharding.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import covering_grid
+from reference import plain_cross_entropy
+
+import jaxce
+from benchmarks import targets, timemodel
+from parity.grid import rng_for
+
+N, D, V = 13, 6, 300  # N not a multiple of the block sizes below
+
+
+def _problem(kind, seed):
+    rng = rng_for("strategy", kind, seed)
+    h = jnp.asarray(rng.standard_normal((N, D)))
+    k = jnp.asarray(rng.standard_normal((D, V)) * 0.7)
+    b = jnp.asarray(rng.standard_normal(V))
+    w = jnp.asarray(rng.uniform(0.3, 2.0, V))
+    if kind == "probs":
+        t = jnp.asarray(rng.dirichlet(np.ones(V), N))
+    else:
+        y = rng.integers(0, V, N)
+        y[[1, 7]] = -100
+        t = jnp.asarray(y)
+    where = jnp.asarray(rng.random(N) > 0.25)
+    return h, k, b, w, t, where
+
+
+@pytest.mark.parametrize(
+    ("kind", "reduction", "weighted", "eps", "with_bias", "extra", "block_size"),
+    covering_grid(["index", "probs"], ["mean", "sum"], [False, True], [0.0, 0.2],
+                  [False, True], [False, True], [None, 1, 4, N]),
+)  # fmt: skip
+def test_min_work_matches_the_plain_formula_and_min_memory(
+    kind, reduction, weighted, eps, with_bias, extra, block_size
+):
+    """Value and gradients in hidden, kernel, bias, weight and the smoothing (and the
+    probabilities), float64: min_work = plain autodiff of the formula = min_memory."""
+    h, k, b, w, t, where = _problem(kind, (reduction, weighted, eps, with_bias, extra))
+    # The options beyond PyTorch: a mask, the z-loss and a soft cap.
+    options = {"where": where, "z_loss": 1e-3, "logit_softcap": 3.0} if extra else {}
+
+    def loss(strategy):
+        def f(h, k, b, w, e, t):
+            return jaxce.linear_cross_entropy(
+                h, k, t, w if weighted else None, reduction=reduction, label_smoothing=e,
+                bias=b if with_bias else None, strategy=strategy, block_size=block_size,
+                **options,
+            )  # fmt: skip
+
+        return f
+
+    def plain(h, k, b, w, e, t):
+        logits = h @ k + (b[None, :] if with_bias else 0.0)
+        return plain_cross_entropy(
+            logits, t, w if weighted else None, reduction=reduction, label_smoothing=e,
+            **options,
+        )  # fmt: skip
+
+    args = (h, k, b, w, jnp.asarray(eps), t)
+    argnums = (0, 1, 2, 3, 4, 5) if kind == "probs" else (0, 1, 2, 3, 4)
+    value, grads = jax.jit(jax.value_and_grad(loss("min_work"), argnums))(*args)
+    ref_value, ref_grads = jax.value_and_grad(plain, argnums)(*args)
+    mem_value, mem_grads = jax.value_and_grad(loss("min_memory"), argnums)(*args)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    np.testing.assert_allclose(value, mem_value, rtol=1e-12)
+    for ours, ref, mem in zip(grads, ref_grads, mem_grads, strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(ours, mem, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_min_work_forward_mode_and_second_order(kind):
+    """jax.jvp (the rule's tangent Σ <grad, tangent>), a Hessian-vector product and
+    grad-of-grad equal the plain formula's."""
+    h, k, b, w, t, _ = _problem(kind, "orders")
+    eps = jnp.asarray(0.1)
+
+    def f(h, k):
+        return jaxce.linear_cross_entropy(
+            h, k, t, w, label_smoothing=eps, bias=b, strategy="min_work", block_size=4
+        )
+
+    def plain(h, k):
+        return plain_cross_entropy(h @ k + b[None, :], t, w, label_smoothing=eps)
+
+    rng = rng_for("strategy tangents", kind)
+    dh, dk = (jnp.asarray(rng.standard_normal(x.shape)) for x in (h, k))
+    out, tangent = jax.jvp(f, (h, k), (dh, dk))
+    ref_out, ref_tangent = jax.jvp(plain, (h, k), (dh, dk))
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12)
+    np.testing.assert_allclose(tangent, ref_tangent, rtol=1e-11)
+
+    def hvp(loss):
+        return jax.jvp(jax.grad(loss, (0, 1)), (h, k), (dh, dk))[1]
+
+    for ours, ref in zip(hvp(f), hvp(plain), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+    def grad_grad(loss):
+        return jax.grad(lambda h: jnp.sum(jax.grad(loss)(h, k) ** 2))(h)
+
+    np.testing.assert_allclose(grad_grad(f), grad_grad(plain), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["min_memory", "min_work"])
+def test_bfloat16_logits_near_640_accumulate_in_float32(strategy):
+    """Logits of 400...640 from bfloat16 inputs: a bfloat16 logit there is off by up to 2
+    (its spacing is 4), which moves the softmax by tens of percent. Both strategies form
+    the logits in float32 (these products of small integers are exact in float32), so the
+    loss and gradients equal the float64 formula on the same (bfloat16) inputs."""
+    rng = rng_for("strategy 640")
+    n, d, v = 64, 32, 512
+    h = np.ones((n, d))
+    h[rng.random((n, d)) < 0.03] = -1.0
+    k = 20.0 - rng.integers(0, 4, (d, v))  # integers 17..20: logits up to 640
+    y = jnp.asarray(rng.integers(0, v, n))
+    h16, k16 = jnp.asarray(h, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    logits = h @ k
+    assert np.min(np.abs(logits)) > 400
+    assert np.max(np.abs(logits)) <= 640
+
+    def f(h, k):
+        return jaxce.linear_cross_entropy(h, k, y, strategy=strategy, loss_dtype=jnp.float32)
+
+    def plain(h, k):
+        return plain_cross_entropy(h @ k, y)
+
+    value, (gh, gk) = jax.value_and_grad(f, (0, 1))(h16, k16)
+    ref, (rh, rk) = jax.value_and_grad(plain, (0, 1))(jnp.asarray(h), jnp.asarray(k))
+    # What bfloat16 logits would give: a softmax off by tens of percent.
+    rounded = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)
+    p, p_rounded = (np.asarray(jax.nn.softmax(x)) for x in (logits, rounded))
+    assert np.max(np.abs(p_rounded - p) / np.max(p, axis=1, keepdims=True)) > 0.3
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    # The logit gradient goes into the matmuls in bfloat16 (relative spacing 2**-8, as in
+    # PyTorch), and d-hidden sums it against kernel entries of about 20 with cancellation.
+    for ours, ref in ((gh, rh), (gk, rk)):
+        scale = float(jnp.max(jnp.abs(ref)))
+        np.testing.assert_allclose(np.asarray(ours, np.float64), ref, rtol=0, atol=0.03 * scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Matmul work of value_and_grad (XLA:CPU program; loops weighted by their trip counts)
+# ---------------------------------------------------------------------------------------
+
+
+def _matmul_work(strategy, argnums, n=256, d=64, v=4096, dtype=jnp.float32, **options):
+    specs = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+
+    def loss(h, k, y):
+        return jaxce.linear_cross_entropy(h, k, y, strategy=strategy, chunk_size=1024, **options)
+
+    fn = jax.value_and_grad(loss, argnums)
+    hlo = targets.compile_for("cpu", fn, *specs).as_text()
+    return timemodel.matmul_work(hlo, n, d, v)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "argnums", "expected"),
+    [
+        ("min_work", (0, 1), 3.0),  # logits, d-hidden, d-kernel: the materialised loss's
+        ("min_work", 0, 2.0),  # the d-kernel matmul skipped
+        ("min_work", 1, 2.0),  # the d-hidden matmul skipped
+        # and the recomputed logits, but for the first of 4 chunks (XLA shares its logits
+        # between the passes): 4 - 1/4
+        ("min_memory", (0, 1), 3.75),
+        ("auto", (0, 1), 3.0),  # 256 tokens, 64 features: min_work
+    ],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_work_in_units_of_one_vocabulary_matmul(strategy, argnums, expected, dtype):
+    options = {"label_smoothing": 0.1, "z_loss": 1e-4} if strategy == "min_work" else {}
+    work = _matmul_work(strategy, argnums, dtype=dtype, **options)
+    assert work == pytest.approx(expected, abs=0.02)
+
+
+def test_auto_keeps_min_memory_when_min_work_would_hold_more_than_the_logits():
+    """16-bit, 64 tokens of 256 features: min_work's float32 [D, V] accumulator (4 D V
+    bytes) exceeds the 16-bit logits it avoids (2 N V), so "auto" runs min_memory."""
+    work = _matmul_work("auto", (0, 1), n=64, d=256, v=4096, dtype=jnp.bfloat16)
+    assert work == pytest.approx(3.75, abs=0.02)  # min_memory's (above)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"strategy": "fast"}, r"strategy must be one of \('auto', 'min_memory', 'min_work'\)"),
+        ({"strategy": None}, r"strategy must be one of .*; got None"),
+        (
+            {"strategy": "min_work", "reduction": "none"},
+            r"strategy='min_work' supports reduction 'mean' or 'sum'; got reduction='none'",
+        ),
+        (
+            {"strategy": "min_work", "return_aux": True},
+            r"strategy='min_work' supports return_aux=False",
+        ),
+        ({"block_size": 0}, r"block_size must be a positive int or None; got 0"),
+        ({"block_size": 2.0}, r"block_size must be a positive int or None; got 2.0"),
+    ],
+)
+def test_bad_strategy_raises_clear_error(kwargs, pattern):
+    h, k, _, _, y, _ = _problem("index", "errors")
+    with pytest.raises(ValueError, match=pattern):
+        jaxce.linear_cross_entropy(h, k, y, **kwargs)
+
+
+def test_min_work_with_a_k_dimensional_kernel_raises():
+    h = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"strategy='min_work' supports a 2-D kernel \[D, V\]"):
+        jaxce.linear_cross_entropy(
+            h, jnp.ones((3, 5, 2)), jnp.zeros((4, 2), int), strategy="min_work"
+        )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_auto_falls_back_to_min_memory_where_min_work_cannot_run(reduction):
+    """'none' and aux outputs: "auto" runs min_memory (same values as the formula)."""
+    h, k, _, w, y, _ = _problem("index", ("auto", reduction))
+    out, aux = jaxce.linear_cross_entropy(h, k, y, w, reduction=reduction, return_aux=True)
+    ref = plain_cross_entropy(h @ k, y, w, reduction=reduction)
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    assert aux.lse.shape == (N,)
