@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxce._backends import spelled
 from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
 from jaxce._derivatives import is_present
 from jaxce._options import Options, checked_eps, compute_dtype
@@ -235,7 +236,11 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
                 grads["hidden"], dh_b.astype(hidden.dtype), start, 0
             )
         if "kernel" in want:
-            grads["kernel"] = _add_kernel_grad(grads["kernel"], h, dz_in, dtype)
+            add_kernel_grad = spelled(
+                _add_kernel_grad, {"dtype": dtype}, opts.implementation,
+                xla_cpu=_add_kernel_grad_cpu,
+            )  # fmt: skip
+            grads["kernel"] = add_kernel_grad(grads["kernel"], h, dz_in)
         if "bias" in want:
             grads["bias"] = grads["bias"] + jnp.sum(dz, axis=0)
         if "weight" in want:
@@ -280,21 +285,29 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
     return total, Rows(*stats), grads
 
 
-def _add_kernel_grad(dk, h, dz, dtype):
-    """``dk += h.T @ dz`` over column chunks of ``dk``, each added in place: a whole
-    ``[D, V]`` product would be a second accumulator-sized temporary (XLA:CPU does not
-    fuse the sum into the matmul; jaxlib 0.10.2 and 0.12.0.1: 16 MiB at 256 x 16384 f32).
-    The chunks hold about a quarter of the block's logits, at least 128 columns."""
+def _add_kernel_grad(dk, h, dz, *, dtype):
+    """``dk += h.T @ dz`` (``dtype`` accumulation): a block's share of the kernel
+    gradient. The GPU and TPU compilers fuse the sum into the matmul (the accumulator is
+    read and written once per block)."""
+    part = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+    return dk + part.astype(dk.dtype)
+
+
+def _add_kernel_grad_cpu(dk, h, dz, *, dtype):
+    """XLA:CPU's spelling of :func:`_add_kernel_grad`: over column chunks of ``dk``, each
+    added in place. XLA:CPU does not fuse the sum into the matmul, so the whole ``[D, V]``
+    product is a second accumulator-sized temporary (jaxlib 0.10.2 and 0.12.0.1: 16 MiB
+    more at 2048 x 256 x 16384 f32). The chunks hold about a quarter of the block's
+    logits, at least 128 columns."""
     dim, vocab = dk.shape
     cols = max(128, (h.shape[0] * vocab // (4 * max(dim, 1))) // 128 * 128)
-    dims = (((0,), (0,)), ((), ()))
 
     def add(start, size, carry, h, dz):
         dk, zero = carry
         dz_c = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
-        part = lax.dot_general(h, dz_c, dims, preferred_element_type=dtype)
         old = lax.dynamic_slice_in_dim(dk, start, size, axis=1)
-        return lax.dynamic_update_slice_in_dim(dk, old + part.astype(dk.dtype), start, 1), zero
+        new = _add_kernel_grad(old, h, dz_c, dtype=dtype)
+        return lax.dynamic_update_slice_in_dim(dk, new, start, 1), zero
 
     # The scalar takes chunk_loop's exact zero (added to the smallest float of the carry),
     # which would otherwise rewrite the whole accumulator.
