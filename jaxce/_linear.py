@@ -128,7 +128,9 @@ def linear_cross_entropy(
       block_size: ``"min_work"``'s token rows per block (PyTorch's
         ``LinearCrossEntropyOptions.batch_chunk_size``). Default: PyTorch's
         ``chunking_method="aspect_ratio"`` rule, a block's logits about the size of
-        ``hidden``: ``next_pow2(ceil(N / ceil(V / D)))``, at most ``N``.
+        ``hidden``: ``next_pow2(ceil(N / ceil(V / D)))``, but at least 1,024 rows (smaller
+        blocks make the float32 d-kernel accumulator's traffic, once per block, outweigh
+        the matmuls on GPUs and TPUs); at most ``N``.
 
     Returns:
       The loss: the elements' shape (``hidden``'s without ``D``) for ``'none'``, else a

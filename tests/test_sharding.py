@@ -161,20 +161,24 @@ N, D, V = 16, 8, 256
 
 
 @pytest.mark.parametrize(
-    ("reduction", "weighted", "eps", "with_bias", "ignore", "extra"),
+    ("reduction", "weighted", "eps", "with_bias", "ignore", "extra", "strategy"),
     [
-        ("none", False, 0.0, False, True, False),
-        ("none", True, 0.1, True, True, False),
-        ("sum", True, 0.1, False, True, False),
-        ("mean", False, 0.0, True, True, False),
-        ("mean", True, 0.1, True, True, False),
-        ("mean", True, 0.1, True, True, True),
+        ("none", False, 0.0, False, True, False, "min_memory"),
+        ("none", True, 0.1, True, True, False, "min_memory"),
+        ("sum", True, 0.1, False, True, False, "min_memory"),
+        ("sum", True, 0.1, False, True, False, "min_work"),
+        ("mean", False, 0.0, True, True, False, "min_memory"),
+        ("mean", True, 0.1, True, True, False, "min_memory"),
+        ("mean", True, 0.1, True, True, False, "min_work"),
+        ("mean", True, 0.1, True, True, True, "min_memory"),
+        ("mean", True, 0.1, True, True, True, "min_work"),
     ],
-    ids=["none", "none-w-ls-bias", "sum-w-ls", "mean-bias", "mean-w-ls-bias",
-         "mean-w-ls-bias-where-z-softcap"],
+    ids=["none", "none-w-ls-bias", "sum-w-ls", "sum-w-ls-min_work", "mean-bias",
+         "mean-w-ls-bias", "mean-w-ls-bias-min_work", "mean-w-ls-bias-where-z-softcap",
+         "mean-w-ls-bias-where-z-softcap-min_work"],
 )  # fmt: skip
 def test_vocab_parallel_linear_cross_entropy_in_shard_map(
-    reduction, weighted, eps, with_bias, ignore, extra
+    reduction, weighted, eps, with_bias, ignore, extra, strategy
 ):
     """Kernel, bias and weight split over the vocabulary: loss, gradients (hidden, kernel,
     bias, weight, smoothing) and a Hessian-vector product equal the single-device loss, and
@@ -204,7 +208,7 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
     def local(h, k, b, w, y, e):
         loss = jaxce.linear_cross_entropy(
             h, k, y, w, reduction=reduction, label_smoothing=e, bias=b, chunk_size=16,
-            axis_name="model", **options,
+            axis_name="model", strategy=strategy, block_size=3, **options,
         )  # fmt: skip
         return jax.lax.psum(loss, "data") if reduction == "sum" else loss
 
@@ -247,16 +251,19 @@ def test_vocab_parallel_linear_cross_entropy_in_shard_map(
 
 
 @pytest.mark.parametrize(
-    ("reduction", "weighted", "eps", "extra"),
+    ("reduction", "weighted", "eps", "extra", "strategy"),
     [
-        ("mean", True, 0.1, False),
-        ("none", False, 0.0, False),
-        ("sum", True, 0.0, False),
-        ("mean", True, 0.1, True),
+        ("mean", True, 0.1, False, "min_memory"),
+        ("mean", True, 0.1, False, "min_work"),
+        ("none", False, 0.0, False, "min_memory"),
+        ("sum", True, 0.0, False, "min_work"),
+        ("mean", True, 0.1, True, "min_memory"),
+        ("mean", True, 0.1, True, "min_work"),
     ],
-    ids=["mean-w-ls", "none", "sum-w", "mean-w-ls-where-z-softcap"],
-)
-def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra):
+    ids=["mean-w-ls", "mean-w-ls-min_work", "none", "sum-w-min_work",
+         "mean-w-ls-where-z-softcap", "mean-w-ls-where-z-softcap-min_work"],
+)  # fmt: skip
+def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra, strategy):
     """sharded_linear_cross_entropy on GSPMD-sharded arrays under plain jax.jit: the
     single-device loss and gradients, the inputs' shardings kept, no gather."""
     mesh = cpu_mesh((2, 4), ("data", "model"))
@@ -280,7 +287,8 @@ def test_sharded_linear_cross_entropy_under_jit(reduction, weighted, eps, extra)
     def ours(h, k, w):
         out = jaxce.sharded_linear_cross_entropy(
             h, k, ys, w, reduction=reduction, label_smoothing=eps, mesh=mesh,
-            vocab_axis="model", batch_axis="data", chunk_size=16, **options,
+            vocab_axis="model", batch_axis="data", chunk_size=16, strategy=strategy,
+            block_size=3, **options,
         )  # fmt: skip
         return weighted_sum(out)
 

@@ -180,7 +180,6 @@ def _matmul_work(strategy, argnums, n=256, d=64, v=4096, dtype=jnp.float32, **op
         # and the recomputed logits, but for the first of 4 chunks (XLA shares its logits
         # between the passes): 4 - 1/4
         ("min_memory", (0, 1), 3.75),
-        ("auto", (0, 1), 3.0),  # 256 tokens, 64 features: min_work
     ],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -190,11 +189,22 @@ def test_matmul_work_in_units_of_one_vocabulary_matmul(strategy, argnums, expect
     assert work == pytest.approx(expected, abs=0.02)
 
 
-def test_auto_keeps_min_memory_when_min_work_would_hold_more_than_the_logits():
-    """16-bit, 64 tokens of 256 features: min_work's float32 [D, V] accumulator (4 D V
-    bytes) exceeds the 16-bit logits it avoids (2 N V), so "auto" runs min_memory."""
-    work = _matmul_work("auto", (0, 1), n=64, d=256, v=4096, dtype=jnp.bfloat16)
-    assert work == pytest.approx(3.75, abs=0.02)  # min_memory's (above)
+@pytest.mark.parametrize(
+    ("n", "d", "dtype", "expected"),
+    [
+        # 4 blocks of 1024 rows: 16 MiB of float32 logits <= the 32 MiB 16-bit logits
+        (4096, 64, jnp.float32, 3.0),
+        # one block, all 256 tokens: its float32 logits are more than the 16-bit ones
+        (256, 64, jnp.float32, 3.75),
+        # 16-bit: the float32 [D, V] accumulator (4 MiB) > the 16-bit logits (0.5 MiB)
+        (64, 256, jnp.bfloat16, 3.75),
+    ],
+)
+def test_auto_runs_min_work_where_its_memory_rule_allows(n, d, dtype, expected):
+    """ "auto": min_work (3 matmuls) where its extra temporaries are at most the 16-bit
+    size of the logits, else min_memory (4, less its first chunk shared by both passes)."""
+    work = _matmul_work("auto", (0, 1), n=n, d=d, v=4096, dtype=dtype)
+    assert work == pytest.approx(expected, abs=0.02)
 
 
 # ---------------------------------------------------------------------------------------
