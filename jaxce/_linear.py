@@ -100,8 +100,8 @@ def linear_cross_entropy(
       implementation: how the backward pass's chunk matmuls are spelled (the values are
         the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None (default)
         for the platform compiled for, ``'xla'`` the portable spelling everywhere,
-        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform. It
-        spells ``"min_memory"``'s passes; ``"min_work"`` has the one portable spelling.
+        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform. Both
+        strategies' passes are spelled by it.
       strategy: the algorithm (the values are the same to float tolerance):
 
         * ``"min_memory"``: vocabulary chunks of ``chunk_size``, the backward pass
