@@ -358,7 +358,8 @@ def jax_linear(chunk_size: int | None = None, **options: Any) -> Callable[..., A
     return fn
 
 
-def _linear_case(ident, dtype, inputs, options, chunk_size=128) -> Case:
+def _linear_case(ident, dtype, inputs, options, chunk_size=128, jax_only=None) -> Case:
+    """``jax_only``: options of jaxce alone (``strategy``), not passed to torch."""
     grad_wrt = ["hidden", "kernel"] + (["bias"] if "bias" in inputs else [])
     if np.issubdtype(inputs["target"].dtype, np.floating):
         grad_wrt.append("target")
@@ -366,7 +367,7 @@ def _linear_case(ident, dtype, inputs, options, chunk_size=128) -> Case:
         id=f"linear|{ident}|{dtype}",
         category="linear_cross_entropy",
         dtype=dtype,
-        jax_fn=jax_linear(chunk_size=chunk_size, **options),
+        jax_fn=jax_linear(chunk_size=chunk_size, **options, **(jax_only or {})),
         torch_fn=torch_linear(**options),
         inputs=inputs,
         grad_wrt=tuple(grad_wrt),
@@ -406,6 +407,12 @@ def linear_cross_entropy_suite() -> list[Case]:
         if weight == "random":
             inputs["weight"] = rng.uniform(0.25, 3.0, v)
         cases.append(_linear_case(ident, dtype, inputs, options))
+        if reduction != "none" and eps and with_bias:
+            # strategy="min_work": the gradient formed over token blocks (4, 4, 1 rows).
+            cases.append(
+                _linear_case(f"{ident}|min_work", dtype, inputs, options,
+                             jax_only={"strategy": "min_work", "block_size": 4})
+            )  # fmt: skip
     for kind, dtype in itertools.product(("index", "probs"), LINEAR_DTYPES):
         rng = rng_for("linear forms", kind)
         d, v, c, out = 16, 517, 6, (3, 2)
