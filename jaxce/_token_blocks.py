@@ -35,6 +35,7 @@ kernel is 16-bit), kept from the forward to the backward pass.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -142,7 +143,7 @@ def _block_loss_jvp(opts, primals, tangents):
         tangent = lax.psum(local, opts.axis_name) if opts.axis_name else local
     # Tokens whose coefficients are all zero (ignored) count for nothing, even where their
     # statistics are not finite.
-    counted = sum((k != 0 for k in coefs if k is not None), start=jnp.zeros(total.shape, bool))
+    counted = functools.reduce(jnp.logical_or, [k != 0 for k in coefs if k is not None])
     for stat, t in zip(rows, dc, strict=True):
         if stat is not None and is_present(t):  # the statistics are the same on every device
             stat = jnp.where(counted, stat, jnp.zeros_like(stat))
@@ -327,35 +328,34 @@ def _add_kernel_grad_cpu(dk, h, dz, *, dtype):
     return chunk_loop(chunks(vocab, min(cols, vocab)), add, carry, (h, dz))[0]
 
 
-def index_coefs(valid, w_y, lse_weight_sum, eps, z, vocab, denominator, count, reduction, dtype):
+def index_coefs(valid, w_y, sum_w, eps, z, vocab, denominator, count, reduction, dtype):
     """The coefficients of class-index targets (``l_n = (1 - eps) w_y nll + eps / C
     (lse Σw - Σ w z)``, ``'mean'`` over ``denominator``; z-loss over ``count``)."""
-    zero = jnp.zeros(valid.shape, dtype)
-    g = jnp.ones((), dtype) if reduction == "sum" else 1 / denominator.astype(dtype)
-    keep = 1 if eps is None else 1 - eps.astype(dtype)
-    nll = jnp.where(valid, g * keep * w_y, zero)
-    lse = wz = None
-    if eps is not None:
-        per_class = g * eps.astype(dtype) / vocab
-        lse = jnp.where(valid, per_class * lse_weight_sum, zero)
-        wz = jnp.where(valid, -per_class, zero)
+    g, keep, lse, wz = _common_coefs(valid, sum_w, eps, vocab, denominator, reduction, dtype)
+    nll = jnp.where(valid, g * keep * w_y, jnp.zeros_like(w_y))
     return Coefs(nll, lse, _z_coef(valid, z, count, reduction, dtype), wz, None, None)
 
 
 def prob_coefs(valid, sum_w, eps, z, vocab, count, reduction, dtype):
     """The coefficients of class probabilities (``l_n = (1 - eps)(lse Σ w t - Σ w t z) +
     eps / C (lse Σw - Σ w z)``; ``'mean'`` over the counted elements)."""
+    g, keep, lse, wz = _common_coefs(valid, sum_w, eps, vocab, count, reduction, dtype)
+    tlse = jnp.where(valid, g * keep, jnp.zeros(valid.shape, dtype))
+    return Coefs(None, lse, _z_coef(valid, z, count, reduction, dtype), wz, -tlse, tlse)
+
+
+def _common_coefs(valid, sum_w, eps, vocab, denominator, reduction, dtype):
+    """``(g, keep, lse, wz)``: the reduction's factor ``g`` (1, or ``1 / denominator``),
+    ``1 - eps``, and the smoothing's coefficients ``g eps / C Σw`` of lse and ``-g eps / C``
+    of ``Σ w z`` (None without smoothing)."""
+    g = jnp.ones((), dtype) if reduction == "sum" else 1 / denominator.astype(dtype)
+    if eps is None:
+        return g, 1, None, None
     zero = jnp.zeros(valid.shape, dtype)
-    g = jnp.ones((), dtype) if reduction == "sum" else 1 / count.astype(dtype)
-    keep = 1 if eps is None else 1 - eps.astype(dtype)
-    tlse = jnp.where(valid, g * keep, zero)
-    tz = jnp.where(valid, -g * keep, zero)
-    lse = wz = None
-    if eps is not None:
-        per_class = g * eps.astype(dtype) / vocab
-        lse = jnp.where(valid, per_class * sum_w, zero)
-        wz = jnp.where(valid, -per_class, zero)
-    return Coefs(None, lse, _z_coef(valid, z, count, reduction, dtype), wz, tz, tlse)
+    per_class = g * eps.astype(dtype) / vocab
+    lse = jnp.where(valid, per_class * sum_w, zero)
+    wz = jnp.where(valid, -per_class, zero)
+    return g, 1 - eps.astype(dtype), lse, wz
 
 
 def _z_coef(valid, z, count, reduction, dtype):
