@@ -310,10 +310,10 @@ def _add_kernel_grad_cpu(dk, h, dz, *, dtype):
     """XLA:CPU's spelling of :func:`_add_kernel_grad`: over column chunks of ``dk``, each
     added in place. XLA:CPU does not fuse the sum into the matmul, so the whole ``[D, V]``
     product is a second accumulator-sized temporary (jaxlib 0.10.2 and 0.12.0.1: 16 MiB
-    more at 2048 x 256 x 16384 f32). The chunks hold about a quarter of the block's
+    more at 2048 x 256 x 16384 f32). The chunks hold about a sixteenth of the block's
     logits, at least 128 columns."""
     dim, vocab = dk.shape
-    cols = max(128, (h.shape[0] * vocab // (4 * max(dim, 1))) // 128 * 128)
+    cols = max(128, (h.shape[0] * vocab // (16 * max(dim, 1))) // 128 * 128)
 
     def add(start, size, carry, h, dz):
         dk, zero = carry

@@ -265,7 +265,7 @@ def min_work_budget(n, d, v, dtype, unfused_bytes):
 
 @pytest.mark.xla_budget
 @pytest.mark.parametrize("shape", list(FUSED_SHAPES))
-@pytest.mark.parametrize("target", FUSED_TARGETS)
+@pytest.mark.parametrize("target", ["cpu", *FUSED_TARGETS])
 def test_device_min_work_within_its_budget_and_three_matmuls(target, shape):
     """value_and_grad of the mean with strategy="min_work": its temporaries within
     :func:`min_work_budget`, and three vocabulary-sized matmuls (2·N·D·V each; loops
