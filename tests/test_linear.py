@@ -74,12 +74,13 @@ def test_batched_hidden_and_jit_vmap():
     )
 
 
+@pytest.mark.parametrize("strategy", ["min_memory", "min_work"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_low_precision_gradients_come_back_in_input_dtype(dtype):
+def test_low_precision_gradients_come_back_in_input_dtype(dtype, strategy):
     h, k, _b, y, _w = _problem("lowp", ignore=False)
     h, k = h.astype(dtype), k.astype(dtype)
     value, (dh, dk) = jax.value_and_grad(
-        lambda h, k: jaxce.linear_cross_entropy(h, k, y), argnums=(0, 1)
+        lambda h, k: jaxce.linear_cross_entropy(h, k, y, strategy=strategy), argnums=(0, 1)
     )(h, k)
     assert value.dtype == dtype
     assert dh.dtype == dtype
@@ -98,23 +99,27 @@ def test_low_precision_gradients_come_back_in_input_dtype(dtype):
     )
 
 
-def test_out_of_range_target_is_nan_under_jit_and_an_error_outside():
+@pytest.mark.parametrize("strategy", ["min_memory", "min_work"])
+def test_out_of_range_target_is_nan_under_jit_and_an_error_outside(strategy):
     h, k, _b, y, _w = _problem("oor", ignore=False)
     bad = y.at[2].set(V + 5)
-    value, grad = jax.jit(jax.value_and_grad(lambda h, y: jaxce.linear_cross_entropy(h, k, y)))(
-        h, bad
-    )
+
+    def loss(h, y):
+        return jaxce.linear_cross_entropy(h, k, y, strategy=strategy)
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(h, bad)
     assert np.isnan(value)
     assert np.all(np.isnan(grad[2]))
     with pytest.raises(ValueError, match=f"class index {V + 5}"):
         jaxce.linear_cross_entropy(h, k, bad)
 
 
-def test_all_ignored_mean_is_nan_with_zero_gradients():
+@pytest.mark.parametrize("strategy", ["min_memory", "min_work"])
+def test_all_ignored_mean_is_nan_with_zero_gradients(strategy):
     h, k, _b, y, _w = _problem("allign")
     y = jnp.full_like(y, -100)
     value, (dh, dk) = jax.value_and_grad(
-        lambda h, k: jaxce.linear_cross_entropy(h, k, y), argnums=(0, 1)
+        lambda h, k: jaxce.linear_cross_entropy(h, k, y, strategy=strategy), argnums=(0, 1)
     )(h, k)
     assert np.isnan(value)
     assert np.all(np.asarray(dh) == 0)
