@@ -28,9 +28,10 @@ per-token statistics with one ``psum`` of ``[rows]`` vectors before the softmax 
 the partial d-hidden of each device is summed across the axis by the transpose of the
 tangent's ``psum``.
 
-Memory: one block's float32 logits (and its gradient, formed in place), the ``[N, D]``
-d-hidden in ``hidden``'s dtype and the ``[D, V]`` d-kernel accumulator (float32 where the
-kernel is 16-bit), kept from the forward to the backward pass.
+Memory: one block's float32 logits and their gradient (in the inputs' dtype, what the
+matmuls read), and the ``[D, V]`` d-kernel accumulator (float32 where the kernel is 16-bit);
+the gradients are kept from the forward to the backward pass (``g * grad`` there, in place
+where the compiler can: the outputs' own buffers on XLA:CPU and XLA:GPU).
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ from jaxce._targets import batch_total, counted_sum
 
 # Why ``auto`` may keep ``min_memory``: min_work's extra temporaries (a block's float32
 # logits and, for 16-bit kernels, the float32 [D, V] accumulator) must be at most this
-# fraction of the float32 logits the fused loss avoids (2 bytes per logit: the logits'
-# own size in 16 bits).
+# many bytes per logit it avoids (2: the logits' own size in 16 bits).
 AUTO_BYTES_PER_LOGIT = 2
 
 
