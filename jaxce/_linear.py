@@ -122,9 +122,11 @@ def linear_cross_entropy(
           ValueError).
         * ``"auto"`` (default): ``"min_work"`` where it is supported and its extra
           temporaries (``4 * block_size * V`` bytes, plus ``4 * D * V`` for a 16-bit
-          kernel) are at most ``2 * N * V`` bytes -- the 16-bit size of the logits it
-          avoids, ``N`` tokens and ``V`` classes on this device; ``"min_memory"``
-          otherwise (for 16-bit inputs that means fewer tokens than about twice ``D``).
+          kernel) are at most ``0.2 * N * V`` bytes -- 5 % of the float32 logits it
+          never forms, the fused loss's own memory budget (``N`` tokens and ``V``
+          classes on this device); ``"min_memory"`` otherwise. At language-model shapes
+          (16,384 x 4,096 x 131,072 bf16: about 2.8 GiB more) that is ``"min_memory"``:
+          pass ``"min_work"`` to trade that memory for a quarter fewer matmuls.
       block_size: ``"min_work"``'s token rows per block (PyTorch's
         ``LinearCrossEntropyOptions.batch_chunk_size``). Default: PyTorch's
         ``chunking_method="aspect_ratio"`` rule, a block's logits about the size of

@@ -192,17 +192,20 @@ def test_matmul_work_in_units_of_one_vocabulary_matmul(strategy, argnums, expect
 @pytest.mark.parametrize(
     ("n", "d", "dtype", "expected"),
     [
-        # 4 blocks of 1024 rows: 16 MiB of float32 logits <= the 32 MiB 16-bit logits
-        (4096, 64, jnp.float32, 3.0),
-        # one block, all 256 tokens: its float32 logits are more than the 16-bit ones
+        # 32 blocks of 1024 rows: one block's 16 MiB of float32 logits <= 5 % of the
+        # 512 MiB float32 logits (25.6 MiB)
+        (32768, 64, jnp.float32, 3.0),
+        # 4 blocks: 16 MiB > 5 % of 64 MiB
+        (4096, 64, jnp.float32, 3.75),
+        # one block, all 256 tokens: its float32 logits are more than 5 % of the logits
         (256, 64, jnp.float32, 3.75),
-        # 16-bit: the float32 [D, V] accumulator (4 MiB) > the 16-bit logits (0.5 MiB)
+        # 16-bit: the float32 [D, V] accumulator (4 MiB) > 5 % of the logits
         (64, 256, jnp.bfloat16, 3.75),
     ],
 )
 def test_auto_runs_min_work_where_its_memory_rule_allows(n, d, dtype, expected):
-    """ "auto": min_work (3 matmuls) where its extra temporaries are at most the 16-bit
-    size of the logits, else min_memory (4, less its first chunk shared by both passes)."""
+    """ "auto": min_work (3 matmuls) where its extra temporaries are at most 5 % of the
+    float32 logits, else min_memory (4, less its first chunk shared by both passes)."""
     work = _matmul_work("auto", (0, 1), n=n, d=d, v=4096, dtype=dtype)
     assert work == pytest.approx(expected, abs=0.02)
 
