@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,9 @@ def optax_ce(x, y):
 
 CE_LOSSES = {"jaxce": jaxce.cross_entropy, "optax": optax_ce, "plain log_softmax": plain_ce}
 LINEAR_LOSSES = {
-    "jaxce fused": jaxce.linear_cross_entropy,
+    "jaxce fused": jaxce.linear_cross_entropy,  # the default, strategy="auto"
+    "jaxce min_work": partial(jaxce.linear_cross_entropy, strategy="min_work"),
+    "jaxce min_memory": partial(jaxce.linear_cross_entropy, strategy="min_memory"),
     "jaxce unfused": lambda h, k, y: jaxce.cross_entropy(h @ k, y),
     "optax unfused": lambda h, k, y: optax_ce(h @ k, y),
     "plain unfused": lambda h, k, y: plain_ce(jnp.dot(h, k, preferred_element_type=F32), y),

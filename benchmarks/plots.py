@@ -27,6 +27,8 @@ STYLE = {  # color, marker, line style
     "floor": ("0.4", "", "--"),
     "lse pass": ("0.6", "", ":"),
     "jaxce fused": ("C0", "o", "-"),
+    "jaxce min_work": ("C8", "*", "-"),
+    "jaxce min_memory": ("C9", "p", "-"),
     "jaxce unfused": ("C4", "v", "-"),
     "optax unfused": ("C1", "s", "-"),
     "plain unfused": ("C2", "^", "-"),
