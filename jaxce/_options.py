@@ -29,6 +29,8 @@ class Options(NamedTuple):
     vocab_size: int | None = None  # vocabulary-parallel: the classes in all (None: even split)
     batch_axis: str | None = None  # reductions also sum over this mesh axis (in shard_map)
     implementation: str | None = None  # the passes' spelling (None: the platform's; _backends)
+    tempered: bool = False  # a temperature is given: the losses see softcap(x) / T
+    entropy: bool = False  # the cores also return the per-element entropy (aux.entropy)
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:
