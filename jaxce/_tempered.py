@@ -62,7 +62,9 @@ def _dtype(x, probs):
 def _add_reduce(operands, axis):
     """Sums same-shaped arrays along ``axis`` in one multi-output reduction (keepdims)."""
     zeros = tuple(jnp.zeros((), op.dtype) for op in operands)
-    sums = lax.reduce(operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
+    sums = lax.reduce(
+        operands, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), (axis,)
+    )
     return tuple(jnp.expand_dims(v, axis) for v in sums)
 
 
@@ -151,7 +153,7 @@ def _recompute(res, opts):
 
 
 def _tangent(res, tangents, flags, opts):
-    x, idx, weight, probs, temperature, lse, ent = res
+    x, idx, _, _, _, lse, ent = res
     dx, dw, dt, d_temp = tangents
     axis = opts.axis
     z, z0, slope, w, t, inv, dtype = _recompute(res, opts)
@@ -206,7 +208,7 @@ def _transpose(res, cts, flags, opts):
     g_tz = next(cts) if probs is not None else None
     g_wt = next(cts) if probs is not None else None
     g_ent = next(cts) if flags.entropy else None
-    z, z0, slope, w, t, inv, dtype = _recompute(res, opts)
+    z, z0, slope, w, t, inv, _ = _recompute(res, opts)
     k = partial(_expand, axis=axis)
     # Rows whose softmax terms get no cotangent read p = exp(z - inf) = 0 (ignored rows).
     active = g_lse != 0 if g_ent is None else (g_lse != 0) | (g_ent != 0)
