@@ -338,3 +338,185 @@ def test_matches_a_torch_reference_of_verl_and_liger_semantics():
     per_token = jaxce.cross_entropy(x, t, temperature=temp, reduction="none", return_entropy=True)
     np.testing.assert_allclose(per_token[0], nll.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(per_token[1].entropy, entropy.detach().numpy(), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused loss: linear_cross_entropy, its axis_name form, sharded_linear_cross_entropy
+# ---------------------------------------------------------------------------------------
+
+V, D = 37, 5  # an odd vocabulary: uneven chunks and an uneven split over 4 devices
+
+
+def _fused_inputs(seed=8):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(8, D)))
+    k = jnp.asarray(rng.normal(size=(D, V)))
+    b = jnp.asarray(rng.normal(size=V))
+    t = jnp.asarray([0, 3, 36, IGNORE, 2, 5, 9, 30])
+    w = jnp.asarray(rng.uniform(0.5, 2.0, V))
+    s = jnp.asarray(rng.normal(size=8))
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(8, V))))
+    return h, k, b, t, w, s, probs
+
+
+RL = dict(label_smoothing=0.1, logit_softcap=4.0, z_loss=1e-3, return_entropy=True)
+
+
+def _scalar(out, reduction):
+    loss, aux = out
+    return jnp.sum(loss * jnp.linspace(-1.0, 1.0, loss.size).reshape(loss.shape)) - 0.3 * jnp.sum(
+        aux.entropy
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("target_kind", ["index", "probabilities"])
+def test_fused_equals_dense_on_the_materialised_logits(target_kind, reduction):
+    """linear_cross_entropy with temperature, entropy and sample weights is the dense loss
+    (itself checked against the float64 formulas above) of hidden @ kernel + bias: values,
+    gradients in every input (T included) and the Hessian in (hidden, T)."""
+    h, k, b, t, w, s, probs = _fused_inputs()
+    target = t if target_kind == "index" else probs
+
+    def fused(h, k, b, w, temp, s):
+        out = jaxce.linear_cross_entropy(
+            h, k, target, w, bias=b, temperature=temp, sample_weight=s, reduction=reduction,
+            chunk_size=8, **RL,
+        )  # fmt: skip
+        return _scalar(out, reduction)
+
+    def dense(h, k, b, w, temp, s):
+        out = jaxce.cross_entropy(
+            h @ k + b[None, :], target, w, temperature=temp, sample_weight=s,
+            reduction=reduction, **RL,
+        )  # fmt: skip
+        return _scalar(out, reduction)
+
+    args = (h, k, b, w, jnp.asarray(1.3), s)
+    np.testing.assert_allclose(fused(*args), dense(*args), rtol=1e-12)
+    for a, r in zip(
+        jax.grad(fused, range(6))(*args), jax.grad(dense, range(6))(*args), strict=True
+    ):
+        np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
+    for a, r in zip(
+        jax.tree.leaves(jax.hessian(fused, (0, 4))(*args)),
+        jax.tree.leaves(jax.hessian(dense, (0, 4))(*args)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_per_token_entropy_and_nll_with_temperature():
+    h, k, _, t, _, _, _ = _fused_inputs(9)
+    loss, aux = jaxce.linear_cross_entropy(
+        h, k, t, temperature=0.6, reduction="none", return_entropy=True, chunk_size=8
+    )
+    logp = jax.nn.log_softmax(h @ k / 0.6, axis=-1)
+    idx = jnp.where(t == IGNORE, 0, t)
+    nll = -jnp.take_along_axis(logp, idx[:, None], axis=-1)[:, 0]
+    counted = t != IGNORE
+    np.testing.assert_allclose(loss, jnp.where(counted, nll, 0.0), rtol=1e-12)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    np.testing.assert_allclose(aux.entropy, jnp.where(counted, entropy, 0.0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("target_kind", ["index", "probabilities"])
+def test_vocabulary_parallel_forms_equal_the_single_device_loss(target_kind):
+    """The axis_name form (an uneven split: vocab_size over 4 devices) and
+    sharded_linear_cross_entropy (tokens over 2 devices, the vocabulary over 4): values and
+    gradients in hidden, kernel, T and the sample weights."""
+    from jax.sharding import PartitionSpec as P
+
+    h, k, _, t, _, s, probs = _fused_inputs(10)
+    target = t if target_kind == "index" else probs
+    kw = dict(label_smoothing=0.1, return_entropy=True, chunk_size=4)
+
+    def single(h, k, temp, s):
+        out = jaxce.linear_cross_entropy(h, k, target, temperature=temp, sample_weight=s, **kw)
+        return out[0] - 0.3 * out[1].entropy
+
+    pad = -V % 4
+    kp = jnp.pad(k, ((0, 0), (0, pad)))
+    tp = target if target_kind == "index" else jnp.pad(target, ((0, 0), (0, pad)))
+    model = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("model",))
+
+    def local(h, k, tgt, temp, s):
+        out = jaxce.linear_cross_entropy(
+            h, k, tgt, temperature=temp, sample_weight=s, axis_name="model", vocab_size=V, **kw
+        )
+        return out[0] - 0.3 * out[1].entropy
+
+    tspec = P() if target_kind == "index" else P(None, "model")
+    parallel = jax.shard_map(
+        local, mesh=model, in_specs=(P(), P(None, "model"), tspec, P(), P()), out_specs=P()
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+
+    def sharded(h, k, temp, s):
+        out = jaxce.sharded_linear_cross_entropy(
+            h, k, target, temperature=temp, sample_weight=s, mesh=mesh, vocab_axis="model",
+            batch_axis="data", **kw,
+        )  # fmt: skip
+        return out[0] - 0.3 * out[1].entropy
+
+    args = (h, k, jnp.asarray(0.8), s)
+    ref_value, ref_grads = jax.value_and_grad(single, range(4))(*args)
+    value, grads = jax.value_and_grad(lambda h, k, *a: parallel(h, k, tp, *a), range(4))(
+        h, kp, *args[2:]
+    )
+    grads = (grads[0], grads[1][:, :V], *grads[2:])
+    s_value, s_grads = jax.value_and_grad(sharded, range(4))(*args)
+    for v_, g_ in ((value, grads), (s_value, s_grads)):
+        np.testing.assert_allclose(v_, ref_value, rtol=1e-12)
+        for a, r in zip(g_, ref_grads, strict=True):
+            np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_errors_name_the_argument():
+    h, k, _, t, _, _, _ = _fused_inputs()
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+        jaxce.linear_cross_entropy(h, k, t, temperature=-1.0)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(8,\)"):
+        jaxce.linear_cross_entropy(h, k, t, sample_weight=jnp.ones(7))
+    with pytest.raises(TypeError, match="sample_weight must have a floating dtype"):
+        jaxce.linear_cross_entropy(h, k, t, sample_weight=jnp.ones(8, jnp.int32))
+
+
+@pytest.mark.parametrize(
+    ("argnums", "expected"),
+    [((0,), "one"), ((1,), "one"), ((0, 1), "both"), ((3,), "neither")],
+)
+def test_fused_matmul_work_skips_what_is_not_differentiated(argnums, expected):
+    """Optimized XLA:CPU HLO of value_and_grad, matmul work in units of 2·N·D·V: with
+    temperature, entropy and sample weights on, differentiating only hidden (or only the
+    kernel) does exactly the matmul work of the plain loss's same gradient, and only T
+    does no d-hidden or d-kernel matmul at all."""
+    from benchmarks import targets, timemodel
+
+    n, d, v = 256, 128, 4096
+    S = jax.ShapeDtypeStruct
+    specs = (S((n, d), jnp.float32), S((d, v), jnp.float32), S((n,), jnp.int32))
+    specs = (*specs, S((), jnp.float32), S((n,), jnp.float32))
+
+    def rl(h, k, t, temp, s):
+        out = jaxce.linear_cross_entropy(
+            h, k, t, temperature=temp, sample_weight=s, return_entropy=True,
+            label_smoothing=0.1, chunk_size=1024,
+        )  # fmt: skip
+        return out[0] - 0.1 * out[1].entropy
+
+    def plain(h, k, t, temp, s):
+        return jaxce.linear_cross_entropy(h, k, t, label_smoothing=0.1, chunk_size=1024)
+
+    def work(fn, argnums):
+        hlo = targets.compile_for("cpu", jax.value_and_grad(fn, argnums), *specs).as_text()
+        return timemodel.matmul_work(hlo, n, d, v)
+
+    forward_only = work(plain, (3,))  # plain ignores T: the forward pass alone
+    if expected == "neither":
+        # The forward pass and one recomputation of the logits for dT, no gradient matmul.
+        assert work(rl, argnums) <= forward_only + 1.0
+        assert work(rl, argnums) < work(plain, (0,))
+    else:
+        assert work(rl, argnums) == pytest.approx(work(plain, argnums))
+        assert work(plain, (0, 1)) == pytest.approx(work(plain, (0,)) + 1.0)
