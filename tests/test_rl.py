@@ -374,7 +374,7 @@ def _scalar(out, reduction):
 def test_fused_equals_dense_on_the_materialised_logits(target_kind, reduction):
     """linear_cross_entropy with temperature, entropy and sample weights is the dense loss
     (itself checked against the float64 formulas above) of hidden @ kernel + bias: values,
-    gradients in every input (T included) and the Hessian in (hidden, T)."""
+    gradients in every input (T included) and, for the mean, the Hessian in (hidden, T)."""
     h, k, b, t, w, s, probs = _fused_inputs()
     target = t if target_kind == "index" else probs
 
@@ -398,6 +398,8 @@ def test_fused_equals_dense_on_the_materialised_logits(target_kind, reduction):
         jax.grad(fused, range(6))(*args), jax.grad(dense, range(6))(*args), strict=True
     ):
         np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
+    if reduction != "mean":
+        return
     for a, r in zip(
         jax.tree.leaves(jax.hessian(fused, (0, 4))(*args)),
         jax.tree.leaves(jax.hessian(dense, (0, 4))(*args)),
