@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxce._backends import spelled, xla_cpu
 from jaxce._derivatives import is_present, lean_tangent
 from jaxce._options import Options, checked_eps, compute_dtype, promote_float_dtypes
 from jaxce._rows import (
@@ -103,7 +104,10 @@ def _stats(x, idx, weight, probs, temperature, flags, opts):
         lse = m + jnp.log(jnp.sum(e, axis=axis, keepdims=True))
     w = weight_along(weight, x.ndim, axis, dtype)
     if idx is not None:
-        z_y = softcap(pick_class(x, idx, axis).astype(dtype), cap) * inv
+        # XLA:CPU materialises the select of pick_class's masked sum here (512 MiB at
+        # 4096 x 32768): its spelling gathers the target logit instead.
+        pick = spelled(pick_class, {"axis": axis}, opts.implementation, xla_cpu=xla_cpu.take_class)
+        z_y = softcap(pick(x, idx).astype(dtype), cap) * inv
     if flags.smooth:
         wz = jnp.sum(z if w is None else w * z, axis=axis, keepdims=True)
     if probs is not None:
