@@ -80,10 +80,14 @@ def dense_stats(x, idx, weight, probs, temperature, flags: _Flags, opts: Options
     without ``flags.smooth``, ``tz`` and ``wt`` None without ``probs``, ``ent`` None without
     ``flags.entropy``. Derivatives in ``x``, ``weight``, ``probs`` and ``temperature``
     (the symbolic zeros of the others are skipped)."""
-    return _stats(x, idx, weight, probs, temperature, flags, opts)
+    return _stats(x, idx, weight, probs, temperature, flags, opts)[0]
 
 
-def _stats(x, idx, weight, probs, temperature, flags, opts):
+def _stats(x, idx, weight, probs, temperature, flags, opts, moments=False):
+    """The statistics, and with ``moments`` (the temperature is differentiated) ``(mu,
+    var)``: the softmax mean ``Σ p z`` and (with the entropy) variance of ``z``, from which
+    the derivatives in ``T`` follow per element (``d lse / dT = -mu / T``, ``d H / dT =
+    var / T``, the other statistics are homogeneous in ``1 / T``)."""
     axis, cap = opts.axis, opts.cap
     dtype = _dtype(x, probs)
     inv = 1 / temperature
@@ -91,15 +95,21 @@ def _stats(x, idx, weight, probs, temperature, flags, opts):
     m = row_shift(mx, cap) * inv
     z = softcap(x.astype(dtype), cap) * inv
     e = jnp.exp(z - m)
-    z_y = wz = tz = wt = ent = None
-    if flags.entropy:
+    z_y = wz = tz = wt = ent = extra = None
+    if flags.entropy or moments:
         # H = log Σ e + Σ e (m - z) / Σ e with e = exp(z - m): two non-negative terms
-        # (no cancellation), both sums in one multi-output reduction over the row. A -inf
+        # (no cancellation), the sums in one multi-output reduction over the row. A -inf
         # logit adds 0 (e = 0; its m - z is read as 0, not inf).
-        gap = e * jnp.where(jnp.isneginf(z), jnp.zeros_like(z), m - z)
-        total, spread = _add_reduce((e, gap), axis)
+        d = jnp.where(jnp.isneginf(z), jnp.zeros_like(z), m - z)
+        second = (e * d * d,) if moments and flags.entropy else ()
+        total, spread, *sq = _add_reduce((e, e * d, *second), axis)
         lse = m + jnp.log(total)
-        ent = jnp.log(total) + spread / total
+        if flags.entropy:
+            ent = jnp.log(total) + spread / total
+        if moments:
+            mean_gap = spread / total  # E_p[m - z]
+            var = sq[0] / total - mean_gap * mean_gap if sq else None
+            extra = (m - mean_gap, var)
     else:
         lse = m + jnp.log(jnp.sum(e, axis=axis, keepdims=True))
     w = weight_along(weight, x.ndim, axis, dtype)
@@ -114,13 +124,16 @@ def _stats(x, idx, weight, probs, temperature, flags, opts):
         wtc = probs.astype(dtype) if w is None else w * probs.astype(dtype)
         tz = jnp.sum(wtc * z, axis=axis, keepdims=True)
         wt = jnp.sum(wtc, axis=axis, keepdims=True)
-    return tuple(None if v is None else jnp.squeeze(v, axis) for v in (lse, z_y, wz, tz, wt, ent))
+    out = tuple(None if v is None else jnp.squeeze(v, axis) for v in (lse, z_y, wz, tz, wt, ent))
+    if extra is not None:
+        extra = tuple(None if v is None else jnp.squeeze(v, axis) for v in extra)
+    return out, extra
 
 
 def _stats_jvp(flags, opts, primals, tangents):
     x, idx, weight, probs, temperature = primals
-    out = _stats(x, idx, weight, probs, temperature, flags, opts)
     dx, _, dw, dt, d_temp = tangents
+    out, extra = _stats(x, idx, weight, probs, temperature, flags, opts, is_present(d_temp))
     dw = dw if (flags.smooth or probs is not None) and is_present(dw) else None
     dt = dt if probs is not None and is_present(dt) else None
     moving = tuple(o for o in out if o is not None)
@@ -128,7 +141,7 @@ def _stats_jvp(flags, opts, primals, tangents):
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, flags, opts),
         lambda res, cts: _transpose(res, cts, flags, opts),
-        (x, idx, weight, probs, temperature, lse, ent),
+        (x, idx, weight, probs, temperature, lse, ent, extra, out[1:4]),
         (dx, dw, dt, d_temp),
         moving,
     )
@@ -142,7 +155,7 @@ dense_stats.defjvp(_stats_jvp, symbolic_zeros=True)
 def _recompute(res, opts):
     """The tempered logits ``z`` (-inf kept), ``z0`` (0 at -inf), the cap's slope, the
     class weights along the axis, the probabilities in the compute dtype and ``1 / T``."""
-    x, _, weight, probs, temperature, _, _ = res
+    x, _, weight, probs, temperature = res[:5]
     axis, cap = opts.axis, opts.cap
     dtype = _dtype(x, probs)
     inv = 1 / temperature
@@ -157,7 +170,7 @@ def _recompute(res, opts):
 
 
 def _tangent(res, tangents, flags, opts):
-    x, idx, _, _, _, lse, ent = res
+    x, idx, _, _, _, lse, ent, extra, (z_y, wz, tz) = res
     dx, dw, dt, d_temp = tangents
     axis = opts.axis
     z, z0, slope, w, t, inv, dtype = _recompute(res, opts)
@@ -169,9 +182,6 @@ def _tangent(res, tangents, flags, opts):
     dz = None
     if dx is not None:
         dz = times_slope(dx.astype(dtype), slope) * inv
-    if d_temp is not None:
-        by_t = -z0 * (d_temp.astype(dtype) * inv)
-        dz = by_t if dz is None else dz + by_t
     zero = jnp.zeros_like(lse)
     d_lse = d_zy = d_wz = d_tz = d_wt = d_ent = zero
     if dz is not None:
@@ -198,12 +208,20 @@ def _tangent(res, tangents, flags, opts):
         wdt = dtc if w is None else w * dtc
         d_tz = d_tz + total(wdt * z0)
         d_wt = d_wt + total(wdt)
+    if d_temp is not None:  # z = s / T: each statistic's derivative in T, per element
+        c = d_temp.astype(dtype) * inv
+        mu, var = extra
+        d_lse = d_lse - c * mu
+        d_zy = d_zy if z_y is None else d_zy - c * z_y
+        d_wz = d_wz if wz is None else d_wz - c * wz
+        d_tz = d_tz if tz is None else d_tz - c * tz
+        d_ent = d_ent if var is None else d_ent + c * var
     on = (True, idx is not None, flags.smooth, t is not None, t is not None, flags.entropy)
     return tuple(v for v, o in zip((d_lse, d_zy, d_wz, d_tz, d_wt, d_ent), on, strict=True) if o)
 
 
 def _transpose(res, cts, flags, opts):
-    x, idx, weight, probs, temperature, lse, ent = res
+    x, idx, weight, probs, temperature, lse, ent, extra, (z_y, wz, tz) = res
     axis = opts.axis
     cts = iter(cts)
     g_lse = next(cts)
@@ -229,7 +247,17 @@ def _transpose(res, cts, flags, opts):
     if g_tz is not None:
         g = g + (t if w is None else w * t) * k(g_tz)
     dx = (times_slope(g, slope) * inv).astype(x.dtype)
-    d_temp = (-inv * jnp.sum(g * z0)).astype(temperature.dtype)
+    d_temp = None
+    if extra is not None:  # dT = -Σ G z / T, from the per-element statistics
+        mu, var = extra
+        terms = [(g_lse, mu), (g_zy, z_y), (g_wz, wz), (g_tz, tz), (g_ent, var)]
+        total = 0
+        for ct, stat in terms:
+            if ct is not None and stat is not None:
+                sign = -1 if stat is var else 1
+                term = jnp.where(ct != 0, ct * stat, jnp.zeros_like(stat))
+                total = total + sign * jnp.sum(term)
+        d_temp = (-inv * total).astype(temperature.dtype)
     dw = dt = None
     if weight is not None and (g_wz is not None or g_tz is not None):
         spread = 0
