@@ -207,7 +207,20 @@ def weight_chunk(w, start, size):
     return lax.dynamic_slice_in_dim(w, start, size, axis=1)
 
 
-def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=None, probs=None):
+def chunk_stats(
+    hidden,
+    kernel,
+    bias,
+    idx,
+    here,
+    weight,
+    with_wz,
+    opts,
+    n_real=None,
+    probs=None,
+    temperature=None,
+    entropy=False,
+):
     """One pass over the vocabulary chunks (``opts.chunk``) of ``hidden @ kernel + bias``
     (soft-capped by ``opts.cap``), keeping per-token statistics only: ``(lse, z_y, wz, tz,
     wt, top, arg)``.
@@ -220,19 +233,32 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=N
     probabilities for a whole-row sum beside this loop); ``top``/``arg``: the raw logits' row max
     and its first class (None unless ``opts.stats``). Columns past ``n_real`` (see
     :func:`real_columns`) are left out of all of them.
+
+    ``temperature``: None, or ``T`` (a scalar): the statistics are those of ``z / T``
+    (after the cap; ``top``/``arg`` stay the raw logits'). With ``entropy``, an eighth
+    output: the entropy ``Σ_c p_c (lse - z_c)`` of the slice's softmax ``p``, accumulated
+    online as ``log s + u / s`` with ``u = Σ_c e^{z_c - m} (m - z_c)`` (non-negative
+    terms, no cancellation).
     """
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
 
     def body(start, size, carry, hidden, kernel, probs):
-        m, s, z_y, wz, tz, wt, top, arg = carry
+        m, s, z_y, wz, tz, wt, top, arg, u = carry
         real = real_columns(start, size, n_real)
         raw = mask_columns(chunk_logits(hidden, kernel, bias, start, size, dtype), real, -jnp.inf)
         z = mask_columns(softcap(raw, opts.cap), real, -jnp.inf)
+        if temperature is not None:
+            z = z * (1 / temperature)
         new_m = jnp.maximum(m, jnp.max(z, axis=1))
         safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
-        s = s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
+        e = jnp.exp(z - safe[:, None])
+        if entropy:  # rescaled to the new shift: e^{z-m'} (m'-z) = e^{m-m'} e^{z-m} (m'-m + m-z)
+            moved = jnp.where(s > 0, safe - m, jnp.zeros_like(s))
+            gap = jnp.where(jnp.isneginf(z), jnp.zeros_like(z), safe[:, None] - z)
+            u = jnp.exp(m - safe) * (u + moved * s) + jnp.sum(e * gap, axis=1)
+        s = s * jnp.exp(m - safe) + jnp.sum(e, axis=1)
         if idx is not None:
             # A gather, not a masked sum over the chunk (which XLA:CPU materialises).
             local = idx - start
@@ -247,16 +273,17 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=N
             wt = wt + jnp.sum(mask_columns(tc, real, 0), axis=1)
         if opts.stats:
             top, arg = running_argmax(raw, start, top, arg)
-        return new_m, s, z_y, wz, tz, wt, top, arg
+        return new_m, s, z_y, wz, tz, wt, top, arg, u
 
     zeros = jnp.zeros((n,), dtype)
     lowest = jnp.full((n,), -jnp.inf, dtype)
-    init = (lowest, zeros, zeros, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
+    init = (lowest, zeros, zeros, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32), zeros)
     pinned = (hidden, kernel, probs)
-    m, s, z_y, wz, tz, wt, top, arg = chunk_loop(chunks(vocab, opts.chunk), body, init, pinned)
+    m, s, z_y, wz, tz, wt, top, arg, u = chunk_loop(chunks(vocab, opts.chunk), body, init, pinned)
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     if not opts.stats:
         top = arg = None
+    ent = (jnp.log(s) + u / s,) if entropy else ()
     return (
         lse,
         None if idx is None else z_y,
@@ -265,4 +292,5 @@ def chunk_stats(hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real=N
         None if probs is None else wt,
         top,
         arg,
+        *ent,
     )

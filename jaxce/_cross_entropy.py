@@ -13,7 +13,8 @@ from jaxce._index import index_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._prob import prob_loss
 from jaxce._reduction import CrossEntropyAux, finish_loss, index_denominator, index_stats
-from jaxce._targets import debug_check_targets, mask_targets
+from jaxce._targets import debug_check_targets, mask_targets, target_info
+from jaxce._tempered import index_tempered_loss, prob_tempered_loss
 
 
 def cross_entropy(
@@ -28,7 +29,10 @@ def cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     logit_softcap: float | None = None,
+    temperature: float | jax.typing.ArrayLike | None = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
     return_aux: bool = False,
+    return_entropy: bool = False,
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
     implementation: str | None = None,
@@ -79,6 +83,23 @@ def cross_entropy(
       logit_softcap: ``cap`` (a positive Python float): the loss is taken on
         ``cap · tanh(input / cap)`` (Gemma 2), with the exact derivative, without
         storing the capped logits. None (default): no cap.
+      temperature: ``T`` (a float > 0 or a scalar array; traced values do not
+        recompile): the loss, and every aux output, is that of ``z / T``, applied *after*
+        the soft cap (``z = cap · tanh(input / cap) / T``), as ``logits / temperature`` in
+        verl and Liger-Kernel's fused scaled cross-entropy. Differentiable in ``T``
+        (exact, to any order). A concrete ``T`` that is not finite and > 0 raises; a traced
+        one gives NaN. None (default): no temperature (``T = 1`` on the PyTorch-exact
+        path). With a temperature, or with ``return_entropy``, the loss runs a per-element
+        statistics core (``lse``, ``z_y``, ``Σ w z``, the entropy) whose backward pass
+        recomputes the softmax elementwise: still nothing logits-sized is saved.
+      sample_weight: optional per-element float weights ``s_n`` of the loss's element
+        shape (like ``where``; any float dtype). Each counted element's loss (and its
+        z-loss term) is multiplied by ``s_n``; the weights may be negative (advantages)
+        and are differentiable. They do *not* enter the ``'mean'`` denominators (Keras's
+        ``sample_weight`` with ``'sum_over_batch_size'``, and verl's token-mean): the mean
+        is ``Σ_n s_n ℓ_n / D`` with ``D`` PyTorch's denominator (``Σ w[y_n]`` over counted
+        elements, their count without class weights). Composes with ``weight``, ``where``
+        and ``ignore_index`` (uncounted elements contribute 0 whatever ``s_n``).
       return_aux: also return a :class:`CrossEntropyAux` from the same pass: the
         per-element log-sum-exp (differentiable), the z-loss term (differentiable), the
         'mean' denominators (``denominator`` for the cross-entropy, ``count`` for the
@@ -86,7 +107,11 @@ def cross_entropy(
         class per element (``predicted``, -1 where not counted). Exact gradient
         accumulation over micro-batches: with ``reduction='sum'``, the cross-entropy
         ``loss - aux.z_loss`` summed over micro-batches divided by the summed
-        ``denominator``, plus ``aux.z_loss`` summed divided by the summed ``count``.
+        ``denominator``, plus ``aux.z_loss`` summed divided by the summed ``count`` (with
+        ``sample_weight`` too: the denominators do not depend on it).
+      return_entropy: also compute ``aux.entropy``, the entropy of the (soft-capped,
+        tempered) softmax, in the same pass (differentiable: entropy-regularised RL), and
+        return ``(loss, aux)`` (implies ``return_aux``). Liger-Kernel's name.
       check_targets: also trace a ``checkify.debug_check`` that names the first class
         index outside ``[0, C)`` (and not ``ignore_index``) and its flat position, for
         ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``. Off by
@@ -115,6 +140,8 @@ def cross_entropy(
         non-float probability target, or an option of the wrong type.
       ValueError: wrong shapes, an unknown ``reduction``, ``axis`` out of bounds,
         ``label_smoothing`` outside [0, 1] (PyTorch silently ignores negative values),
+        a concrete ``temperature`` that is not finite and > 0, a ``sample_weight`` of the
+        wrong shape (TypeError: of a non-float dtype),
         ``ignore_index >= 0`` with probability targets, an unknown ``implementation``,
         or — when ``target`` is concrete (outside jit) — a class index outside ``[0, C)``
         that is not ``ignore_index``.
@@ -128,11 +155,19 @@ def cross_entropy(
       >>> labels = jnp.array([0, 1])
       >>> print(f"{jaxce.cross_entropy(logits, labels):.4f}")
       0.3964
+      >>> loss, aux = jaxce.cross_entropy(
+      ...     logits, labels, temperature=2.0, sample_weight=jnp.array([1.0, -0.5]),
+      ...     reduction="none", return_entropy=True)
+      >>> print(loss.round(4), aux.entropy.round(4))
+      [ 0.528  -0.3972] [0.9343 1.0684]
 
     PyTorch equivalent:
       ``torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
       reduction=reduction, label_smoothing=label_smoothing)`` with ``axis=1`` (or any
-      input of rank ≤ 2 with the default ``axis=-1``).
+      input of rank ≤ 2 with the default ``axis=-1``). ``temperature=T``: the same on
+      ``input / T``; ``sample_weight=s``: ``(F.cross_entropy(..., reduction='none') *
+      s).sum() / D``; entropy: ``torch.distributions.Categorical(logits=input /
+      T).entropy()``.
     """
     input = _validate.check_input(input)
     reduction = _validate.check_reduction(reduction)
@@ -141,13 +176,18 @@ def cross_entropy(
     axis = _validate.normalize_axis(axis, input.ndim)
     z = _validate.check_z_loss(z_loss)
     cap = _validate.check_softcap(logit_softcap)
-    return_aux = _validate.check_flag(return_aux, "return_aux")
+    temperature = _validate.check_temperature(temperature)
+    return_entropy = _validate.check_flag(return_entropy, "return_entropy")
+    return_aux = _validate.check_flag(return_aux, "return_aux") or return_entropy
     check_targets = _validate.check_flag(check_targets, "check_targets")
     implementation = check_implementation(implementation)
     target, spec = _validate.check_target(input, target, axis, ignore_index)
     weight = _validate.check_weight(weight, spec.num_classes)
     element_shape = tuple(d for i, d in enumerate(input.shape) if i != axis)
     where = _validate.check_where(where, element_shape, "the loss's element shape")
+    sample_weight = _validate.check_sample_weight(
+        sample_weight, element_shape, "the loss's element shape"
+    )
     if spec.kind == "index":
         target = mask_targets(target, where, ignore_index)
         where = None
@@ -167,41 +207,63 @@ def cross_entropy(
         check=check_targets,
         out_dtype=out_dtype,
         implementation=implementation,
+        tempered=temperature is not None,
+        entropy=return_entropy,
     )
     if spec.kind == "index":
-        return _index_cross_entropy(input, target, weight, eps, z, opts=opts)
-    return _prob_cross_entropy(input, target, weight, eps, where, z, opts=opts)
+        return _index_cross_entropy(
+            input, target, weight, eps, z, temperature, sample_weight, opts=opts
+        )
+    return _prob_cross_entropy(
+        input, target, weight, eps, where, z, temperature, sample_weight, opts=opts
+    )
+
+
+def _core(input, target, weight, eps, temperature, opts, tempered, plain):
+    """``(loss, lse, argmax, entropy)`` per element (lse, argmax None unless
+    ``opts.stats``; entropy None unless ``opts.entropy``): the tempered core (``_tempered``)
+    when a temperature or the entropy is asked for, else the ``plain`` one."""
+    if opts.tempered or opts.entropy:
+        loss, lse, entropy = tempered(input, target, weight, eps, temperature, opts, opts.entropy)
+        argmax = jnp.argmax(input, axis=opts.axis).astype(jnp.int32) if opts.stats else None
+        return loss, lse, argmax, entropy
+    out = plain(input, target, weight, eps, opts)
+    return (*out, None) if opts.stats else (out, None, None, None)
 
 
 @partial(jax.jit, static_argnames=("opts",))
-def _index_cross_entropy(input, target, weight, eps, z, *, opts):
+def _index_cross_entropy(input, target, weight, eps, z, temperature, sample_weight, *, opts):
     num_classes = input.shape[opts.axis]
     if opts.check:
         debug_check_targets(target, num_classes, opts.ignore_index)
-    out = index_loss(input, target, weight, eps, opts)
-    loss, stats, valid = out, None, None
+    loss, lse, argmax, entropy = _core(
+        input, target, weight, eps, temperature, opts, index_tempered_loss, index_loss
+    )
+    stats, valid = None, None
     if opts.stats:
-        loss, lse, argmax = out
         stats, valid = index_stats(target, num_classes, opts.ignore_index, lse, argmax)
+    elif sample_weight is not None:
+        valid = target_info(target, num_classes, opts.ignore_index).valid
     denominator = None
     if opts.reduction == "mean" or opts.return_aux:
         dtype = compute_dtype(input.dtype)
         denominator = index_denominator(target, weight, num_classes, opts, dtype)
-    return finish_loss(loss, stats, valid, denominator, z, opts)
+    return finish_loss(loss, stats, valid, denominator, z, opts, sample_weight, entropy)
 
 
 @partial(jax.jit, static_argnames=("opts",))
-def _prob_cross_entropy(input, target, weight, eps, where, z, *, opts):
-    out = prob_loss(input, target, weight, eps, opts)
-    loss, stats = out, None
+def _prob_cross_entropy(input, target, weight, eps, where, z, temperature, sample_weight, *, opts):
+    loss, lse, argmax, entropy = _core(
+        input, target, weight, eps, temperature, opts, prob_tempered_loss, prob_loss
+    )
+    stats = None
     if opts.stats:
-        loss, lse, argmax = out
         stats = (lse, argmax, argmax == jnp.argmax(target, axis=opts.axis).astype(jnp.int32))
     if where is not None:
         loss = jnp.where(where, loss, jnp.zeros_like(loss))
     count = loss.size if where is None else jnp.sum(where)
     denominator = jnp.asarray(count, loss.dtype)  # PyTorch: numel / C, not the weights
-    return finish_loss(loss, stats, where, denominator, z, opts)
+    return finish_loss(loss, stats, where, denominator, z, opts, sample_weight, entropy)
 
 
 class CrossEntropyLoss:
@@ -216,9 +278,10 @@ class CrossEntropyLoss:
       reduction: ``'none'``, ``'mean'`` or ``'sum'``.
       label_smoothing: ε in [0, 1].
       axis: the class axis of the input (default -1; ``axis=1`` is PyTorch's layout).
-      z_loss, logit_softcap, check_targets, loss_dtype, implementation: see
+      z_loss, logit_softcap, temperature, check_targets, loss_dtype, implementation: see
         :func:`cross_entropy`
-        (``where`` is given per call: ``loss(input, target, where=mask)``).
+        (``where`` and ``sample_weight`` are given per call: ``loss(input, target,
+        where=mask, sample_weight=s)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -242,6 +305,7 @@ class CrossEntropyLoss:
         axis: int = -1,
         z_loss: float | jax.typing.ArrayLike = 0.0,
         logit_softcap: float | None = None,
+        temperature: float | jax.typing.ArrayLike | None = None,
         check_targets: bool = False,
         loss_dtype: jax.typing.DTypeLike | None = None,
         implementation: str | None = None,
@@ -250,6 +314,7 @@ class CrossEntropyLoss:
         _validate.check_loss_dtype(loss_dtype, jnp.float32)
         _validate.check_z_loss(z_loss)
         _validate.check_softcap(logit_softcap)
+        _validate.check_temperature(temperature)
         check_implementation(implementation)
         _validate.check_reduction(reduction)
         _validate.check_ignore_index(ignore_index)
@@ -269,6 +334,7 @@ class CrossEntropyLoss:
         self.axis = axis
         self.z_loss = z_loss
         self.logit_softcap = logit_softcap
+        self.temperature = temperature
         self.check_targets = check_targets
         self.loss_dtype = loss_dtype
         self.implementation = implementation
@@ -279,6 +345,7 @@ class CrossEntropyLoss:
         target: jax.typing.ArrayLike,
         *,
         where: jax.typing.ArrayLike | None = None,
+        sample_weight: jax.typing.ArrayLike | None = None,
     ) -> jax.Array:
         return cross_entropy(
             input,
@@ -291,6 +358,8 @@ class CrossEntropyLoss:
             where=where,
             z_loss=self.z_loss,
             logit_softcap=self.logit_softcap,
+            temperature=self.temperature,
+            sample_weight=sample_weight,
             check_targets=self.check_targets,
             loss_dtype=self.loss_dtype,
             implementation=self.implementation,
@@ -304,6 +373,7 @@ class CrossEntropyLoss:
             f"axis={self.axis}"
             + ("" if not self.z_loss else f", z_loss={self.z_loss}")
             + ("" if self.logit_softcap is None else f", logit_softcap={self.logit_softcap}")
+            + ("" if self.temperature is None else f", temperature={self.temperature}")
             + (", check_targets=True" if self.check_targets else "")
             + ("" if self.loss_dtype is None else f", loss_dtype={jnp.dtype(self.loss_dtype).name}")
             + ("" if self.implementation is None else f", implementation={self.implementation!r}")

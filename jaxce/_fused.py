@@ -58,92 +58,111 @@ from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
 from jaxce._targets import nan_if_out_of_range, target_info
 
 
-def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real):
-    """A chunk's raw logits, its (soft-capped) logits (-inf at padding columns), its
-    local class ids and which columns are real (None: all)."""
+def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv=None):
+    """A chunk's raw logits, its (soft-capped, divided by the temperature: times ``inv``
+    unless None) logits (-inf at padding columns), its local class ids and which columns
+    are real (None: all)."""
     real = real_columns(start, size, n_real)
     raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
     cls = chunk_classes(start, size)
-    return raw, mask_columns(softcap(raw, cap), real, -jnp.inf), cls, real
+    z = softcap(raw, cap) if inv is None else softcap(raw, cap) * inv
+    return raw, mask_columns(z, real, -jnp.inf), cls, real
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(8, 9))
-def shard_stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts: Options):
-    """``(lse_d, z_y_d, wz_d, tz_d, wt_d, top_d, arg_d)`` over this device's vocabulary
+@partial(jax.custom_jvp, nondiff_argnums=(9, 10))
+def shard_stats(
+    hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, with_wz, opts: Options
+):
+    """``(lse_d, z_y_d, wz_d, tz_d, wt_d, top_d, arg_d, ent_d)`` over this device's vocabulary
     slice: log-sum-exp, target logit (valid where ``here``; ``idx`` is the local target
     index; None without ``idx``), ``Σ w z`` (None without ``with_wz``), and ``Σ w t z`` and
     ``Σ w t`` for class probabilities ``probs [N, V_local]`` (None without ``probs``) of the
     (capped) logits,
     and the raw logits' row max and its local class (None unless ``opts.stats``; no
-    derivative). ``n_real``: None, or how many of the slice's columns are real classes
-    (the rest pad an uneven split).
+    derivative), and the entropy ``Σ_c p_c (lse_d - z_c)`` of the slice's softmax (None
+    unless ``opts.entropy``). ``n_real``: None, or how many of the slice's columns are
+    real classes (the rest pad an uneven split). ``temperature``: None, or ``T`` (a
+    scalar): every statistic is that of ``z / T`` (after the cap), differentiable in ``T``.
 
-    Derivatives in ``hidden``, ``kernel``, ``bias``, ``weight`` and ``probs``; the tangent
+    Derivatives in ``hidden``, ``kernel``, ``bias``, ``weight``, ``probs`` and
+    ``temperature``; the tangent
     and its transpose compute only the terms of the inputs that are differentiated
     (symbolic zeros), so a weight or target gradient costs nothing unless asked for.
     """
-    return _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
-
-
-def _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts):
-    lse, z_y, wz, tz, wt, top, arg = chunk_stats(
-        hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real, probs
+    return _stats(
+        hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, with_wz, opts
     )
+
+
+def _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, with_wz, opts):
+    lse, z_y, wz, tz, wt, top, arg, *ent = chunk_stats(
+        hidden, kernel, bias, idx, here, weight, with_wz, opts, n_real, probs,
+        temperature, opts.entropy,
+    )  # fmt: skip
     if opts.stats:
         # The class as a float (exact below 2**24 classes): a float output can take the zero
         # tangent of its own (shard_map-varying) type; an integer's float0 tangent cannot.
         arg = arg.astype(lse.dtype)
-    return lse, z_y, wz, tz, wt, top, arg
+    return lse, z_y, wz, tz, wt, top, arg, (ent[0] if ent else None)
 
 
 def _stats_jvp(with_wz, opts, primals, tangents):
-    hidden, kernel, bias, idx, here, weight, probs, n_real = primals
-    out = _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, with_wz, opts)
-    dh, dk, db, _, _, dw, dt, _ = tangents
+    hidden, kernel, bias, idx, here, weight, probs, n_real, temperature = primals
+    out = _stats(hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, with_wz, opts)
+    dh, dk, db, _, _, dw, dt, _, d_temp = tangents
     # The weight moves wz, tz and wt; the probabilities move tz and wt.
     dw = dw if (with_wz or probs is not None) and is_present(dw) else None
     dt = dt if probs is not None and is_present(dt) else None
-    wanted = (dw is not None, dt is not None)  # the transpose forms only these two
-    moving = tuple(o for o in out[:5] if o is not None)
+    d_temp = d_temp if temperature is not None and is_present(d_temp) else None
+    # The transpose forms only these.
+    wanted = (dw is not None, dt is not None, d_temp is not None)
+    moving_out = (*out[:5], out[7])
+    moving = tuple(o for o in moving_out if o is not None)
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
         lambda res, cts: _transpose(
             res, cts, wanted, with_wz, opts.chunk, opts.cap, opts.implementation
         ),
-        (hidden, kernel, bias, idx, here, weight, probs, n_real, out[0]),
-        (dh, dk, db, dw, dt),
+        (hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, out[0], out[7]),
+        (dh, dk, db, dw, dt, d_temp),
         moving,
     )
     t_iter = iter(t_out)
-    tangent = tuple(None if o is None else next(t_iter) for o in out[:5])
-    if opts.stats:
-        tangent = (*tangent, jnp.zeros_like(out[5]), jnp.zeros_like(out[6]))
-    else:
-        tangent = (*tangent, None, None)
-    return out, tangent
+    tangent = [None if o is None else next(t_iter) for o in moving_out]
+    top_arg = (jnp.zeros_like(out[5]), jnp.zeros_like(out[6])) if opts.stats else (None, None)
+    return out, (*tangent[:5], *top_arg, tangent[5])
 
 
 shard_stats.defjvp(_stats_jvp, symbolic_zeros=True)
 
 
 def _tangent(res, tangents, with_wz, chunk, cap):
-    hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
-    dh, dk, db, dw, dt = tangents
+    hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, lse, ent = res
+    dh, dk, db, dw, dt, d_temp = tangents
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
     dw = None if dw is None else dw.astype(dtype)
+    inv = None if temperature is None else 1 / temperature
 
     def body(start, size, acc, hidden, kernel, dk, probs, dt):
-        d_lse, d_zy, d_wz, d_tz, d_wt = acc
-        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
+        d_lse, d_zy, d_wz, d_tz, d_wt, d_ent = acc
+        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv)
         z0 = mask_columns(z, real, 0)
         wc = weight_chunk(w, start, size)
         tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
         dz = chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype)
-        if dz is not None:  # None: only the weight or the probabilities move
+        if dz is not None:
             dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
-            d_lse = d_lse + jnp.sum(jnp.exp(z - lse[:, None]) * dz, axis=1)
+            dz = dz if inv is None else dz * inv
+        if d_temp is not None:  # z = s / T: dz = -z dT / T
+            by_t = -z0 * (d_temp.astype(dtype) * inv)
+            dz = by_t if dz is None else dz + by_t
+        if dz is not None:  # None: only the weight or the probabilities move
+            p = jnp.exp(z - lse[:, None])
+            d_lse = d_lse + jnp.sum(p * dz, axis=1)
+            if ent is not None:
+                d_ent = d_ent + jnp.sum(p * (lse[:, None] - z0 - ent[:, None]) * dz, axis=1)
             if idx is not None:
                 hit = here[:, None] & (cls == idx[:, None])
                 d_zy = d_zy + jnp.sum(jnp.where(hit, dz, 0), axis=1)
@@ -162,49 +181,50 @@ def _tangent(res, tangents, with_wz, chunk, cap):
             dtc = weight_chunk(dt, start, size).astype(dtype)
             d_tz = d_tz + jnp.sum(wc * dtc * z0, axis=1)
             d_wt = d_wt + jnp.sum(mask_columns(wc * dtc, real, 0), axis=1)
-        return d_lse, d_zy, d_wz, d_tz, d_wt
+        return d_lse, d_zy, d_wz, d_tz, d_wt, d_ent
 
     zero = jnp.zeros_like(lse)
     pinned = (hidden, kernel, dk, probs, dt)
-    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 5, pinned)
-    return tuple(
-        t
-        for t, on in zip(
-            out,
-            (True, idx is not None, with_wz, probs is not None, probs is not None),
-            strict=True,
-        )
-        if on
-    )
+    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 6, pinned)
+    on = (True, idx is not None, with_wz, probs is not None, probs is not None, ent is not None)
+    return tuple(t for t, o in zip(out, on, strict=True) if o)
 
 
 def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
-    hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
+    hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, lse, ent = res
     cts = iter(cts)
     g_lse = next(cts)
     g_zy = next(cts) if idx is not None else None
     g_wz = next(cts) if with_wz else None
     g_tz = next(cts) if probs is not None else None
     g_wt = next(cts) if probs is not None else None
-    want_dw, want_dt = wanted
+    g_ent = next(cts) if ent is not None else None
+    want_dw, want_dt, want_d_temp = wanted
     dtype = compute_dtype(hidden.dtype)
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
+    inv = None if temperature is None else 1 / temperature
 
     def body(start, size, carry, hidden, kernel, probs):
-        dh, dk, db, dw, dt = carry
-        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real)
+        dh, dk, db, dw, dt, d_temp = carry
+        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv)
         z0 = mask_columns(z, real, 0)
         wc = weight_chunk(w, start, size)
         tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
-        dz = jnp.exp(z - lse[:, None]) * g_lse[:, None]
+        p = jnp.exp(z - lse[:, None])
+        dz = p * g_lse[:, None]
+        if g_ent is not None:
+            dz = dz + p * (lse[:, None] - z0 - ent[:, None]) * g_ent[:, None]
         if g_zy is not None:
             dz = dz + jnp.where(here[:, None] & (cls == idx[:, None]), g_zy[:, None], 0)
         if g_wz is not None:
             dz = dz + wc * g_wz[:, None]
         if g_tz is not None:
             dz = dz + wc * tc * g_tz[:, None]
+        if d_temp is not None:  # dT = -Σ G z / T, G the cotangent of z
+            d_temp = d_temp + jnp.sum(mask_columns(dz, real, 0) * z0)
         dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
+        dz = dz if inv is None else dz * inv
         dh, dk, db = accumulate_chunk_grads(
             hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation
         )
@@ -223,13 +243,18 @@ def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
         if dt is not None:
             dt_c = mask_columns(wc * by_wt, real, 0)
             dt = lax.dynamic_update_slice_in_dim(dt, dt_c.astype(dt.dtype), start, 1)
-        return dh, dk, db, dw, dt
+        return dh, dk, db, dw, dt, d_temp
 
     dh, dk, db, dw = zero_grads(hidden, kernel, bias, weight if want_dw else None, dtype)
     dt = jnp.zeros_like(probs) if want_dt else None
-    init = (dh, dk, db, dw, dt)
-    dh, dk, db, dw, dt = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel, probs))
-    return dh.astype(hidden.dtype), dk, db, dw, dt
+    d_temp = jnp.zeros((), dtype) if want_d_temp else None
+    init = (dh, dk, db, dw, dt, d_temp)
+    dh, dk, db, dw, dt, d_temp = chunk_loop(
+        chunks(vocab, chunk), body, init, (hidden, kernel, probs)
+    )
+    if d_temp is not None:
+        d_temp = (-inv * d_temp).astype(temperature.dtype)
+    return dh.astype(hidden.dtype), dk, db, dw, dt, d_temp
 
 
 class ShardTargets(NamedTuple):
@@ -295,11 +320,23 @@ def _total(v, axis_name):
     return v if axis_name is None else lax.psum(v, axis_name)
 
 
-def index_linear_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
+def _combine_entropy(lse_d, ent_d, lse, axis_name):
+    """The entropy over every device's slice from each one's own: ``Σ_d π_d (H_d + lse -
+    lse_d)`` with ``π_d = exp(lse_d - lse)`` (non-negative terms; ``axis_name`` None: the
+    one device's)."""
+    if axis_name is None:
+        return ent_d
+    share = jnp.exp(lse_d - lse)
+    part = share * (ent_d + lse - lse_d)
+    return lax.psum(jnp.where(share > 0, part, jnp.zeros_like(part)), axis_name)
+
+
+def index_linear_loss(hidden, kernel, bias, target, weight, eps, opts: Options, temperature=None):
     """Per-token losses of ``hidden [N, D] @ kernel + bias`` against class indices
     ``target [N]`` (global indices; ``kernel`` this device's slice with ``opts.axis_name``,
     see the module doc), with ``(valid, w_y)`` and, with ``opts.stats``, ``(lse,
-    argmax)``."""
+    argmax)`` (``(lse, argmax, entropy)`` with ``opts.entropy``). ``temperature``: None,
+    or ``T``: the logits are ``softcap(hidden @ kernel + bias) / T``."""
     axis_name, ignore_index = opts.axis_name, opts.ignore_index
     eps = checked_eps(eps)
     dtype = compute_dtype(hidden.dtype)
@@ -308,8 +345,8 @@ def index_linear_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
     valid, here, idx, w_y = shard_targets(
         target, weight, v_local, vocab, ignore_index, axis_name, dtype
     )
-    lse_d, z_y_d, wz_d, _, _, top_d, arg_d = shard_stats(
-        hidden, kernel, bias, idx, here, weight, None, n_real, eps is not None, opts
+    lse_d, z_y_d, wz_d, _, _, top_d, arg_d, ent_d = shard_stats(
+        hidden, kernel, bias, idx, here, weight, None, n_real, temperature, eps is not None, opts
     )
     lse = _combine_lse(lse_d, axis_name)
     nll = lse - _total(z_y_d, axis_name)
@@ -320,7 +357,10 @@ def index_linear_loss(hidden, kernel, bias, target, weight, eps, opts: Options):
     loss = combine_index_loss(valid, w_y, nll, smooth, eps, vocab)
     if not opts.stats:
         return loss, valid, w_y, None
-    return loss, valid, w_y, (lse, _global_argmax(top_d, arg_d, v_local, axis_name))
+    stats = (lse, _global_argmax(top_d, arg_d, v_local, axis_name))
+    if opts.entropy:
+        stats = (*stats, _combine_entropy(lse_d, ent_d, lse, axis_name))
+    return loss, valid, w_y, stats
 
 
 def _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype):
@@ -331,11 +371,12 @@ def _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype):
     return _total(jnp.sum(mask_columns(weight.astype(dtype)[None, :], real, 0)), axis_name)
 
 
-def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options):
+def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options, temperature=None):
     """Per-token losses ``Σ_c w_c t'_c (lse - z_c)`` of ``hidden [N, D] @ kernel + bias``
     against class probabilities ``probs [N, V]`` (``t' = (1 - eps) t + eps / V``), as
     :func:`jaxce._prob.prob_loss` on those logits; and, with ``opts.stats``, ``(lse,
-    argmax, hit)`` (``hit``: the argmax is the target's).
+    argmax, hit)`` (``hit``: the argmax is the target's; ``(lse, argmax, hit, entropy)``
+    with ``opts.entropy``). ``temperature`` as in :func:`index_linear_loss`.
 
     With ``opts.axis_name`` (inside ``shard_map``), ``kernel``, ``bias``, ``weight`` and
     ``probs`` are this device's vocabulary slice and the per-token statistics are combined
@@ -351,8 +392,8 @@ def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options):
     dtype = compute_dtype(hidden.dtype)
     v_local = kernel.shape[1]
     vocab, n_real = (v_local, None) if axis_name is None else split_vocab(v_local, opts)
-    lse_d, _, wz_d, tz_d, wt_d, top_d, arg_d = shard_stats(
-        hidden, kernel, bias, None, None, weight, probs, n_real, eps is not None, opts
+    lse_d, _, wz_d, tz_d, wt_d, top_d, arg_d, ent_d = shard_stats(
+        hidden, kernel, bias, None, None, weight, probs, n_real, temperature, eps is not None, opts
     )
     lse = _combine_lse(lse_d, axis_name)
     real = real_columns(0, v_local, n_real)
@@ -370,4 +411,6 @@ def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options):
     t_arg = _global_argmax(
         jnp.max(t_max, axis=1).astype(dtype), jnp.argmax(t_max, axis=1), v_local, axis_name
     )
+    if opts.entropy:
+        return loss, (lse, arg, arg == t_arg, _combine_entropy(lse_d, ent_d, lse, axis_name))
     return loss, (lse, arg, arg == t_arg)

@@ -18,6 +18,7 @@ from jaxce._fused import index_linear_loss, prob_linear_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
 from jaxce._reduction import CrossEntropyAux, finish_loss, index_stats
 from jaxce._targets import batch_total, counted_sum, debug_check_targets, mask_targets
+from jaxce._tempered import checked_temperature
 from jaxce._token_blocks import auto_picks_min_work, block_rows, min_work_loss
 
 
@@ -36,7 +37,10 @@ def linear_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     logit_softcap: float | None = None,
+    temperature: float | jax.typing.ArrayLike | None = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
     return_aux: bool = False,
+    return_entropy: bool = False,
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
     vocab_size: int | None = None,
@@ -92,6 +96,12 @@ def linear_cross_entropy(
         :func:`jaxce.cross_entropy`
         (``where`` has ``hidden``'s shape without ``D``; the cap applies to ``hidden @
         kernel + bias`` chunk by chunk, nothing logits-sized is stored).
+      temperature, sample_weight, return_entropy: as in :func:`jaxce.cross_entropy`
+        (``sample_weight`` has ``hidden``'s shape without ``D``): the logits are
+        ``softcap(hidden @ kernel + bias) / T`` chunk by chunk, the entropy is accumulated
+        online in the same pass over the vocabulary (and combined across ``axis_name``
+        with O(tokens) communication), and the derivative in ``T`` is one more per-chunk
+        reduction of the backward pass, formed only when ``T`` is differentiated.
       vocab_size: with ``axis_name``, for a vocabulary that does not divide evenly over
         the ``n`` devices: each device passes an equal slice of ``ceil(V / n)`` columns of
         the kernel padded at the end to ``n * ceil(V / n)`` (any values), and
@@ -175,7 +185,7 @@ def linear_cross_entropy(
         return _out_features_loss(
             hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
             axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype,
-            vocab_size, implementation,
+            vocab_size, implementation, temperature, sample_weight, return_entropy,
         )  # fmt: skip
     arrays, opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
@@ -183,13 +193,37 @@ def linear_cross_entropy(
         loss_dtype, vocab_size, strategy=strategy, block_size=block_size,
     )  # fmt: skip
     opts = opts._replace(implementation=check_implementation(implementation))
-    return linear_loss(*arrays, opts=opts)
+    temperature, sample_weight, opts = prepare_rl(
+        temperature, sample_weight, return_entropy, arrays[0].shape[:-1], opts, strategy
+    )
+    return linear_loss(*arrays, temperature, sample_weight, opts=opts)
+
+
+def prepare_rl(temperature, sample_weight, return_entropy, element_shape, opts, strategy="auto"):
+    """Checks ``temperature``, ``sample_weight`` (of ``element_shape``, hidden's shape
+    without ``D``) and ``return_entropy``: ``(temperature, sample_weight, opts)``, the
+    options updated (``return_entropy`` implies the aux outputs; ``strategy``, the caller's,
+    is resolved again: min_work does not take these options)."""
+    temperature = _validate.check_temperature(temperature)
+    sample_weight = _validate.check_sample_weight(
+        sample_weight, element_shape, "hidden's shape without D"
+    )
+    entropy = _validate.check_flag(return_entropy, "return_entropy")
+    opts = opts._replace(tempered=temperature is not None, entropy=entropy)
+    if entropy:
+        opts = opts._replace(return_aux=True, stats=True)
+    unsupported = _validate.min_work_unsupported_rl(
+        temperature is not None, sample_weight is not None, entropy
+    )
+    if opts.strategy == "min_work" and unsupported is not None:
+        opts = opts._replace(strategy=_validate.resolve_strategy(strategy, unsupported, True))
+    return temperature, sample_weight, opts
 
 
 def _out_features_loss(
     hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, axis_name,
     where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
-    implementation,
+    implementation, temperature, sample_weight, return_entropy,
 ):  # fmt: skip
     """K-dimensional out-features, ``kernel [D, C, d1, ..., dK]``: the logits ``[..., C,
     d1, ..., dK]`` are formed (as PyTorch's own chunked path falls back to its reference
@@ -218,7 +252,8 @@ def _out_features_loss(
         logits, target, weight, ignore_index, reduction, label_smoothing,
         axis=hidden.ndim - 1, where=where, z_loss=z_loss, logit_softcap=logit_softcap,
         return_aux=return_aux, check_targets=check_targets, loss_dtype=loss_dtype,
-        implementation=implementation,
+        implementation=implementation, temperature=temperature, sample_weight=sample_weight,
+        return_entropy=return_entropy,
     )  # fmt: skip
 
 
@@ -316,7 +351,10 @@ def prepare(
 
 
 @partial(jax.jit, static_argnames=("opts",))
-def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
+def linear_loss(
+    hidden, kernel, bias, target, weight, eps, z, where, temperature=None, sample_weight=None, *,
+    opts,
+):  # fmt: skip
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if opts.strategy == "min_work":  # 'mean' / 'sum' only: a scalar
         probs = target.ndim == hidden.ndim
@@ -328,11 +366,18 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
             debug_check_targets(t2, vocab, opts.ignore_index)
         valid = None if where is None else where.reshape(-1)
         return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts)
+    temp = None
+    if opts.tempered:
+        temp = checked_temperature(temperature, compute_dtype(h2.dtype))
+    sw = None if sample_weight is None else sample_weight.reshape(-1)
+    entropy = None
     if target.ndim == hidden.ndim:  # class probabilities, [..., V]
         shape = target.shape[:-1]
         loss, stats = prob_linear_loss(
-            h2, kernel, bias, target.reshape(-1, target.shape[-1]), weight, eps, opts
+            h2, kernel, bias, target.reshape(-1, target.shape[-1]), weight, eps, opts, temp
         )
+        if opts.entropy:
+            *stats, entropy = stats
         valid = None if where is None else where.reshape(-1)
         if valid is not None:
             loss = jnp.where(valid, loss, jnp.zeros_like(loss))
@@ -340,7 +385,7 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
         # PyTorch's 'mean' for probabilities: over the elements, not the weights.
         denominator = batch_total(counted, opts.batch_axis, loss.dtype)
         return _per_element_shapes(
-            finish_loss(loss, stats, valid, denominator, z, opts), shape, opts
+            finish_loss(loss, stats, valid, denominator, z, opts, sw, entropy), shape, opts
         )
     shape = target.shape
     t1 = target.reshape(-1)
@@ -350,12 +395,15 @@ def linear_loss(hidden, kernel, bias, target, weight, eps, z, where, *, opts):
         vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
     if opts.check:
         debug_check_targets(t1, vocab, opts.ignore_index)
-    loss, valid, w_y, stats = index_linear_loss(h2, kernel, bias, t1, weight, eps, opts)
-    denominator = counted_sum(valid, w_y, opts.batch_axis) if want_denominator else None
-    valid = None
+    loss, counted, w_y, stats = index_linear_loss(h2, kernel, bias, t1, weight, eps, opts, temp)
+    denominator = counted_sum(counted, w_y, opts.batch_axis) if want_denominator else None
+    valid = counted if sw is not None else None
     if opts.stats:
+        if opts.entropy:
+            *stats, entropy = stats
         stats, valid = index_stats(t1, vocab, opts.ignore_index, *stats)
-    return _per_element_shapes(finish_loss(loss, stats, valid, denominator, z, opts), shape, opts)
+    out = finish_loss(loss, stats, valid, denominator, z, opts, sw, entropy)
+    return _per_element_shapes(out, shape, opts)
 
 
 def _per_element_shapes(out, shape, opts):
@@ -367,4 +415,6 @@ def _per_element_shapes(out, shape, opts):
     if opts.reduction == "none":
         loss = loss.reshape(shape)
         per_element.update(z_loss=aux.z_loss.reshape(shape), accuracy=aux.accuracy.reshape(shape))
+        if aux.entropy is not None:
+            per_element.update(entropy=aux.entropy.reshape(shape))
     return loss, aux._replace(**per_element)

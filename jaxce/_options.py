@@ -31,6 +31,8 @@ class Options(NamedTuple):
     implementation: str | None = None  # the passes' spelling (None: the platform's; _backends)
     strategy: str = "min_memory"  # the fused losses' algorithm, resolved: or "min_work"
     block: int = 0  # token block of strategy="min_work" (rows of hidden per block)
+    tempered: bool = False  # a temperature is given: the losses see softcap(x) / T
+    entropy: bool = False  # the cores also return the per-element entropy (aux.entropy)
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:

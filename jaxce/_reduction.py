@@ -74,7 +74,14 @@ class CrossEntropyAux(NamedTuple):
         elsewhere (ignored/masked elements included); ``'mean'``/``'sum'``: ``correct /
         count`` (NaN when nothing is counted). float32 (float64 for float64 inputs).
       predicted: int32 per element: the predicted class, the first maximal logit (as
-        ``jnp.argmax``; the soft cap never changes it), or -1 at ignored/masked elements.
+        ``jnp.argmax``; the soft cap and the temperature never change it), or -1 at
+        ignored/masked elements.
+      entropy: with ``return_entropy=True``, the entropy ``H = lse - Σ_c p_c z_c`` of the
+        (soft-capped, tempered) softmax ``p``, from the same pass: per element for
+        ``'none'`` (0 at ignored/masked elements), else summed over counted elements, and
+        for ``'mean'`` divided by ``count`` (not by ``denominator``, and not multiplied by
+        ``sample_weight``: verl's masked mean). Differentiable. float32 (float64 for
+        float64 inputs). None without ``return_entropy``.
     """
 
     lse: Any
@@ -84,16 +91,29 @@ class CrossEntropyAux(NamedTuple):
     count: Any
     accuracy: Any
     predicted: Any
+    entropy: Any = None
 
 
-def finish_loss(loss: Any, stats: Any, valid: Any, denominator: Any, z_loss: Any, opts) -> Any:
+def finish_loss(
+    loss: Any,
+    stats: Any,
+    valid: Any,
+    denominator: Any,
+    z_loss: Any,
+    opts,
+    sample_weight: Any = None,
+    entropy: Any = None,
+) -> Any:
     """Adds the z-loss, reduces (``opts.reduction``), casts to ``opts.out_dtype`` and with
     ``opts.return_aux`` packs the auxiliary outputs.
 
     ``loss``: per-element cross-entropy; ``stats``: ``(lse, argmax, hit)`` per element
     (``hit``: the argmax is the target), None when neither the z-loss nor aux outputs are
     wanted; ``valid``: counted elements (None: all); ``denominator``: the cross-entropy's
-    'mean' denominator (may be None unless needed).
+    'mean' denominator (may be None unless needed); ``sample_weight``: per-element weights
+    multiplying each counted element's loss and z-loss term (None: all ones; the
+    denominators do not depend on them); ``entropy``: the per-element entropy for
+    ``aux.entropy`` (None: not asked for).
 
     The z-loss ``z · lse²`` (PaLM) is averaged over the *count* of counted elements, not
     over the weighted denominator: the convention of PaLM, t5x and Liger-Kernel, under
@@ -104,13 +124,18 @@ def finish_loss(loss: Any, stats: Any, valid: Any, denominator: Any, z_loss: Any
     count = None
     if stats is not None:
         count = batch_total(counted, batch_axis, stats[0].dtype)
+    if sample_weight is not None:
+        loss = jnp.where(counted, loss * sample_weight.astype(loss.dtype), jnp.zeros_like(loss))
     out = reduce_loss(loss, reduction, denominator, batch_axis)
     z_part = None
     if z_loss is not None:
         lse = stats[0]
         z = jnp.asarray(z_loss, lse.dtype)
         z = jnp.where(z >= 0, z, jnp.full_like(z, jnp.nan))  # a traced z < 0 (or NaN): NaN
-        z_term = jnp.where(counted, z * (lse * lse), jnp.zeros_like(lse))
+        z_term = z * (lse * lse)
+        if sample_weight is not None:
+            z_term = z_term * sample_weight.astype(z_term.dtype)
+        z_term = jnp.where(counted, z_term, jnp.zeros_like(lse))
         z_part = reduce_loss(z_term, reduction, count, batch_axis)
         out = out + z_part
     out = out.astype(out_dtype)
@@ -134,4 +159,7 @@ def finish_loss(loss: Any, stats: Any, valid: Any, denominator: Any, z_loss: Any
         accuracy=lax.stop_gradient(accuracy),
         predicted=jnp.where(counted, argmax, jnp.full_like(argmax, -1)),
     )
+    if entropy is not None:
+        entropy = jnp.where(counted, entropy, jnp.zeros_like(entropy))
+        aux = aux._replace(entropy=reduce_loss(entropy, reduction, count, batch_axis))
     return out, aux

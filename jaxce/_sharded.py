@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce._backends import check_implementation
-from jaxce._linear import linear_loss, prepare
+from jaxce._linear import linear_loss, prepare, prepare_rl
 from jaxce._reduction import CrossEntropyAux
 
 
@@ -28,7 +28,10 @@ def sharded_linear_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     logit_softcap: float | None = None,
+    temperature: float | jax.typing.ArrayLike | None = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
     return_aux: bool = False,
+    return_entropy: bool = False,
     check_targets: bool = False,
     loss_dtype: jax.typing.DTypeLike | None = None,
     implementation: str | None = None,
@@ -58,6 +61,11 @@ def sharded_linear_cross_entropy(
       where: optional ``[N]`` boolean mask, split like ``target``.
       z_loss, logit_softcap, return_aux, check_targets, loss_dtype: as in
         :func:`jaxce.cross_entropy`.
+      temperature, return_entropy: as in :func:`jaxce.linear_cross_entropy` (each device
+        accumulates its slice's entropy; the slices' are combined with O(tokens)
+        communication).
+      sample_weight: optional ``[N]`` float per-token weights, split like ``target``
+        (see :func:`jaxce.cross_entropy`).
       implementation: as in :func:`jaxce.linear_cross_entropy`.
       strategy, block_size: as in :func:`jaxce.linear_cross_entropy`, per device: the
         token blocks hold this device's tokens (``N / batch_axis size``), each device's
@@ -99,6 +107,9 @@ def sharded_linear_cross_entropy(
         chunk_size, None, where, z_loss, logit_softcap, return_aux, check_targets,
         loss_dtype, None, strategy=strategy, block_size=block_size,
     )  # fmt: skip
+    temperature, sample_weight, opts = prepare_rl(
+        temperature, sample_weight, return_entropy, hidden.shape[:-1], opts, strategy
+    )
     probs = target.ndim == hidden.ndim
     if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
         raise ValueError(
@@ -106,6 +117,8 @@ def sharded_linear_cross_entropy(
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
     reduction, return_aux, out_dtype = opts.reduction, opts.return_aux, opts.out_dtype
+    if temperature is not None:
+        temperature = jnp.asarray(temperature)
     vocab = kernel.shape[1]
     shards = mesh.shape[vocab_axis]
     padding = -vocab % shards
@@ -117,7 +130,7 @@ def sharded_linear_cross_entropy(
     P = jax.sharding.PartitionSpec
     rows, classes = P(batch_axis), P(vocab_axis)
 
-    def local(h, k, t, w, b, e, m):
+    def local(h, k, t, w, b, e, m, temp, sw):
         # Per device: its tokens against its vocabulary slice; the statistics are combined
         # along vocab_axis and the reductions summed along batch_axis (O(tokens) traffic).
         arrays, opts = prepare(
@@ -126,15 +139,20 @@ def sharded_linear_cross_entropy(
             strategy=strategy, block_size=block_size,
         )  # fmt: skip
         opts = opts._replace(batch_axis=batch_axis, implementation=implementation)
-        return linear_loss(*arrays, opts=opts)
+        _, sw, opts = prepare_rl(temperature, sw, return_entropy, h.shape[:-1], opts, strategy)
+        return linear_loss(*arrays, temp, sw, opts=opts)
 
     in_specs = (rows, P(None, vocab_axis), P(batch_axis, vocab_axis) if probs else rows,
                 None if weight is None else classes,
-                None if bias is None else classes, P(), None if where is None else rows)  # fmt: skip
+                None if bias is None else classes, P(), None if where is None else rows,
+                None if temperature is None else P(),
+                None if sample_weight is None else rows)  # fmt: skip
     scalar = rows if reduction == "none" else P()
     out_specs = scalar
     if return_aux:
-        aux_specs = CrossEntropyAux(rows, scalar, P(), P(), P(), scalar, rows)
+        entropy = scalar if opts.entropy else None
+        aux_specs = CrossEntropyAux(rows, scalar, P(), P(), P(), scalar, rows, entropy)
         out_specs = (scalar, aux_specs)
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    return fn(hidden, kernel, target, weight, bias, jnp.asarray(label_smoothing), where)
+    eps = jnp.asarray(label_smoothing)
+    return fn(hidden, kernel, target, weight, bias, eps, where, temperature, sample_weight)

@@ -239,6 +239,36 @@ def _z_loss_range(value: float) -> None:
         raise ValueError(f"z_loss must be a finite float >= 0; got {value}")
 
 
+def check_temperature(temperature: Any) -> Any:
+    """``temperature``: None (no temperature), a Python float or a scalar array; concrete
+    values must be finite and > 0 (a traced value that is not gives NaN)."""
+    if temperature is None:
+        return None
+    return _scalar_option(temperature, "temperature", "a float > 0", _temperature_range)
+
+
+def _temperature_range(value: float) -> None:
+    if not 0.0 < value < float("inf"):  # also rejects NaN
+        raise ValueError(f"temperature must be a finite float > 0; got {value}")
+
+
+def check_sample_weight(sample_weight: Any, shape: tuple[int, ...], what: str) -> Any:
+    """Per-element float weights of exactly ``shape`` (the loss's element shape), or None."""
+    if sample_weight is None:
+        return None
+    sample_weight = as_array(sample_weight, "sample_weight")
+    if not is_float_dtype(sample_weight.dtype):
+        raise TypeError(
+            "sample_weight must have a floating dtype; got " + dtype_name(sample_weight.dtype)
+        )
+    if tuple(sample_weight.shape) != tuple(shape):
+        raise ValueError(
+            f"sample_weight must have shape {tuple(shape)} ({what}); "
+            f"got {tuple(sample_weight.shape)}"
+        )
+    return sample_weight
+
+
 def check_softcap(logit_softcap: Any) -> float | None:
     """``logit_softcap``: None or a positive finite Python float (a static option)."""
     if logit_softcap is None:
@@ -378,6 +408,15 @@ def min_work_unsupported(reduction: str, return_aux: bool, kernel_ndim: int) -> 
         return "reduction 'mean' or 'sum'; got reduction='none'"
     if return_aux:
         return "return_aux=False (the aux outputs' derivatives need the recompute path)"
+    return None
+
+
+def min_work_unsupported_rl(temperature: bool, sample_weight: bool, entropy: bool) -> str | None:
+    """Why ``strategy="min_work"`` cannot run these options of the RL losses (None: it can)."""
+    given = [n for n, on in (("temperature", temperature), ("sample_weight", sample_weight),
+                             ("return_entropy", entropy)) if on]  # fmt: skip
+    if given:
+        return f"no {', '.join(given)} (they run on the recompute path)"
     return None
 
 

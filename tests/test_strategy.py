@@ -228,6 +228,14 @@ def test_auto_runs_min_work_where_its_memory_rule_allows(n, d, dtype, expected):
             {"strategy": "min_work", "return_aux": True},
             r"strategy='min_work' supports return_aux=False",
         ),
+        (
+            {"strategy": "min_work", "temperature": 2.0},
+            r"strategy='min_work' supports no temperature \(they run on the recompute path\)",
+        ),
+        (
+            {"strategy": "min_work", "return_entropy": True},
+            r"strategy='min_work' supports no return_entropy",
+        ),
         ({"block_size": 0}, r"block_size must be a positive int or None; got 0"),
         ({"block_size": 2.0}, r"block_size must be a positive int or None; got 2.0"),
     ],
@@ -236,6 +244,24 @@ def test_bad_strategy_raises_clear_error(kwargs, pattern):
     h, k, _, _, y, _ = _problem("index", "errors")
     with pytest.raises(ValueError, match=pattern):
         jaxce.linear_cross_entropy(h, k, y, **kwargs)
+
+
+def test_min_work_with_sample_weight_raises_and_auto_runs_min_memory():
+    """The RL options run on the recompute path: named, min_work raises; "auto" (which
+    would take min_work here: 32 blocks) falls back, with the sample-weighted formula."""
+    n, d, v = 32768, 4, 64
+    h = jax.random.normal(jax.random.key(0), (n, d), jnp.float32)
+    k = jax.random.normal(jax.random.key(1), (d, v), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (n,), 0, v)
+    sw = jax.random.uniform(jax.random.key(3), (n,), jnp.float32)
+    with pytest.raises(ValueError, match=r"supports no sample_weight"):
+        jaxce.linear_cross_entropy(h, k, y, strategy="min_work", sample_weight=sw)
+    out = jaxce.linear_cross_entropy(h, k, y, sample_weight=sw, block_size=1024)
+    logits = np.asarray(h, np.float64) @ np.asarray(k, np.float64)
+    top = logits.max(-1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+    nll = lse - logits[np.arange(n), np.asarray(y)]
+    np.testing.assert_allclose(out, np.sum(np.asarray(sw, np.float64) * nll) / n, rtol=1e-5)
 
 
 def test_min_work_with_a_k_dimensional_kernel_raises():
