@@ -372,9 +372,23 @@ def _z_coef(valid, z, count, reduction, dtype):
     return jnp.where(valid, per, jnp.zeros(valid.shape, dtype))
 
 
-def min_work_loss(hidden, kernel, bias, target, weight, eps, z, where, opts: Options):
+def _sample_weighted(coefs: Coefs, valid, sample_weight) -> Coefs:
+    """Each counted token's coefficients (its loss and z-loss terms) times its sample
+    weight; the 'mean' denominators do not depend on them (as ``finish_loss``)."""
+    if sample_weight is None:
+        return coefs
+    return Coefs(*(
+        None if c is None else jnp.where(valid, c * sample_weight.astype(c.dtype), jnp.zeros_like(c))
+        for c in coefs
+    ))  # fmt: skip
+
+
+def min_work_loss(
+    hidden, kernel, bias, target, weight, eps, z, where, opts: Options, sample_weight=None
+):
     """The scalar ``'mean'``/``'sum'`` loss of :func:`jaxce.linear_cross_entropy` with
-    ``strategy="min_work"`` (``hidden [N, D]``, flat targets; see the module doc)."""
+    ``strategy="min_work"`` (``hidden [N, D]``, flat targets, ``sample_weight [N]`` or
+    None; see the module doc)."""
     # Imported here: _fused imports nothing of this module, and shard_targets lives there.
     from jaxce._fused import _class_weight_sum, shard_targets, split_vocab
 
@@ -390,6 +404,7 @@ def min_work_loss(hidden, kernel, bias, target, weight, eps, z, where, opts: Opt
         valid = jnp.ones(target.shape[:1], bool) if where is None else where
         count = batch_total(valid, opts.batch_axis, dtype)
         coefs = prob_coefs(valid, sum_w, eps, z, vocab, count, opts.reduction, dtype)
+        coefs = _sample_weighted(coefs, valid, sample_weight)
         total = block_loss(hidden, kernel, bias, weight, target, coefs, None, None, n_real, opts)
         denominator = count
     else:
@@ -401,6 +416,7 @@ def min_work_loss(hidden, kernel, bias, target, weight, eps, z, where, opts: Opt
         coefs = index_coefs(
             valid, w_y, sum_w, eps, z, vocab, denominator, count, opts.reduction, dtype
         )
+        coefs = _sample_weighted(coefs, valid, sample_weight)
         total = block_loss(hidden, kernel, bias, weight, None, coefs, idx, here, n_real, opts)
     out = batch_total(total, opts.batch_axis)
     if opts.reduction == "mean":

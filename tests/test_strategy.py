@@ -246,22 +246,31 @@ def test_bad_strategy_raises_clear_error(kwargs, pattern):
         jaxce.linear_cross_entropy(h, k, y, **kwargs)
 
 
-def test_min_work_with_sample_weight_raises_and_auto_runs_min_memory():
-    """The RL options run on the recompute path: named, min_work raises; "auto" (which
-    would take min_work here: 32 blocks) falls back, with the sample-weighted formula."""
+@pytest.mark.parametrize("strategy", ["min_work", "min_memory", "auto"])
+def test_sample_weight_in_every_strategy_equals_the_formula(strategy):
+    """Per-token weights multiply each token's loss (the 'mean' denominator is the count):
+    min_work forms them into its coefficients, min_memory into its per-token losses."""
     n, d, v = 32768, 4, 64
     h = jax.random.normal(jax.random.key(0), (n, d), jnp.float32)
     k = jax.random.normal(jax.random.key(1), (d, v), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (n,), 0, v)
     sw = jax.random.uniform(jax.random.key(3), (n,), jnp.float32)
-    with pytest.raises(ValueError, match=r"supports no sample_weight"):
-        jaxce.linear_cross_entropy(h, k, y, strategy="min_work", sample_weight=sw)
-    out = jaxce.linear_cross_entropy(h, k, y, sample_weight=sw, block_size=1024)
+    out, grads = jax.value_and_grad(
+        lambda h, sw: jaxce.linear_cross_entropy(
+            h, k, y, sample_weight=sw, strategy=strategy, block_size=1024
+        ),
+        argnums=(0, 1),
+    )(h, sw)
     logits = np.asarray(h, np.float64) @ np.asarray(k, np.float64)
     top = logits.max(-1)
     lse = top + np.log(np.exp(logits - top[:, None]).sum(-1))
     nll = lse - logits[np.arange(n), np.asarray(y)]
     np.testing.assert_allclose(out, np.sum(np.asarray(sw, np.float64) * nll) / n, rtol=1e-5)
+    np.testing.assert_allclose(grads[1], nll / n, rtol=1e-4, atol=1e-9)  # d/d sw_n = nll_n / N
+    p = np.exp(logits - lse[:, None])
+    p[np.arange(n), np.asarray(y)] -= 1
+    dh = (np.asarray(sw, np.float64)[:, None] * p / n) @ np.asarray(k, np.float64).T
+    np.testing.assert_allclose(grads[0], dh, rtol=1e-4, atol=1e-9)
 
 
 def test_min_work_with_a_k_dimensional_kernel_raises():
