@@ -6,6 +6,11 @@ instruction. XLA's common-subexpression elimination merges identical upcasts of 
 input across passes; where the merged upcast then feeds fusions that cannot share it,
 XLA materialises a float32 copy of the logits. A pass that reads its input through its
 own spelling keeps its upcast to itself.
+
+:func:`index_dense_grad_shifted` and :func:`prob_grads_shifted` are the portable passes of
+``jaxce/_rows.py`` fed such upcasts of their dense inputs and rounded back to the inputs'
+dtypes: the portable pass's own ``astype`` is then a no-op, so the program is the portable
+one with only the upcast respelled (and ``_rows.py`` needs no hook for it).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
+
+from jaxce import _rows
 
 
 def _bits_to_f32(x: Any, spelling: str) -> Any:
@@ -39,3 +46,17 @@ def upcast_shift(x: Any, dtype: Any) -> Any:
 def upcast_mul(x: Any, dtype: Any) -> Any:
     """``x.astype(dtype)``, spelled as an integer multiply for bfloat16 to float32."""
     return _upcast_bits(x, dtype, "mul")
+
+
+def index_dense_grad_shifted(x: Any, *args: Any, dtype: Any, **static: Any) -> Any:
+    """:func:`jaxce._rows.index_dense_grad` reading ``x`` through :func:`upcast_shift`."""
+    dx = _rows.index_dense_grad(upcast_shift(x, dtype), *args, dtype=dtype, **static)
+    return dx.astype(x.dtype)
+
+
+def prob_grads_shifted(x: Any, target: Any, *args: Any, dtype: Any, **static: Any) -> Any:
+    """:func:`jaxce._rows.prob_grads` reading ``x`` and ``target`` through
+    :func:`upcast_shift`."""
+    read = (upcast_shift(x, dtype), upcast_shift(target, dtype))
+    dx, dt, dweight, deps = _rows.prob_grads(*read, *args, dtype=dtype, **static)
+    return dx.astype(x.dtype), dt.astype(target.dtype), dweight, deps

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _rows
-from jaxce._backends.bits import upcast_mul, upcast_shift
+from jaxce._backends.bits import prob_grads_shifted, upcast_mul, upcast_shift
 from jaxce._compat import cast_varying, varying_axes
 from jaxce._rows import IndexGradRows, IndexStats, ProbStats, softcap, softcap_slope, times_slope
 
@@ -237,9 +237,8 @@ def prob_row_stats(x, target, weight, eps, *, axis, cap, dtype) -> ProbStats:
     return ProbStats(lse, gap + (lse - m) * q, q)
 
 
-def prob_grads(*args, **kwargs):
-    """:func:`jaxce._rows.prob_grads` reading its inputs with bit-shift upcasts."""
-    return _rows.prob_grads(*args, **kwargs, upcast=upcast_shift)
+# :func:`jaxce._rows.prob_grads` reading its inputs with bit-shift upcasts.
+prob_grads = prob_grads_shifted
 
 
 # ---------------------------------------------------------------------------------------
