@@ -106,7 +106,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
     wanted = (dw is not None, dt is not None)  # the transpose forms only these two
     moving = tuple(o for o in out[:5] if o is not None)
     t_out = lean_tangent(
-        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
+        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap, opts.implementation),
         lambda res, cts: _transpose(
             res, cts, wanted, with_wz, opts.chunk, opts.cap, opts.implementation
         ),
@@ -126,7 +126,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
 shard_stats.defjvp(_stats_jvp, symbolic_zeros=True)
 
 
-def _tangent(res, tangents, with_wz, chunk, cap):
+def _tangent(res, tangents, with_wz, chunk, cap, implementation):
     hidden, kernel, bias, idx, here, weight, probs, n_real, lse = res
     dh, dk, db, dw, dt = tangents
     dtype = compute_dtype(hidden.dtype)
@@ -166,7 +166,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
 
     zero = jnp.zeros_like(lse)
     pinned = (hidden, kernel, dk, probs, dt)
-    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 5, pinned)
+    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 5, pinned, implementation)
     return tuple(
         t
         for t, on in zip(
@@ -228,7 +228,8 @@ def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
     dh, dk, db, dw = zero_grads(hidden, kernel, bias, weight if want_dw else None, dtype)
     dt = jnp.zeros_like(probs) if want_dt else None
     init = (dh, dk, db, dw, dt)
-    dh, dk, db, dw, dt = chunk_loop(chunks(vocab, chunk), body, init, (hidden, kernel, probs))
+    pinned = (hidden, kernel, probs)
+    dh, dk, db, dw, dt = chunk_loop(chunks(vocab, chunk), body, init, pinned, implementation)
     return dh.astype(hidden.dtype), dk, db, dw, dt
 
 

@@ -1,4 +1,5 @@
-"""Exact upcasts spelled with integer instructions, shared by backend spellings.
+"""Spellings shared by several backends: exact upcasts spelled with integer instructions,
+and the chunk loop's hold on its pinned arrays (:func:`hold`, :func:`settle`).
 
 ``x.astype(float32)`` of a bfloat16 array, written as the bit pattern moved into the high
 half of a float32 (bfloat16 is float32's top 16 bits): the same values, but a different
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -60,3 +62,29 @@ def prob_grads_shifted(x: Any, target: Any, *args: Any, dtype: Any, **static: An
     read = (upcast_shift(x, dtype), upcast_shift(target, dtype))
     dx, dt, dweight, deps = _rows.prob_grads(*read, *args, dtype=dtype, **static)
     return dx.astype(x.dtype), dt.astype(target.dtype), dweight, deps
+
+
+def hold(held: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The chunk loop's pinned arrays (``jaxce._chunked._hold``), each through its own
+    optimization barrier (an alias, no copy), so that XLA sees no loop-invariant operand
+    whose conversion it could move before the loop. One barrier per array: inside
+    ``shard_map`` a joint one would make each output vary over the mesh axes of all."""
+    return tuple(None if a is None else lax.optimization_barrier(a) for a in held)
+
+
+def settle(carry: Any, held: tuple[Any, ...]) -> Any:
+    """``jaxce._chunked._settle``: the carry, with an exact zero computed from each held
+    array added to its smallest floating array: a use of each pinned array, in its own
+    dtype, after the loop, which no compiler folds away."""
+    zero = sum(_exact_zero(a) for a in held if a is not None)
+    leaves, treedef = jax.tree.flatten(carry)
+    floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    i = min(floats, key=lambda i: leaves[i].size)
+    leaves[i] = leaves[i] + jnp.asarray(zero).astype(leaves[i].dtype)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _exact_zero(a: Any) -> Any:
+    """0, computed from ``a``: ``0 * a[0, ...]`` (0 for a non-finite entry)."""
+    e = a[(0,) * a.ndim].astype(jnp.float32)
+    return 0 * jnp.where(jnp.isfinite(e), e, jnp.zeros_like(e))
