@@ -1,5 +1,5 @@
 """Every implementation, executed under ``jax.jit`` on this CPU: the portable spelling
-(what TPUs and GPUs run), XLA:CPU's and XLA:GPU's (``jaxce/_backends``).
+(``"xla"``), XLA:CPU's, XLA:GPU's and the TPU compiler's (``jaxce/_backends``).
 
 Each is checked against the float64 references of ``tests/reference.py`` (values and
 gradients, every dtype, the options a backend respells for: weights, smoothing, the soft
