@@ -1,17 +1,17 @@
 """Vocabulary chunks shared by the fused linear losses (single-device and vocab-parallel).
 
 The chunk loop, a chunk's logits and their tangent, the backward pass's per-chunk
-gradient updates, and the forward pass's online statistics: the portable spelling, with
-XLA:CPU's spelling of the 16-bit kernel-gradient product in ``_backends/xla_cpu.py``.
+gradient updates, and the forward pass's online statistics: the portable spelling. The
+passes a backend respells here (the loop's hold on its pinned arrays, the chunk matmuls)
+go through ``_backends.spelled``; the list is in ``_backends/__init__.py``.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._backends import spelled, xla_cpu
+from jaxce._backends import spelled, xla_cpu, xla_tpu
 from jaxce._options import compute_dtype
 from jaxce._rows import class_ids, softcap
 
@@ -32,8 +32,8 @@ def chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def kernel_chunk(kernel, start, size):
-    """``kernel[:, start:start+size]``. Inside :func:`chunk_loop` the kernel must come in
-    through ``pinned``, or XLA:CPU hoists a whole-kernel conversion out of the loop."""
+    """``kernel[:, start:start+size]``. Inside :func:`chunk_loop` the kernel comes in
+    through ``pinned`` (see there)."""
     return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
 
 
@@ -46,7 +46,7 @@ def chunk_logits(hidden, kernel, bias, start, size, dtype):
     return z
 
 
-def chunk_loop(chunks, body, carry, pinned=()):
+def chunk_loop(chunks, body, carry, pinned=(), implementation=None):
     """Runs ``body(start, size, carry, *pinned)`` over static chunks: the first chunk, a
     fori_loop over the other full ones (a dynamic start), then the remainder.
 
@@ -54,20 +54,11 @@ def chunk_loop(chunks, body, carry, pinned=()):
     ``shard_map`` its type then already varies over the same mesh axes as the body's
     output (a zero-initialised carry would not, and the loop would be rejected).
 
-    ``pinned``: the arrays the body reads every chunk from (``hidden``, the kernel). They
-    travel in the loop's carry, so that XLA sees no loop-invariant array whose conversion
-    it could hoist out of the loop (a whole converted copy), and only each chunk is
-    converted:
-
-    * XLA:CPU upcasts a 16-bit ``dynamic-slice``'s operand to float32 and moves that
-      convert out of the loop (a float32 copy of the kernel, 2 GiB at 4,096 x 131,072
-      bf16): the carry passes through an optimization barrier (an alias, no copy);
-    * the TPU compiler feeds float32 matmuls bfloat16 operands (default precision) and
-      converts a loop-invariant operand once, before the loop, even a loop-carried one
-      that is only ever converted; barriers do not stop it (measured with libtpu 0.0.52,
-      8192 x 2048 x 131072 f32: 544 MiB of bf16 copies of the kernel and ``hidden``). An
-      exact zero computed from each pinned array after the loop (:func:`_exact_zero`)
-      keeps them float32 to the end: 0.1 MiB.
+    ``pinned``: the arrays the body reads every chunk (``hidden``, the kernel). They
+    travel in the loop's carry, through :func:`_hold` each iteration and :func:`_settle`
+    after the loop: both are the identity in the portable spelling; compilers that convert
+    a loop-invariant operand once, before the loop (a whole converted copy of the kernel),
+    respell them as ``implementation`` picks (``jaxce/_backends/``, with the measurements).
     """
     if not chunks:
         return carry
@@ -75,34 +66,33 @@ def chunk_loop(chunks, body, carry, pinned=()):
     size = chunks[0][1]
     carry = body(0, size, carry, *pinned)
     if len(full) > 1:
+        hold = spelled(_hold, {}, implementation, xla_cpu=xla_cpu.hold, xla_tpu=xla_tpu.hold)
 
         def step(i, state):
             carry, held = state
-            # One barrier per array: inside shard_map a joint one would make each output
-            # vary over the mesh axes of all of them.
-            held = tuple(None if a is None else lax.optimization_barrier(a) for a in held)
+            held = hold(held)
             return body(i * size, size, carry, *held), held
 
         carry, held = lax.fori_loop(1, len(full), step, (carry, tuple(pinned)))
-        carry = _add_to_first_float(carry, sum(_exact_zero(a) for a in held if a is not None))
+        settle = spelled(
+            _settle, {}, implementation, xla_cpu=xla_cpu.settle, xla_tpu=xla_tpu.settle
+        )
+        carry = settle(carry, held)
     for start, rest in chunks[len(full) :]:
         carry = body(start, rest, carry, *pinned)
     return carry
 
 
-def _exact_zero(a):
-    """0, computed from ``a`` (a use of it in its own dtype that no compiler folds away)."""
-    e = a[(0,) * a.ndim].astype(jnp.float32)
-    return 0 * jnp.where(jnp.isfinite(e), e, jnp.zeros_like(e))
+def _hold(held):
+    """The pinned arrays at the top of a chunk-loop iteration (portable: unchanged)."""
+    return held
 
 
-def _add_to_first_float(tree, zero):
-    """``zero`` added to the smallest floating array of ``tree``."""
-    leaves, treedef = jax.tree.flatten(tree)
-    floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    i = min(floats, key=lambda i: leaves[i].size)
-    leaves[i] = leaves[i] + zero.astype(leaves[i].dtype)
-    return jax.tree.unflatten(treedef, leaves)
+def _settle(carry, held):
+    """The chunk loop's carry once the loop is done, given the pinned arrays it held
+    (portable: the carry, unchanged)."""
+    del held
+    return carry
 
 
 def chunk_logits_tangent(hidden, kernel, dh, dk, db, start, size, dtype):
@@ -260,7 +250,13 @@ def chunk_stats(
             u = jnp.exp(m - safe) * (u + moved * s) + jnp.sum(e * gap, axis=1)
         s = s * jnp.exp(m - safe) + jnp.sum(e, axis=1)
         if idx is not None:
-            # A gather, not a masked sum over the chunk (which XLA:CPU materialises).
+            # A gather, not a masked sum over the chunk (as _rows.pick_class). Measured
+            # (jax 0.12.0.1, libtpu 0.0.52; MiB of temporaries, gather / masked sum):
+            # XLA:CPU materialises the masked sum (forward at 16384 x 4096 x 131072 bf16:
+            # 18 / 32); TPU v5p prefers the gather (forward 17 / 32, value_and_grad 267 /
+            # 273), v5e and v6e the masked sum (forward 0.2 / 0.2 on v5e, 17 / 0.2 on v6e;
+            # value_and_grad on v5e 273 / 257); H100 does not care. One TPU spelling
+            # serves every generation: the gather stays the portable one.
             local = idx - start
             hit = here & (local >= 0) & (local < size)
             picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
@@ -279,7 +275,9 @@ def chunk_stats(
     lowest = jnp.full((n,), -jnp.inf, dtype)
     init = (lowest, zeros, zeros, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32), zeros)
     pinned = (hidden, kernel, probs)
-    m, s, z_y, wz, tz, wt, top, arg, u = chunk_loop(chunks(vocab, opts.chunk), body, init, pinned)
+    m, s, z_y, wz, tz, wt, top, arg, u = chunk_loop(
+        chunks(vocab, opts.chunk), body, init, pinned, opts.implementation
+    )
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     if not opts.stats:
         top = arg = None

@@ -119,7 +119,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
     moving_out = (*out[:5], out[7])
     moving = tuple(o for o in moving_out if o is not None)
     t_out = lean_tangent(
-        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap),
+        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap, opts.implementation),
         lambda res, cts: _transpose(
             res, cts, wanted, with_wz, opts.chunk, opts.cap, opts.implementation
         ),
@@ -136,7 +136,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
 shard_stats.defjvp(_stats_jvp, symbolic_zeros=True)
 
 
-def _tangent(res, tangents, with_wz, chunk, cap):
+def _tangent(res, tangents, with_wz, chunk, cap, implementation):
     hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, lse, ent = res
     dh, dk, db, dw, dt, d_temp = tangents
     dtype = compute_dtype(hidden.dtype)
@@ -185,7 +185,7 @@ def _tangent(res, tangents, with_wz, chunk, cap):
 
     zero = jnp.zeros_like(lse)
     pinned = (hidden, kernel, dk, probs, dt)
-    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 6, pinned)
+    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 6, pinned, implementation)
     on = (True, idx is not None, with_wz, probs is not None, probs is not None, ent is not None)
     return tuple(t for t, o in zip(out, on, strict=True) if o)
 
@@ -250,7 +250,7 @@ def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
     d_temp = jnp.zeros((), dtype) if want_d_temp else None
     init = (dh, dk, db, dw, dt, d_temp)
     dh, dk, db, dw, dt, d_temp = chunk_loop(
-        chunks(vocab, chunk), body, init, (hidden, kernel, probs)
+        chunks(vocab, chunk), body, init, (hidden, kernel, probs), implementation
     )
     if d_temp is not None:
         d_temp = (-inv * d_temp).astype(temperature.dtype)

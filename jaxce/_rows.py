@@ -222,12 +222,10 @@ def index_logit_grad(z, rows: IndexGradRows, is_target, w_c) -> Any:
     return dz
 
 
-def index_dense_grad(x, idx, rows: IndexGradRows, weight, *, axis, cap, dtype, upcast=None):
+def index_dense_grad(x, idx, rows: IndexGradRows, weight, *, axis, cap, dtype):
     """The gradient w.r.t. dense logits ``x`` (rows keepdims along ``axis``), in ``x``'s
-    dtype: one elementwise pass; the one-hot term is an ``iota == target`` select.
-    ``upcast(v, dtype)``: how ``x`` is read in ``dtype`` (default ``astype``; a backend
-    may spell it)."""
-    xf = x.astype(dtype) if upcast is None else upcast(x, dtype)
+    dtype: one elementwise pass; the one-hot term is an ``iota == target`` select."""
+    xf = x.astype(dtype)
     is_target = class_ids(x.shape, axis) == jnp.expand_dims(idx, axis)
     w = weight_along(weight, x.ndim, axis, dtype)
     dz = index_logit_grad(softcap(xf, cap), rows, is_target, w)
@@ -296,18 +294,16 @@ def prob_row_stats(x, target, weight, eps, *, axis, cap, dtype) -> ProbStats:
     return ProbStats(lse, gap + (lse - m) * q, q)
 
 
-def prob_grads(x, target, weight, eps, lse, q, g, g_lse, *, axis, cap, dtype, upcast=None):
+def prob_grads(x, target, weight, eps, lse, q, g, g_lse, *, axis, cap, dtype):
     """Cotangents of the probability-target loss: ``(dx, dtarget, dweight, deps)``.
 
     ``lse``, ``q`` (keepdims) from the forward pass; ``g`` the loss's cotangent per element
-    and ``g_lse`` (or None) the log-sum-exp output's. ``upcast(v, dtype)``: how ``x`` and
-    ``target`` are read in ``dtype`` (default ``astype``; a backend may spell it).
+    and ``g_lse`` (or None) the log-sum-exp output's.
     """
-    upcast = upcast or (lambda v, d: v.astype(d))
     num_classes = x.shape[axis]
-    x_raw = upcast(x, dtype)
+    x_raw = x.astype(dtype)
     xc = softcap(x_raw, cap)
-    tc = upcast(target, dtype)
+    tc = target.astype(dtype)
     g_k = jnp.expand_dims(g.astype(dtype), axis)
     w = weight_along(weight, x.ndim, axis, dtype)
     tp = smoothed_target(tc, eps, num_classes)

@@ -296,7 +296,7 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
     # axis, which the loss must not, hence its psum.
     carry = (jnp.zeros((), dtype), jnp.zeros((), dtype), stats, grads)
     held, total, stats, grads = chunk_loop(
-        chunks(n, opts.block), body, carry, (hidden, kernel, probs)
+        chunks(n, opts.block), body, carry, (hidden, kernel, probs), opts.implementation
     )
     total = total + (held if axis_name is None else lax.psum(held, axis_name))
     return total, Rows(*stats), grads
@@ -329,7 +329,9 @@ def _add_kernel_grad_cpu(dk, h, dz, *, dtype):
     # The scalar takes chunk_loop's exact zero (added to the smallest float of the carry),
     # which would otherwise rewrite the whole accumulator.
     carry = (dk, jnp.zeros((), dk.dtype))
-    return chunk_loop(chunks(vocab, min(cols, vocab)), add, carry, (h, dz))[0]
+    # XLA:CPU's own spelling: its loop takes XLA:CPU's hold and settle.
+    pieces = chunks(vocab, min(cols, vocab))
+    return chunk_loop(pieces, add, carry, (h, dz), "xla_cpu")[0]
 
 
 def index_coefs(valid, w_y, sum_w, eps, z, vocab, denominator, count, reduction, dtype):

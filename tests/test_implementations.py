@@ -1,5 +1,5 @@
 """Every implementation, executed under ``jax.jit`` on this CPU: the portable spelling
-(what TPUs and GPUs run), XLA:CPU's and XLA:GPU's (``jaxce/_backends``).
+(``"xla"``), XLA:CPU's, XLA:GPU's and the TPU compiler's (``jaxce/_backends``).
 
 Each is checked against the float64 references of ``tests/reference.py`` (values and
 gradients, every dtype, the options a backend respells for: weights, smoothing, the soft
@@ -168,7 +168,7 @@ def test_every_entry_point_takes_every_implementation(entry, implementation):
 def test_unknown_implementation_names_the_supported_ones(entry, name):
     x = jnp.zeros((12, 9), jnp.bfloat16)
     t = jnp.zeros((12,), jnp.int32)
-    match = r"implementation must be None \(automatic\) or one of 'xla', 'xla_cpu', 'xla_gpu'; got "
+    match = r"implementation must be None \(automatic\) or one of 'xla', 'xla_cpu', 'xla_gpu', 'xla_tpu'; got "
     with pytest.raises(ValueError, match=match + repr(name)):
         entry_points()[entry](x, t, implementation=name)
 
@@ -196,10 +196,30 @@ def test_automatic_choice_is_made_at_lowering_for_the_target_platform():
         assert shifts(None, platform) == shifts(f"xla_{platform.replace('cuda', 'gpu')}", platform)
         assert shifts(None, platform) > 0
         assert shifts("xla", platform) == 0
-    # Lowered for a platform without a spelling of its own (TPU): the portable one.
+    # Lowered for TPU, which respells no dense pass: the portable one.
     assert shifts(None, "tpu") == 0
     # StableHLO keeps a one-branch case on a constant; XLA removes it before compiling.
     assert "conditional" not in grad().lower().compile().as_text()
+
+
+def test_chunk_loop_hold_is_chosen_at_lowering_for_cpu_and_tpu_only():
+    # The fused loss's chunk loop holds hidden and the kernel with optimization barriers
+    # on XLA:CPU and TPUs (jaxce/_backends/xla_tpu.py); the portable loop, which XLA:GPU
+    # takes, has none. float32, so that no other XLA:CPU spelling adds a barrier.
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((8, 16), (16, 64))]
+    specs.append(jax.ShapeDtypeStruct((8,), jnp.int32))
+
+    def barriers(implementation, platform):
+        def loss(h, k, y):
+            return jaxce.linear_cross_entropy(h, k, y, chunk_size=16, implementation=implementation)
+
+        traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*specs)
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        return text.count("stablehlo.optimization_barrier")
+
+    for platform in ("cpu", "tpu"):
+        assert barriers(None, platform) == barriers(f"xla_{platform}", platform) > 0
+    assert barriers(None, "cuda") == barriers("xla", "cpu") == barriers("xla_gpu", "tpu") == 0
 
 
 def test_default_implementation_hook_sets_the_automatic_choice():

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxce
+from jaxce._backends import IMPLEMENTATIONS
 from parity.grid import prob_target, random_logits, rng_for
 
 # The options beyond PyTorch that the "extra" cases add (with a random mask).
@@ -354,7 +355,7 @@ def test_vocab_parallel_bfloat16_in_shard_map():
         np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-2, atol=2e-2 * scale)
 
 
-@pytest.mark.parametrize("implementation", [None, "xla", "xla_cpu", "xla_gpu"])
+@pytest.mark.parametrize("implementation", [None, *IMPLEMENTATIONS])
 def test_sharded_backward_lowers_at_blocked_hidden_gradient_sizes(implementation):
     # Every spelling is traced when the program is lowered (lax.platform_dependent);
     # XLA:CPU's hidden-gradient update loops over token blocks once a device holds more

@@ -14,14 +14,15 @@ picks one:
 * ``None`` (default): the choice is made when the program is lowered, for the platform it
   is compiled for (AOT and cross-compilation included; not ``jax.default_backend()``),
   with ``jax.lax.platform_dependent``: ``"xla_cpu"`` on CPUs, ``"xla_gpu"`` on CUDA GPUs,
-  ``"xla"`` everywhere else. The compiler sees only the chosen spelling.
+  ``"xla_tpu"`` on TPUs, ``"xla"`` everywhere else.
+  The compiler sees only the chosen spelling.
 * ``"xla"``: the portable spelling, on every platform.
-* ``"xla_cpu"`` / ``"xla_gpu"``: that backend's spelling of the passes it respells (the
-  portable one for the others), on whatever platform the program is compiled for. The
-  values are the same on every platform (every spelling is plain JAX); only memory and
-  speed are tuned for, and measured on, the named compiler. This is also how CI executes
-  the GPU's spelling on a CPU. A name stays valid when its backend stops respelling a
-  pass: it then means the portable pass.
+* ``"xla_cpu"`` / ``"xla_gpu"`` / ``"xla_tpu"``: that backend's spelling of the passes it
+  respells (the portable one for the others), on whatever platform the program is
+  compiled for. The values are the same on every platform (every spelling is plain JAX);
+  only memory and speed are tuned for, and measured on, the named compiler. This is also
+  how CI executes the GPU's and the TPU's spellings on a CPU. A name stays valid when its
+  backend stops respelling a pass: it then means the portable pass.
 
 Why users may name a platform's spelling (not only a private test hook): it is safe, as
 every spelling computes the same values with the same (portable) derivatives on every
@@ -33,26 +34,28 @@ Derivatives are always the portable spelling's: each chosen spelling is a
 through it reverse mode and every higher order), so a spelling needs no derivative of its
 own and every implementation has identical derivative programs.
 
-The passes a backend may respell (same arguments, same values, same output structure):
+The passes a backend may respell (same arguments, same values, same output structure),
+the one list; each backend module says why, with its measurement:
 
-===============================  =======================================  ==============
-pass (portable)                  what it computes                         respelled by
-===============================  =======================================  ==============
-``_rows.index_row_stats``        max, lse, target logit, smoothing sum    xla_cpu
-``_rows.index_dense_grad``       the dense logit gradient (index targets) xla_cpu, xla_gpu
-``_rows.prob_row_stats``         lse and loss of probability targets      xla_cpu
-``_rows.prob_grads``             all cotangents of probability targets    xla_cpu, xla_gpu
-``_chunked._add_hidden_grad``    a chunk's ``dh += dz @ k.T``             xla_cpu
-``_chunked._kernel_grad``        a chunk's ``hidden.T @ dz``              xla_cpu
-===============================  =======================================  ==============
+===================================  =======================================  ================
+pass (portable)                      what it computes                         respelled by
+===================================  =======================================  ================
+``_rows.index_row_stats``            max, lse, target logit, smoothing sum    xla_cpu
+``_rows.index_dense_grad``           the dense logit gradient (index targets) xla_cpu, xla_gpu
+``_rows.prob_row_stats``             lse and loss of probability targets      xla_cpu
+``_rows.prob_grads``                 all cotangents of probability targets    xla_cpu, xla_gpu
+``_chunked._add_hidden_grad``        a chunk's ``dh += dz @ k.T``             xla_cpu
+``_chunked._kernel_grad``            a chunk's ``hidden.T @ dz``              xla_cpu
+``_chunked._hold``                   the chunk loop's pinned arrays, each     xla_cpu, xla_tpu
+                                     iteration (portable: unchanged)
+``_chunked._settle``                 the chunk loop's carry after the loop    xla_cpu, xla_tpu
+                                     (portable: unchanged)
+``_token_blocks._add_kernel_grad``   min_work's ``dk += h.T @ dz`` per block  xla_cpu
+===================================  =======================================  ================
 
-Compiler workarounds still inside the portable modules, each next to its measurement:
-the ``upcast=`` hook of ``_rows.index_dense_grad`` / ``_rows.prob_grads`` (the spelling
-of one upcast, used by xla_cpu and xla_gpu), ``_rows.pick_class``'s masked sum (a TPU
-measurement), the gather in ``_chunked.chunk_stats`` (an XLA:CPU one), and
-``_chunked.chunk_loop``'s per-iteration barrier (XLA:CPU) and ``_exact_zero`` (TPU).
-They are candidates for moving behind :func:`spelled` once each move is re-measured on
-every compiler it touches.
+No other compiler workaround sits in the portable modules except ``_rows.pick_class``'s
+masked sum, which is the portable spelling on its own merits (a TPU measurement, in its
+docstring; XLA:CPU spells it as a gather in its ``index_row_stats``).
 
 A Pallas kernel for a pass would plug in the same way: a further implementation name, its
 spelling given to :func:`spelled`, and the portable derivatives. Every spelling today
@@ -79,10 +82,10 @@ import jax.numpy as jnp
 from jax import lax
 
 # The implementation names users may pass (None: automatic, see the module doc).
-IMPLEMENTATIONS = ("xla", "xla_cpu", "xla_gpu")
+IMPLEMENTATIONS = ("xla", "xla_cpu", "xla_gpu", "xla_tpu")
 
 # The platforms on which the automatic choice (None) takes each backend's spelling.
-AUTOMATIC = {"xla_cpu": ("cpu",), "xla_gpu": ("cuda",)}
+AUTOMATIC = {"xla_cpu": ("cpu",), "xla_gpu": ("cuda",), "xla_tpu": ("tpu",)}
 
 
 def check_implementation(implementation: Any) -> str | None:

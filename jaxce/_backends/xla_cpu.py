@@ -30,6 +30,14 @@ Why XLA:CPU needs them (jaxlib 0.10):
    and the ``hidden`` upcast is hoisted out of the chunk loop (see :func:`chunk_kernel_grad`).
 6. XLA:CPU does not fuse an add into a matmul's output: ``dh + dz @ k.T`` materialises
    the ``[tokens, D]`` product before adding it (see :func:`add_hidden_grad`).
+7. The fused loss's chunk loop (``jaxce._chunked.chunk_loop``) holds its pinned arrays
+   (``hidden``, the kernel) with :func:`hold` and :func:`settle`, as the TPU compiler
+   needs (``xla_tpu.py``). jaxlib 0.10.2 upcasts a 16-bit ``dynamic-slice``'s operand and
+   moves that convert out of the loop without the barrier (``value_and_grad`` of the
+   mean at 16384 x 4096 x 131072 bf16: 2,331 instead of 283 MiB; class probabilities
+   10,523 instead of 283); jaxlib 0.12.0.1 does not (272 MiB either way). Without the
+   exact zero, jaxlib 0.12.0.1 keeps a float32 copy of ``hidden`` at 1024 x 256 x 8192
+   float32 with label smoothing, weights and the cap (9.0 instead of 8.0 MiB).
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _rows
-from jaxce._backends.bits import upcast_mul, upcast_shift
+from jaxce._backends import bits
+from jaxce._backends.bits import prob_grads_shifted, upcast_mul, upcast_shift
 from jaxce._compat import cast_varying, varying_axes
 from jaxce._rows import IndexGradRows, IndexStats, ProbStats, softcap, softcap_slope, times_slope
 
@@ -237,9 +246,12 @@ def prob_row_stats(x, target, weight, eps, *, axis, cap, dtype) -> ProbStats:
     return ProbStats(lse, gap + (lse - m) * q, q)
 
 
-def prob_grads(*args, **kwargs):
-    """:func:`jaxce._rows.prob_grads` reading its inputs with bit-shift upcasts."""
-    return _rows.prob_grads(*args, **kwargs, upcast=upcast_shift)
+# :func:`jaxce._rows.prob_grads` reading its inputs with bit-shift upcasts.
+prob_grads = prob_grads_shifted
+
+# The chunk loop's pinned arrays (7. above).
+hold = bits.hold
+settle = bits.settle
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,14 +15,14 @@ the result.
 from __future__ import annotations
 
 from jaxce import _rows
-from jaxce._backends.bits import upcast_shift
+from jaxce._backends.bits import index_dense_grad_shifted, prob_grads_shifted
 
 
 def index_dense_grad(*args, cap, **kwargs):
-    upcast = None if cap is None else upcast_shift
-    return _rows.index_dense_grad(*args, cap=cap, **kwargs, upcast=upcast)
+    spelling = _rows.index_dense_grad if cap is None else index_dense_grad_shifted
+    return spelling(*args, cap=cap, **kwargs)
 
 
 def prob_grads(*args, cap, **kwargs):
-    upcast = None if cap is None else upcast_shift
-    return _rows.prob_grads(*args, cap=cap, **kwargs, upcast=upcast)
+    spelling = _rows.prob_grads if cap is None else prob_grads_shifted
+    return spelling(*args, cap=cap, **kwargs)
