@@ -146,11 +146,15 @@ def zero_grads(hidden, kernel, bias, weight, dtype):
     )
 
 
-def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation=None):
+def accumulate_chunk_grads(
+    hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation=None, kernel_sum=()
+):
     """Adds a chunk's logit gradient ``dz`` to the backward carries: ``dh += dz @ k_c.T``
     (float32 accumulator), writes ``dk[:, chunk] = hidden.T @ dz`` and ``db[chunk]`` (None:
     not wanted). Matmuls take ``dz`` in ``hidden``'s dtype with ``dtype`` accumulation;
-    ``implementation`` spells them (``Options.implementation``)."""
+    ``implementation`` spells them (``Options.implementation``). ``kernel_sum``: the
+    ``shard_map`` axes to sum each chunk's ``dtype`` kernel gradient over before it is
+    written (those the kernel is replicated over)."""
     dz_in = dz.astype(hidden.dtype)
     k = kernel_chunk(kernel, start, size)
     static = {"dtype": dtype}
@@ -160,6 +164,8 @@ def accumulate_chunk_grads(hidden, kernel, dz, start, size, dh, dk, db, dtype, i
     dh = add_hidden_grad(dh, dz_in, k)
     kernel_grad = spelled(_kernel_grad, static, implementation, xla_cpu=xla_cpu.chunk_kernel_grad)
     dk_c = kernel_grad(hidden, dz_in)
+    if kernel_sum:
+        dk_c = lax.psum(dk_c, kernel_sum)
     dk = lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1)
     if db is not None:
         db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
