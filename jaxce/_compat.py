@@ -36,3 +36,18 @@ def cast_varying(x: Any, axes: frozenset) -> Any:
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, missing, to="varying")
     return jax.lax.pvary(x, missing)
+
+
+def row_major(x: Any) -> Any:
+    """``x`` held in XLA's default (row-major) layout: a layout constraint, the values
+    unchanged.
+
+    jax >= 0.7: ``jax.experimental.layout.with_layout_constraint`` with
+    ``Layout(major_to_minor=(0, 1, ...))``; without it, ``x`` as it is (the constraint only
+    steers the compiler's layout assignment).
+    """
+    try:
+        from jax.experimental.layout import Layout, with_layout_constraint
+    except ImportError:
+        return x
+    return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))

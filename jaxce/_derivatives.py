@@ -44,23 +44,33 @@ Flat = tuple[Any, ...]
 FlatFn = Callable[[Flat, Flat], Flat]
 
 
-def linear_map(fun: FlatFn, fun_t: FlatFn, res: Sequence[Any], lin: Sequence[Any]) -> Flat:
+def linear_map(
+    fun: FlatFn, fun_t: FlatFn, res: Sequence[Any], lin: Sequence[Any], *, sums: bool = False
+) -> Flat:
     """``fun(res, lin)``, linear in ``lin``, with transpose ``fun_t(res, ct)``.
 
     ``res``/``lin`` are flat sequences of arrays; both functions take and return tuples.
     ``fun_t`` must return one array per ``lin`` entry, of that entry's shape and dtype.
+
+    Inside ``shard_map``, every ``res`` entry is first made to vary over all the mesh axes
+    that any input varies over. ``sums=False``: so is every ``lin`` entry (with JAX's own
+    cast, whose transpose sums over the added axes), so ``fun_t`` returns cotangents of
+    that common type and JAX sums each one over the axes its input is replicated over,
+    whole, after ``fun_t``. ``sums=True``: the ``lin`` entries keep their own types and
+    ``fun_t`` returns cotangents of exactly those types, summing over those axes itself
+    (so it can sum as it goes, a slice at a time, instead of holding a whole partial).
     """
     res, lin = tuple(res), tuple(lin)
-    # Inside shard_map, give every input the same varying mesh axes first (with JAX's own
-    # cast, whose transpose sums over those axes): the hand-written transpose then returns
-    # cotangents of the inputs' exact types, and an input that is replicated over an axis
-    # receives the sum of the per-device cotangents.
+    # Inside shard_map, give the inputs the same varying mesh axes first: the hand-written
+    # transpose then returns cotangents of the inputs' exact types, and an input that is
+    # replicated over an axis receives the sum of the per-device cotangents.
     axes = frozenset().union(*(varying_axes(v) for v in (*res, *lin)))
     if axes:
         res = tuple(cast_varying(v, axes) for v in res)
-        lin = tuple(cast_varying(v, axes) for v in lin)
+        if not sums:
+            lin = tuple(cast_varying(v, axes) for v in lin)
     out_avals = tuple(jax.make_jaxpr(fun)(res, lin).out_avals)
-    params = dict(fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals)
+    params = dict(fun=fun, fun_t=fun_t, num_res=len(res), out_avals=out_avals, sums=sums)
     return tuple(_linear_map_p.bind(*res, *lin, **params))
 
 
@@ -68,21 +78,21 @@ def _split(args, num_res):
     return tuple(args[:num_res]), tuple(args[num_res:])
 
 
-def _impl(*args, fun, fun_t, num_res, out_avals):
-    del fun_t, out_avals
+def _impl(*args, fun, fun_t, num_res, out_avals, sums):
+    del fun_t, out_avals, sums
     res, lin = _split(args, num_res)
     return list(fun(res, lin))
 
 
-def _abstract_eval(*args, fun, fun_t, num_res, out_avals):
-    del args, fun, fun_t, num_res
+def _abstract_eval(*args, fun, fun_t, num_res, out_avals, sums):
+    del args, fun, fun_t, num_res, sums
     return list(out_avals)
 
 
-def _jvp(primals, tangents, *, fun, fun_t, num_res, out_avals):
+def _jvp(primals, tangents, *, fun, fun_t, num_res, out_avals, sums):
     res, lin = _split(primals, num_res)
     dres, dlin = _split(tangents, num_res)
-    params = dict(fun=fun, fun_t=fun_t, num_res=num_res, out_avals=out_avals)
+    params = dict(fun=fun, fun_t=fun_t, num_res=num_res, out_avals=out_avals, sums=sums)
     out = _linear_map_p.bind(*res, *lin, **params)
     t_out = None
     if any(type(t) is not ad.Zero for t in dlin):
@@ -105,19 +115,20 @@ def _jvp(primals, tangents, *, fun, fun_t, num_res, out_avals):
     return out, t_out
 
 
-def _transpose(cts, *args, fun, fun_t, num_res, out_avals):
+def _transpose(cts, *args, fun, fun_t, num_res, out_avals, sums):
     del out_avals
     res, lin = _split(args, num_res)
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError("linear_map is not linear in its residual arguments")
     cts = [ad.instantiate_zeros(ct) for ct in cts]
     lin_avals = tuple(x.aval if ad.is_undefined_primal(x) else jax.typeof(x) for x in lin)
-    out = _linear_map_p.bind(*res, *cts, fun=fun_t, fun_t=fun, num_res=num_res, out_avals=lin_avals)
+    params = dict(fun=fun_t, fun_t=fun, num_res=num_res, out_avals=lin_avals, sums=sums)
+    out = _linear_map_p.bind(*res, *cts, **params)
     grads = [o if ad.is_undefined_primal(x) else None for o, x in zip(out, lin, strict=True)]
     return [None] * num_res + grads
 
 
-def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
+def _batch(args, dims, *, fun, fun_t, num_res, out_avals, sums):
     del out_avals
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
     dims = [None if d is None else 0 for d in dims]
@@ -134,7 +145,7 @@ def _batch(args, dims, *, fun, fun_t, num_res, out_avals):
             o if d == 0 else jnp.sum(o, axis=0) for o, d in zip(out, lin_dims, strict=True)
         )
 
-    out = linear_map(batched(fun), vfun_t, res, lin)
+    out = linear_map(batched(fun), vfun_t, res, lin, sums=sums)
     return list(out), [0] * len(out)
 
 
@@ -154,7 +165,7 @@ def is_present(tangent: Any) -> bool:
     return tangent is not None and not isinstance(tangent, SymbolicZero)
 
 
-def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
+def lean_tangent(tangent_fn, transpose_fn, res, tangents, like, *, sums=False):
     """The loss tangent ``tangent_fn(res, tangents)``, whose transpose (used by reverse
     mode) is the hand-written backward pass ``transpose_fn(res, ct)``.
 
@@ -162,7 +173,9 @@ def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
     array); ``tangent_fn`` receives None for the absent ones, and ``transpose_fn`` returns
     a cotangent for each input (None where not computed), of which only those with a
     tangent are kept. ``like``: the primal output, or a tuple of outputs (then
-    ``tangent_fn`` returns, and ``transpose_fn`` receives, a tuple).
+    ``tangent_fn`` returns, and ``transpose_fn`` receives, a tuple). ``sums``: as in
+    :func:`linear_map` (``transpose_fn`` sums each cotangent over the ``shard_map`` axes
+    its input is replicated over).
     """
     multi = isinstance(like, tuple)
     present = tuple(map(is_present, tangents))
@@ -181,7 +194,7 @@ def lean_tangent(tangent_fn, transpose_fn, res, tangents, like):
         out = transpose_fn(jax.tree.unflatten(tree, leaves), tuple(cts) if multi else cts[0])
         return tuple(o for o, p in zip(out, present, strict=True) if p)
 
-    out = linear_map(fun, fun_t, leaves, lin)
+    out = linear_map(fun, fun_t, leaves, lin, sums=sums)
     return out if multi else out[0]
 
 

@@ -32,6 +32,7 @@ copy of the kernel.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce._chunked import (
+    CHUNK_BYTES,
     accumulate_chunk_grads,
     chunk_classes,
     chunk_logits,
@@ -52,6 +54,7 @@ from jaxce._chunked import (
     weight_chunk,
     zero_grads,
 )
+from jaxce._compat import cast_varying, varying_axes
 from jaxce._derivatives import is_present, lean_tangent
 from jaxce._options import Options, checked_eps, compute_dtype
 from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
@@ -118,14 +121,21 @@ def _stats_jvp(with_wz, opts, primals, tangents):
     wanted = (dw is not None, dt is not None, d_temp is not None)
     moving_out = (*out[:5], out[7])
     moving = tuple(o for o in moving_out if o is not None)
+    # Inside shard_map: the mesh axes each differentiable input varies over (the transpose
+    # sums each gradient over the other axes itself; see _transpose).
+    homes = tuple(
+        frozenset() if x is None else varying_axes(x)
+        for x in (hidden, kernel, bias, weight, probs, temperature)
+    )
     t_out = lean_tangent(
         lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap, opts.implementation),
         lambda res, cts: _transpose(
-            res, cts, wanted, with_wz, opts.chunk, opts.cap, opts.implementation
+            res, cts, wanted, homes, with_wz, opts.chunk, opts.cap, opts.implementation
         ),
         (hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, out[0], out[7]),
         (dh, dk, db, dw, dt, d_temp),
         moving,
+        sums=True,
     )
     t_iter = iter(t_out)
     tangent = [None if o is None else next(t_iter) for o in moving_out]
@@ -190,7 +200,15 @@ def _tangent(res, tangents, with_wz, chunk, cap, implementation):
     return tuple(t for t, o in zip(out, on, strict=True) if o)
 
 
-def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
+def _transpose(res, cts, wanted, homes, with_wz, chunk, cap, implementation):
+    """The chunked backward pass: ``(dhidden, dkernel, dbias, dweight, dprobs, dtemperature)``.
+
+    Inside ``shard_map`` each gradient comes back with its input's own type (``homes``:
+    the mesh axes each input varies over), summed over the axes that the input is
+    replicated over: each kernel chunk's gradient as it is formed (a ``[D, chunk]``
+    all-reduce per chunk, in float32: no whole partial ``[D, V_local]`` kernel gradient is
+    held), ``dhidden``'s float32 accumulator once at the end, the small ones at the end.
+    """
     hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, lse, ent = res
     cts = iter(cts)
     g_lse = next(cts)
@@ -206,7 +224,7 @@ def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
     inv = None if temperature is None else 1 / temperature
 
     def body(start, size, carry, hidden, kernel, probs):
-        dh, dk, db, dw, dt, d_temp = carry
+        dh, dk, db, dw, dt, d_temp, sink = carry
         raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv)
         z0 = mask_columns(z, real, 0)
         wc = weight_chunk(w, start, size)
@@ -226,7 +244,7 @@ def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
         dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
         dz = dz if inv is None else dz * inv
         dh, dk, db = accumulate_chunk_grads(
-            hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation
+            hidden, kernel, dz, start, size, dh, dk, db, dtype, implementation, k_sum
         )
         # d/d(w_c t_c) of g_tz * tz + g_wt * wt, shared by the weight and target gradients.
         by_wt = None
@@ -243,18 +261,66 @@ def _transpose(res, cts, wanted, with_wz, chunk, cap, implementation):
         if dt is not None:
             dt_c = mask_columns(wc * by_wt, real, 0)
             dt = lax.dynamic_update_slice_in_dim(dt, dt_c.astype(dt.dtype), start, 1)
-        return dh, dk, db, dw, dt, d_temp
+        return dh, dk, db, dw, dt, d_temp, sink
 
+    every = varying_axes(hidden)  # the residuals vary over every axis (linear_map)
+    k_sum = tuple(sorted(every - homes[1]))
     dh, dk, db, dw = zero_grads(hidden, kernel, bias, weight if want_dw else None, dtype)
+    dk = cast_varying(jnp.zeros(kernel.shape, kernel.dtype), homes[1])
     dt = jnp.zeros_like(probs) if want_dt else None
     d_temp = jnp.zeros((), dtype) if want_d_temp else None
-    init = (dh, dk, db, dw, dt, d_temp)
-    dh, dk, db, dw, dt, d_temp = chunk_loop(
+    # A float scalar in the carry: chunk_loop's exact zero (where the implementation adds
+    # one) lands on the smallest float array of the carry, which without it is dh, and the
+    # TPU compiler writes dh + 0 to a second [tokens, D] float32 buffer when a loop reads it
+    # (the sum below; 128 MiB per chip on 2 x 2 v5p chips at 16384 x 4096 x 131072, libtpu
+    # 0.0.52). Added to each block of dh as it is read instead.
+    # Of the residuals' type, as the zero it may receive (else the spellings' types differ).
+    sink = cast_varying(jnp.zeros((), dtype), every)
+    init = (dh, dk, db, dw, dt, d_temp, sink)
+    dh, dk, db, dw, dt, d_temp, sink = chunk_loop(
         chunks(vocab, chunk), body, init, (hidden, kernel, probs), implementation
     )
+    h_home, _, b_home, w_home, t_home, temp_home = homes
+    dh = _sum_over_replicas(dh, every, h_home, hidden.dtype, sink)
+    db, dw, dt = (
+        None if g is None else _sum_over_replicas(g, every, home, g.dtype)
+        for g, home in ((db, b_home), (dw, w_home), (dt, t_home))
+    )
     if d_temp is not None:
-        d_temp = (-inv * d_temp).astype(temperature.dtype)
-    return dh.astype(hidden.dtype), dk, db, dw, dt, d_temp
+        d_temp = cast_varying(-inv * d_temp, every)
+        axes = tuple(sorted(every - temp_home))
+        d_temp = (lax.psum(d_temp, axes) if axes else d_temp).astype(temperature.dtype)
+    return dh, dk, db, dw, dt, d_temp
+
+
+def _sum_over_replicas(g, every, home, dtype, zero=None):
+    """The gradient ``g`` (per device, varying over the mesh axes ``every``) of an input
+    that varies over ``home`` only: summed over the other axes, plus ``zero`` (None, or a
+    scalar 0), cast to ``dtype``.
+
+    The sum goes a block of rows at a time (about ``CHUNK_BYTES``) into a ``dtype`` result
+    of ``home``'s type: an all-reduce of the whole of ``g`` holds a second ``g``-sized
+    buffer (measured on TPU v5p, libtpu 0.0.52: a second float32 ``[tokens, D]``, 128 MiB
+    per chip at 16384 x 4096 x 131072 over 2 x 2 chips)."""
+    g = cast_varying(g, every)
+    axes = tuple(sorted(every - home))
+    if not axes:
+        return (g if zero is None else g + zero).astype(dtype)
+    row = g.dtype.itemsize * math.prod(g.shape[1:])
+    rows = max(1, min(g.shape[0], CHUNK_BYTES // max(row, 1)))
+
+    def body(start, size, out):
+        block = lax.dynamic_slice_in_dim(g, start, size, axis=0)
+        block = lax.psum(block if zero is None else block + zero, axes)
+        return lax.dynamic_update_slice_in_dim(out, block.astype(dtype), start, axis=0)
+
+    out = cast_varying(jnp.zeros(g.shape, dtype), home)
+    parts = chunks(g.shape[0], rows)
+    full = [c for c in parts if c[1] == rows]
+    out = lax.fori_loop(0, len(full), lambda i, out: body(i * rows, rows, out), out)
+    for start, size in parts[len(full) :]:
+        out = body(start, size, out)
+    return out
 
 
 class ShardTargets(NamedTuple):

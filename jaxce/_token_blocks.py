@@ -46,6 +46,7 @@ from jax import lax
 
 from jaxce._backends import spelled
 from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
+from jaxce._compat import cast_varying, varying_axes
 from jaxce._derivatives import is_present
 from jaxce._options import Options, checked_eps, compute_dtype
 from jaxce._rows import softcap, softcap_slope, times_slope
@@ -294,7 +295,9 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
     # ``held`` takes chunk_loop's exact zero (computed from the kernel after the loop, so
     # that no compiler hoists a converted kernel out of it); it varies over the vocabulary
     # axis, which the loss must not, hence its psum.
-    carry = (jnp.zeros((), dtype), jnp.zeros((), dtype), stats, grads)
+    # Of the inputs' type, as the zero it may receive (else the spellings' types differ).
+    every = frozenset().union(*(varying_axes(a) for a in (hidden, kernel, probs) if a is not None))
+    carry = (cast_varying(jnp.zeros((), dtype), every), jnp.zeros((), dtype), stats, grads)
     held, total, stats, grads = chunk_loop(
         chunks(n, opts.block), body, carry, (hidden, kernel, probs), opts.implementation
     )

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _rows
+from jaxce._compat import varying_axes
 
 
 def _bits_to_f32(x: Any, spelling: str) -> Any:
@@ -75,10 +76,21 @@ def hold(held: tuple[Any, ...]) -> tuple[Any, ...]:
 def settle(carry: Any, held: tuple[Any, ...]) -> Any:
     """``jaxce._chunked._settle``: the carry, with an exact zero computed from each held
     array added to its smallest floating array: a use of each pinned array, in its own
-    dtype, after the loop, which no compiler folds away."""
+    dtype, after the loop, which no compiler folds away.
+
+    Inside ``shard_map`` only an array that already varies over the zero's mesh axes may
+    take it (the portable spelling's carry must keep its type): with none, the carry is
+    returned as it is."""
     zero = sum(_exact_zero(a) for a in held if a is not None)
     leaves, treedef = jax.tree.flatten(carry)
-    floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    axes = varying_axes(zero)
+    floats = [
+        i
+        for i, leaf in enumerate(leaves)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and axes <= varying_axes(leaf)
+    ]
+    if not floats:
+        return carry
     i = min(floats, key=lambda i: leaves[i].size)
     leaves[i] = leaves[i] + jnp.asarray(zero).astype(leaves[i].dtype)
     return jax.tree.unflatten(treedef, leaves)
