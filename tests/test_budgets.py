@@ -255,27 +255,23 @@ def min_work_budget(n, d, v, dtype, unfused_bytes):
 
 
 # Measured with libtpu 0.0.52 (value_and_grad of the mean, 1,024-row blocks): 3,072 MiB on
-# v5e and v5p at the bf16 shape, 2,048 of them the float32 d-kernel accumulator, against a
+# v5e, v5p and v6e at the bf16 shape, 2,048 of them the float32 d-kernel accumulator, against a
 # budget of 2,898 / 2,980: the other 1,024 MiB are two float32 blocks' worth (512 MiB each;
 # inferred from the sizes, not from a buffer dump), where the budget counts one float32
 # block and its bfloat16 copy.
 TPU_MIN_WORK_BLOCKS = pytest.mark.xfail(
     strict=True, reason="TPU bf16: two float32 blocks beside the accumulator (see above)"
 )
-# v6e: 4,608 MiB (bf16) and 1,536 MiB (f32, budget 1,106): 1 GiB more than v5p at f32, the
-# size of the f32 [D, V] d-kernel carry, like min_memory's column-major carry copy on v6e.
-V6E_MIN_WORK_CARRY = pytest.mark.xfail(
-    strict=True, reason="TPU v6e: a d-kernel-sized copy (see above)"
-)
+# v6e held 4,608 MiB (bf16) and 1,536 (f32) while its d-kernel accumulator was laid out
+# column-major and copied; with the accumulator held row-major (_token_blocks, as
+# min_memory's carry) 3,072 and 512, as v5e and v5p.
 
 
 def _min_work_cases():
     for target in ["cpu", *FUSED_TARGETS]:
         for shape in FUSED_SHAPES:
             marks = []
-            if target == targets.TPU_V6E:
-                marks.append(V6E_MIN_WORK_CARRY)
-            elif target.startswith("tpu") and shape == "bf16":
+            if target.startswith("tpu") and shape == "bf16":
                 marks.append(TPU_MIN_WORK_BLOCKS)
             yield pytest.param(target, shape, marks=marks, id=f"{target}-{shape}")
 
