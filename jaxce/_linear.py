@@ -126,10 +126,11 @@ def linear_cross_entropy(
           16-bit kernel differentiated, a float32 ``[D, V]`` d-kernel accumulator. Every
           option works (class weight, ``ignore_index``, ``where``, label smoothing,
           ``z_loss``, ``logit_softcap``, ``loss_dtype``, ``bias``, probabilities,
-          ``sample_weight``, ``axis_name``), and so do ``jax.jvp`` and second order
-          (which differentiate the block loop itself, without min_memory's lean
-          transpose); ``reduction='none'``, ``return_aux=True``, ``temperature``,
-          ``return_entropy`` and K-dimensional kernels are not supported (a ValueError).
+          ``sample_weight``, ``temperature`` with its derivative, ``axis_name``), and so
+          do ``jax.jvp`` and second order (which differentiate the block loop itself,
+          without min_memory's lean transpose); ``reduction='none'``,
+          ``return_aux=True``, ``return_entropy`` and K-dimensional kernels are not
+          supported (a ValueError).
         * ``"auto"`` (default): ``"min_work"`` where it is supported and its extra
           temporaries (``4 * block_size * V`` bytes, plus ``4 * D * V`` for a 16-bit
           kernel) are at most ``0.2 * N * V`` bytes -- 5 % of the float32 logits it
@@ -212,7 +213,7 @@ def prepare_rl(temperature, sample_weight, return_entropy, element_shape, opts, 
     opts = opts._replace(tempered=temperature is not None, entropy=entropy)
     if entropy:
         opts = opts._replace(return_aux=True, stats=True)
-    unsupported = _validate.min_work_unsupported_rl(temperature is not None, entropy)
+    unsupported = _validate.min_work_unsupported_rl(entropy)
     if opts.strategy == "min_work" and unsupported is not None:
         opts = opts._replace(strategy=_validate.resolve_strategy(strategy, unsupported, True))
     return temperature, sample_weight, opts
@@ -364,7 +365,10 @@ def linear_loss(
             debug_check_targets(t2, vocab, opts.ignore_index)
         valid = None if where is None else where.reshape(-1)
         sw = None if sample_weight is None else sample_weight.reshape(-1)
-        return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts, sw)
+        temp = None
+        if opts.tempered:
+            temp = checked_temperature(temperature, compute_dtype(h2.dtype))
+        return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts, sw, temp)
     temp = None
     if opts.tempered:
         temp = checked_temperature(temperature, compute_dtype(h2.dtype))

@@ -121,23 +121,25 @@ class Rows(NamedTuple):
     tlse: Any
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(9,))
-def block_loss(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts: Options):
+@partial(jax.custom_jvp, nondiff_argnums=(10,))
+def block_loss(
+    hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, opts: Options
+):
     """``L`` of the module doc (a scalar, float32; float64 for float64 inputs) over
     ``hidden [N, D]`` and this device's ``kernel [D, V]``; ``idx``/``here``: the local
     target index and whether it is on this device (class indices; else None); ``probs``
-    ``[N, V]`` or None; ``n_real``: None or this slice's real columns."""
-    return _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, ())[0]
+    ``[N, V]`` or None; ``n_real``: None or this slice's real columns; ``temperature``:
+    None or ``T`` (the statistics are those of ``softcap(logits) / T``)."""
+    args = (hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature)
+    return _run(*args, opts, ())[0]
 
 
 def _block_loss_jvp(opts, primals, tangents):
-    hidden, kernel, bias, weight, probs, coefs, idx, here, n_real = primals
     dh, dk, db, dw, dt, dc = tangents[:6]
     arrays = {"hidden": dh, "kernel": dk, "bias": db, "weight": dw, "probs": dt}
+    arrays["temperature"] = tangents[9]
     wanted = tuple(name for name, t in arrays.items() if is_present(t))
-    total, rows, grads = _run(
-        hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wanted
-    )
+    total, rows, grads = _run(*primals, opts, wanted)
     parts = []  # this device's share of the tangent
     for name in wanted:
         g, t = grads[name], arrays[name]
@@ -148,7 +150,7 @@ def _block_loss_jvp(opts, primals, tangents):
         tangent = lax.psum(local, opts.axis_name) if opts.axis_name else local
     # Tokens whose coefficients are all zero (ignored) count for nothing, even where their
     # statistics are not finite.
-    counted = functools.reduce(jnp.logical_or, [k != 0 for k in coefs if k is not None])
+    counted = functools.reduce(jnp.logical_or, [k != 0 for k in primals[5] if k is not None])
     for stat, t in zip(rows, dc, strict=True):
         if stat is not None and is_present(t):  # the statistics are the same on every device
             stat = jnp.where(counted, stat, jnp.zeros_like(stat))
@@ -159,9 +161,10 @@ def _block_loss_jvp(opts, primals, tangents):
 block_loss.defjvp(_block_loss_jvp, symbolic_zeros=True)
 
 
-def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wanted):
+def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, opts, wanted):
     """One loop over token blocks: ``(L, Rows, {name: gradient})`` for the ``wanted``
-    inputs (``'hidden'``, ``'kernel'``, ``'bias'``, ``'weight'``, ``'probs'``)."""
+    inputs (``'hidden'``, ``'kernel'``, ``'bias'``, ``'weight'``, ``'probs'``,
+    ``'temperature'``)."""
     dtype = compute_dtype(hidden.dtype)
     n, v_local = hidden.shape[0], kernel.shape[1]
     axis_name, cap = opts.axis_name, opts.cap
@@ -169,6 +172,7 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
     w = None if weight is None else weight.astype(dtype)[None, :]
     want = set(wanted)
     dims = (((1,), (0,)), ((), ()))
+    inv = None if temperature is None else (1 / temperature).astype(dtype)
 
     def body(start, size, carry, hidden, kernel, probs):
         held, total, stats, grads = carry
@@ -177,7 +181,8 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
         if bias is not None:
             raw = raw + bias.astype(dtype)[None, :]
         real = real_columns(0, v_local, n_real)
-        z = mask_columns(softcap(raw, cap), real, -jnp.inf)
+        z = softcap(raw, cap)
+        z = mask_columns(z if inv is None else z * inv, real, -jnp.inf)
         z0 = mask_columns(z, real, 0)
         cb = Coefs(*(None if x is None else lax.dynamic_slice_in_dim(x, start, size) for x in c))
         t = None if probs is None else lax.dynamic_slice_in_dim(probs, start, size).astype(dtype)
@@ -243,9 +248,13 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
             dz = dz + cb.wz[:, None] * (1 if w is None else w)
         if cb.tz is not None:
             dz = dz + cb.tz[:, None] * wt_c
-        dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
-        dz_in = dz.astype(hidden.dtype)
         grads = dict(grads)
+        if "temperature" in want:  # z = s / T: dL/dT = -Σ (∂L/∂z) z / T
+            by_t = jnp.sum(mask_columns(dz, real, 0) * z0)
+            grads["temperature"] = grads["temperature"] - inv * by_t
+        dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
+        dz = dz if inv is None else dz * inv
+        dz_in = dz.astype(hidden.dtype)
         if "hidden" in want:
             dh_b = lax.dot_general(
                 dz_in, kernel, (((1,), (1,)), ((), ())), preferred_element_type=dtype
@@ -289,6 +298,7 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, opts, wa
         "bias": lambda: jnp.zeros((v_local,), dtype),
         "weight": lambda: jnp.zeros((v_local,), dtype),
         "probs": lambda: jnp.zeros(probs.shape, probs.dtype),
+        "temperature": lambda: jnp.zeros((), dtype),
     }
     grads = {name: init_grads[name]() for name in wanted}
     stats = tuple(None if k is None else jnp.zeros((n,), dtype) for k in c)
@@ -392,11 +402,12 @@ def _sample_weighted(coefs: Coefs, valid, sample_weight) -> Coefs:
 
 
 def min_work_loss(
-    hidden, kernel, bias, target, weight, eps, z, where, opts: Options, sample_weight=None
-):
+    hidden, kernel, bias, target, weight, eps, z, where, opts: Options, sample_weight=None,
+    temperature=None,
+):  # fmt: skip
     """The scalar ``'mean'``/``'sum'`` loss of :func:`jaxce.linear_cross_entropy` with
     ``strategy="min_work"`` (``hidden [N, D]``, flat targets, ``sample_weight [N]`` or
-    None; see the module doc)."""
+    None, ``temperature`` None or a checked ``T``; see the module doc)."""
     # Imported here: _fused imports nothing of this module, and shard_targets lives there.
     from jaxce._fused import _class_weight_sum, shard_targets, split_vocab
 
@@ -413,7 +424,9 @@ def min_work_loss(
         count = batch_total(valid, opts.batch_axis, dtype)
         coefs = prob_coefs(valid, sum_w, eps, z, vocab, count, opts.reduction, dtype)
         coefs = _sample_weighted(coefs, valid, sample_weight)
-        total = block_loss(hidden, kernel, bias, weight, target, coefs, None, None, n_real, opts)
+        total = block_loss(
+            hidden, kernel, bias, weight, target, coefs, None, None, n_real, temperature, opts
+        )
         denominator = count
     else:
         valid, here, idx, w_y = shard_targets(
@@ -425,7 +438,9 @@ def min_work_loss(
             valid, w_y, sum_w, eps, z, vocab, denominator, count, opts.reduction, dtype
         )
         coefs = _sample_weighted(coefs, valid, sample_weight)
-        total = block_loss(hidden, kernel, bias, weight, None, coefs, idx, here, n_real, opts)
+        total = block_loss(
+            hidden, kernel, bias, weight, None, coefs, idx, here, n_real, temperature, opts
+        )
     out = batch_total(total, opts.batch_axis)
     if opts.reduction == "mean":
         # Nothing counted (W = 0): NaN, as in reduce_loss (the gradient still flows).

@@ -411,12 +411,11 @@ def min_work_unsupported(reduction: str, return_aux: bool, kernel_ndim: int) -> 
     return None
 
 
-def min_work_unsupported_rl(temperature: bool, entropy: bool) -> str | None:
+def min_work_unsupported_rl(entropy: bool) -> str | None:
     """Why ``strategy="min_work"`` cannot run these options of the RL losses (None: it can;
-    it takes ``sample_weight``)."""
-    given = [n for n, on in (("temperature", temperature), ("return_entropy", entropy)) if on]
-    if given:
-        return f"no {', '.join(given)} (they run on the recompute path)"
+    it takes ``temperature`` and ``sample_weight``)."""
+    if entropy:
+        return "no return_entropy (aux.entropy runs on the recompute path)"
     return None
 
 

@@ -422,20 +422,30 @@ def test_fused_per_token_entropy_and_nll_with_temperature():
     np.testing.assert_allclose(aux.entropy, jnp.where(counted, entropy, 0.0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("target_kind", ["index", "probabilities"])
-def test_vocabulary_parallel_forms_equal_the_single_device_loss(target_kind):
+@pytest.mark.parametrize(
+    ("target_kind", "strategy"),
+    [("index", "min_memory"), ("probabilities", "min_memory"), ("index", "min_work"),
+     ("probabilities", "min_work")],
+)  # fmt: skip
+def test_vocabulary_parallel_forms_equal_the_single_device_loss(target_kind, strategy):
     """The axis_name form (an uneven split: vocab_size over 4 devices) and
     sharded_linear_cross_entropy (tokens over 2 devices, the vocabulary over 4): values and
-    gradients in hidden, kernel, T and the sample weights."""
+    gradients in hidden, kernel, T and the sample weights (min_memory with the entropy
+    term; min_work, which has no entropy, without)."""
     from jax.sharding import PartitionSpec as P
 
     h, k, _, t, _, s, probs = _fused_inputs(10)
     target = t if target_kind == "index" else probs
-    kw = dict(label_smoothing=0.1, return_entropy=True, chunk_size=4)
+    entropy = strategy == "min_memory"
+    kw = dict(label_smoothing=0.1, return_entropy=entropy, strategy=strategy)
+    kw |= {"chunk_size": 4} if entropy else {"block_size": 4}
+
+    def objective(out):
+        return out[0] - 0.3 * out[1].entropy if entropy else out
 
     def single(h, k, temp, s):
         out = jaxce.linear_cross_entropy(h, k, target, temperature=temp, sample_weight=s, **kw)
-        return out[0] - 0.3 * out[1].entropy
+        return objective(out)
 
     pad = -V % 4
     kp = jnp.pad(k, ((0, 0), (0, pad)))
@@ -446,7 +456,7 @@ def test_vocabulary_parallel_forms_equal_the_single_device_loss(target_kind):
         out = jaxce.linear_cross_entropy(
             h, k, tgt, temperature=temp, sample_weight=s, axis_name="model", vocab_size=V, **kw
         )
-        return out[0] - 0.3 * out[1].entropy
+        return objective(out)
 
     tspec = P() if target_kind == "index" else P(None, "model")
     parallel = jax.shard_map(
@@ -459,7 +469,7 @@ def test_vocabulary_parallel_forms_equal_the_single_device_loss(target_kind):
             h, k, target, temperature=temp, sample_weight=s, mesh=mesh, vocab_axis="model",
             batch_axis="data", **kw,
         )  # fmt: skip
-        return out[0] - 0.3 * out[1].entropy
+        return objective(out)
 
     args = (h, k, jnp.asarray(0.8), s)
     ref_value, ref_grads = jax.value_and_grad(single, range(4))(*args)
