@@ -355,33 +355,26 @@ def linear_loss(
     opts,
 ):  # fmt: skip
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    if opts.strategy == "min_work":  # 'mean' / 'sum' only: a scalar
-        probs = target.ndim == hidden.ndim
-        t2 = target.reshape(-1, target.shape[-1]) if probs else target.reshape(-1)
-        if opts.check:
-            vocab = kernel.shape[1]
-            if opts.axis_name is not None:
-                vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
-            debug_check_targets(t2, vocab, opts.ignore_index)
-        valid = None if where is None else where.reshape(-1)
-        sw = None if sample_weight is None else sample_weight.reshape(-1)
-        temp = None
-        if opts.tempered:
-            temp = checked_temperature(temperature, compute_dtype(h2.dtype))
-        return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts, sw, temp)
     temp = None
     if opts.tempered:
         temp = checked_temperature(temperature, compute_dtype(h2.dtype))
     sw = None if sample_weight is None else sample_weight.reshape(-1)
+    valid = None if where is None else where.reshape(-1)
+    probs = target.ndim == hidden.ndim  # class probabilities, [..., V]
+    t2 = target.reshape(-1, target.shape[-1]) if probs else target.reshape(-1)
+    vocab = kernel.shape[1]  # all the classes, over every device of the axis
+    if opts.axis_name is not None:
+        vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
+    if opts.check:  # class indices only
+        debug_check_targets(t2, vocab, opts.ignore_index)
+    if opts.strategy == "min_work":  # 'mean' / 'sum' only: a scalar
+        return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts, sw, temp)
     entropy = None
-    if target.ndim == hidden.ndim:  # class probabilities, [..., V]
+    if probs:
         shape = target.shape[:-1]
-        loss, stats = prob_linear_loss(
-            h2, kernel, bias, target.reshape(-1, target.shape[-1]), weight, eps, opts, temp
-        )
+        loss, stats = prob_linear_loss(h2, kernel, bias, t2, weight, eps, opts, temp)
         if opts.entropy:
             *stats, entropy = stats
-        valid = None if where is None else where.reshape(-1)
         if valid is not None:
             loss = jnp.where(valid, loss, jnp.zeros_like(loss))
         counted = jnp.ones(loss.shape, bool) if valid is None else valid
@@ -391,20 +384,14 @@ def linear_loss(
             finish_loss(loss, stats, valid, denominator, z, opts, sw, entropy), shape, opts
         )
     shape = target.shape
-    t1 = target.reshape(-1)
     want_denominator = opts.reduction == "mean" or opts.return_aux
-    vocab = kernel.shape[1]
-    if opts.axis_name is not None:
-        vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
-    if opts.check:
-        debug_check_targets(t1, vocab, opts.ignore_index)
-    loss, counted, w_y, stats = index_linear_loss(h2, kernel, bias, t1, weight, eps, opts, temp)
+    loss, counted, w_y, stats = index_linear_loss(h2, kernel, bias, t2, weight, eps, opts, temp)
     denominator = counted_sum(counted, w_y, opts.batch_axis) if want_denominator else None
     valid = counted if sw is not None else None
     if opts.stats:
         if opts.entropy:
             *stats, entropy = stats
-        stats, valid = index_stats(t1, vocab, opts.ignore_index, *stats)
+        stats, valid = index_stats(t2, vocab, opts.ignore_index, *stats)
     out = finish_loss(loss, stats, valid, denominator, z, opts, sw, entropy)
     return _per_element_shapes(out, shape, opts)
 
