@@ -473,10 +473,16 @@ def prob_linear_loss(hidden, kernel, bias, probs, weight, eps, opts: Options, te
     if not opts.stats:
         return loss, None
     arg = _global_argmax(top_d, arg_d, v_local, axis_name)
-    t_max = mask_columns(lax.stop_gradient(probs), real, -jnp.inf)
-    t_arg = _global_argmax(
-        jnp.max(t_max, axis=1).astype(dtype), jnp.argmax(t_max, axis=1), v_local, axis_name
-    )
+    t_arg = target_argmax(probs, real, v_local, axis_name, dtype)
     if opts.entropy:
         return loss, (lse, arg, arg == t_arg, _combine_entropy(lse_d, ent_d, lse, axis_name))
     return loss, (lse, arg, arg == t_arg)
+
+
+def target_argmax(probs, real, v_local, axis_name, dtype):
+    """The first class of largest probability in each row of ``probs [N, V_local]`` (this
+    device's slice; ``real``: its real columns), global over ``axis_name``."""
+    t_max = mask_columns(lax.stop_gradient(probs), real, -jnp.inf)
+    return _global_argmax(
+        jnp.max(t_max, axis=1).astype(dtype), jnp.argmax(t_max, axis=1), v_local, axis_name
+    )

@@ -129,9 +129,14 @@ def linear_cross_entropy(
           ``sample_weight``, ``temperature`` with its derivative, ``axis_name``), and so
           do ``jax.jvp`` and second order (which differentiate the block loop itself,
           without min_memory's lean transpose); ``reduction='none'``,
-          ``return_aux=True``, ``return_entropy`` and K-dimensional kernels are not
-          supported (a ValueError).
-        * ``"auto"`` (default): ``"min_work"`` where it is supported and its extra
+          ``return_aux=True`` and K-dimensional kernels are not supported (a
+          ValueError). ``return_entropy=True`` is: ``aux.entropy`` is accumulated in the
+          same pass and gets its own gradients there (in ``hidden``, ``kernel``,
+          ``bias``, ``T``), two more matmuls and a second ``[D, V]`` d-kernel where it is
+          differentiated (none where it is only read); the other aux fields are values
+          from the same pass, ``aux.lse`` and ``aux.z_loss`` with a NaN derivative.
+        * ``"auto"`` (default): ``"min_work"`` where it is supported, no
+          ``return_entropy`` is asked for, and its extra
           temporaries (``4 * block_size * V`` bytes, plus ``4 * D * V`` for a 16-bit
           kernel) are at most ``0.2 * N * V`` bytes -- 5 % of the float32 logits it
           never forms, the fused loss's own memory budget (``N`` tokens and ``V``
@@ -192,31 +197,10 @@ def linear_cross_entropy(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
         loss_dtype, vocab_size, strategy=strategy, block_size=block_size,
+        temperature=temperature, sample_weight=sample_weight, return_entropy=return_entropy,
     )  # fmt: skip
     opts = opts._replace(implementation=check_implementation(implementation))
-    temperature, sample_weight, opts = prepare_rl(
-        temperature, sample_weight, return_entropy, arrays[0].shape[:-1], opts, strategy
-    )
-    return linear_loss(*arrays, temperature, sample_weight, opts=opts)
-
-
-def prepare_rl(temperature, sample_weight, return_entropy, element_shape, opts, strategy="auto"):
-    """Checks ``temperature``, ``sample_weight`` (of ``element_shape``, hidden's shape
-    without ``D``) and ``return_entropy``: ``(temperature, sample_weight, opts)``, the
-    options updated (``return_entropy`` implies the aux outputs; ``strategy``, the caller's,
-    is resolved again: min_work does not take these options)."""
-    temperature = _validate.check_temperature(temperature)
-    sample_weight = _validate.check_sample_weight(
-        sample_weight, element_shape, "hidden's shape without D"
-    )
-    entropy = _validate.check_flag(return_entropy, "return_entropy")
-    opts = opts._replace(tempered=temperature is not None, entropy=entropy)
-    if entropy:
-        opts = opts._replace(return_aux=True, stats=True)
-    unsupported = _validate.min_work_unsupported_rl(entropy)
-    if opts.strategy == "min_work" and unsupported is not None:
-        opts = opts._replace(strategy=_validate.resolve_strategy(strategy, unsupported, True))
-    return temperature, sample_weight, opts
+    return linear_loss(*arrays, opts=opts)
 
 
 def _out_features_loss(
@@ -259,10 +243,12 @@ def _out_features_loss(
 def prepare(
     hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, chunk_size,
     axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
-    *, strategy="auto", block_size=None,
+    *, strategy="auto", block_size=None, temperature=None, sample_weight=None,
+    return_entropy=False,
 ):  # fmt: skip
     """Checks :func:`linear_cross_entropy`'s arguments (a 2-D ``kernel``): ``((hidden,
-    kernel, bias, target, weight, eps, z, where), opts)`` for :func:`linear_loss`.
+    kernel, bias, target, weight, eps, z, where, temperature, sample_weight), opts)`` for
+    :func:`linear_loss`, the strategy resolved once from all of them.
 
     ``target`` is read as class probabilities when it has ``hidden``'s shape with ``D``
     replaced by the kernel's ``V`` columns (PyTorch's rule: the logits' shape), else as
@@ -317,6 +303,11 @@ def prepare(
     return_aux = _validate.check_flag(return_aux, "return_aux")
     check_targets = _validate.check_flag(check_targets, "check_targets")
     element_shape = tuple(hidden.shape[:-1])
+    temperature = _validate.check_temperature(temperature)
+    sample_weight = _validate.check_sample_weight(
+        sample_weight, element_shape, "hidden's shape without D"
+    )
+    entropy = _validate.check_flag(return_entropy, "return_entropy")
     where = _validate.check_where(where, element_shape, "hidden's shape without D")
     if not probs:
         target = mask_targets(target, where, ignore_index)
@@ -329,15 +320,16 @@ def prepare(
     block_size = _validate.check_block_size(block_size)
     dim = hidden.shape[-1]
     block = min(block_size or block_rows(num_tokens, dim, vocab), max(num_tokens, 1))
-    fits = auto_picks_min_work(num_tokens, dim, vocab, block, hidden.dtype.itemsize)
-    unsupported = _validate.min_work_unsupported(reduction, return_aux, kernel.ndim)
+    fits = auto_picks_min_work(num_tokens, dim, vocab, block, hidden.dtype.itemsize, entropy)
+    # The aux outputs that return_entropy implies run on min_work (return_aux alone does not).
+    unsupported = _validate.min_work_unsupported(reduction, return_aux and not entropy, kernel.ndim)
     strategy = _validate.resolve_strategy(strategy, unsupported, fits)
     opts = Options(
         ignore_index=ignore_index,
         cap=cap,
-        stats=return_aux or z is not None,
+        stats=return_aux or entropy or z is not None,
         reduction=reduction,
-        return_aux=return_aux,
+        return_aux=return_aux or entropy,  # return_entropy implies the aux outputs
         check=check_targets and not probs,
         out_dtype=out_dtype,
         chunk=chunk,
@@ -345,8 +337,11 @@ def prepare(
         vocab_size=vocab_size,
         strategy=strategy,
         block=block,
+        tempered=temperature is not None,
+        entropy=entropy,
     )
-    return (hidden, kernel, bias, target, weight, eps, z, where), opts
+    arrays = (hidden, kernel, bias, target, weight, eps, z, where, temperature, sample_weight)
+    return arrays, opts
 
 
 @partial(jax.jit, static_argnames=("opts",))
@@ -367,8 +362,9 @@ def linear_loss(
         vocab = opts.vocab_size or vocab * lax.axis_size(opts.axis_name)
     if opts.check:  # class indices only
         debug_check_targets(t2, vocab, opts.ignore_index)
-    if opts.strategy == "min_work":  # 'mean' / 'sum' only: a scalar
-        return min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts, sw, temp)
+    if opts.strategy == "min_work":  # 'mean' / 'sum' only: a scalar (and the aux)
+        out = min_work_loss(h2, kernel, bias, t2, weight, eps, z, valid, opts, sw, temp)
+        return _per_element_shapes(out, target.shape[:-1] if probs else target.shape, opts)
     entropy = None
     if probs:
         shape = target.shape[:-1]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce._backends import check_implementation
-from jaxce._linear import linear_loss, prepare, prepare_rl
+from jaxce._linear import linear_loss, prepare
 from jaxce._reduction import CrossEntropyAux
 
 
@@ -102,21 +102,20 @@ def sharded_linear_cross_entropy(
     # Every argument checked once, on the global arrays and with linear_cross_entropy's
     # own messages, before anything is split or traced.
     # Index targets come back with `where` folded in (then None): not folded twice.
-    (hidden, kernel, _, target, _, _, _, where), opts = prepare(
+    (hidden, kernel, _, target, _, _, _, where, temperature, sample_weight), opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, None, where, z_loss, logit_softcap, return_aux, check_targets,
-        loss_dtype, None, strategy=strategy, block_size=block_size,
+        loss_dtype, None, strategy=strategy, block_size=block_size, temperature=temperature,
+        sample_weight=sample_weight, return_entropy=return_entropy,
     )  # fmt: skip
-    temperature, sample_weight, opts = prepare_rl(
-        temperature, sample_weight, return_entropy, hidden.shape[:-1], opts, strategy
-    )
     probs = target.ndim == hidden.ndim
     if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
         raise ValueError(
             f"the number of tokens ({hidden.shape[0]}) must divide evenly over mesh axis "
             f"{batch_axis!r} of size {mesh.shape[batch_axis]}"
         )
-    reduction, return_aux, out_dtype = opts.reduction, opts.return_aux, opts.out_dtype
+    # return_aux stays the caller's: each device's prepare derives the rest again.
+    reduction, out_dtype = opts.reduction, opts.out_dtype
     if temperature is not None:
         temperature = jnp.asarray(temperature)
     vocab = kernel.shape[1]
@@ -136,11 +135,11 @@ def sharded_linear_cross_entropy(
         arrays, opts = prepare(
             h, k, t, w, ignore_index, reduction, e, b, chunk_size, vocab_axis, m, z_loss,
             logit_softcap, return_aux, check_targets, out_dtype, vocab if padding else None,
-            strategy=strategy, block_size=block_size,
+            strategy=strategy, block_size=block_size, temperature=temp, sample_weight=sw,
+            return_entropy=return_entropy,
         )  # fmt: skip
         opts = opts._replace(batch_axis=batch_axis, implementation=implementation)
-        _, sw, opts = prepare_rl(temperature, sw, return_entropy, h.shape[:-1], opts, strategy)
-        return linear_loss(*arrays, temp, sw, opts=opts)
+        return linear_loss(*arrays, opts=opts)
 
     in_specs = (rows, P(None, vocab_axis), P(batch_axis, vocab_axis) if probs else rows,
                 None if weight is None else classes,
@@ -149,7 +148,7 @@ def sharded_linear_cross_entropy(
                 None if sample_weight is None else rows)  # fmt: skip
     scalar = rows if reduction == "none" else P()
     out_specs = scalar
-    if return_aux:
+    if opts.return_aux:
         entropy = scalar if opts.entropy else None
         aux_specs = CrossEntropyAux(rows, scalar, P(), P(), P(), scalar, rows, entropy)
         out_specs = (scalar, aux_specs)

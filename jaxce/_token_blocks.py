@@ -49,6 +49,7 @@ from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real
 from jaxce._compat import cast_varying, row_major, varying_axes
 from jaxce._derivatives import is_present
 from jaxce._options import Options, checked_eps, compute_dtype
+from jaxce._reduction import finish_loss, index_stats
 from jaxce._rows import softcap, softcap_slope, times_slope
 from jaxce._targets import batch_total, counted_sum
 
@@ -84,16 +85,31 @@ def block_rows(num_tokens: int, dim: int, vocab: int) -> int:
     return int(min(rows, num_tokens))
 
 
-def min_work_bytes(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> int:
+def min_work_bytes(
+    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, entropy: bool = False
+) -> int:
     """min_work's temporaries beyond min_memory's: one block's float32 logits and, for a
-    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator."""
-    del num_tokens
+    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator; with ``entropy``, the
+    entropy's own gradients too where ``aux.entropy`` is differentiated: a float32 ``[D,
+    V]`` d-kernel and an ``[N, D]`` d-hidden held from the forward to the backward pass,
+    and the block's entropy gradient ``[rows, V]`` beside the loss's (compile-only H100,
+    value_and_grad of ``loss + 0.01 * aux.entropy``: 8192 x 2048 x 131072 f32 +1,616 MiB,
+    16384 x 4096 x 131072 bf16 +2,440 MiB; XLA drops them where it is not)."""
     acc = 4 * dim * vocab if itemsize < 4 else 0
-    return 4 * rows * vocab + acc
+    second = 0
+    if entropy:
+        second = 4 * dim * vocab + itemsize * (rows * vocab + num_tokens * dim)
+    return 4 * rows * vocab + acc + second
 
 
-def auto_picks_min_work(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> bool:
-    """``strategy="auto"``'s memory rule (the options min_work supports aside)."""
+def auto_picks_min_work(
+    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, entropy: bool = False
+) -> bool:
+    """``strategy="auto"``'s rule (the options min_work supports aside): never with the
+    entropy (min_memory alone differentiates ``aux.lse`` and ``aux.z_loss``, and does less
+    work when ``aux.entropy`` is differentiated), else the memory rule."""
+    if entropy:
+        return False
     extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize)
     return extra <= AUTO_BYTES_PER_LOGIT * num_tokens * vocab
 
@@ -121,17 +137,46 @@ class Rows(NamedTuple):
     tlse: Any
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(10,))
+class Entropy(NamedTuple):
+    """What :func:`block_loss` adds with per-token entropy coefficients ``ent``: ``H = Σ_n
+    ent_n H_n`` (a scalar), the per-token ``lse`` and first ``argmax`` of the raw logits
+    (global classes) ``[N]``, and ``grads``, ``H``'s gradients (as ``L``'s). The argmax is
+    held as a float (exact below 2**24 classes): an integer output of a ``custom_jvp``
+    needs a float0 tangent, which has no type that varies over a ``shard_map`` axis."""
+
+    total: Any
+    lse: Any
+    argmax: Any
+    grads: Any
+
+
+# The inputs the entropy depends on (not the class weight, the probabilities or the
+# coefficients).
+_ENTROPY_INPUTS = ("hidden", "kernel", "bias", "temperature")
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(11,))
 def block_loss(
-    hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, opts: Options
-):
+    hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, ent,
+    opts: Options,
+):  # fmt: skip
     """``L`` of the module doc (a scalar, float32; float64 for float64 inputs) over
     ``hidden [N, D]`` and this device's ``kernel [D, V]``; ``idx``/``here``: the local
     target index and whether it is on this device (class indices; else None); ``probs``
     ``[N, V]`` or None; ``n_real``: None or this slice's real columns; ``temperature``:
-    None or ``T`` (the statistics are those of ``softcap(logits) / T``)."""
-    args = (hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature)
-    return _run(*args, opts, ())[0]
+    None or ``T`` (the statistics are those of ``softcap(logits) / T``).
+
+    ``ent``: None, or per-token coefficients ``[N]`` of the entropy ``H_n`` of the
+    softmax (no derivative is taken in them): then ``(L, H, lse, argmax)`` with ``H =
+    Σ_n ent_n H_n`` from the same pass, its own gradients formed beside ``L``'s (its
+    tangent is ``Σ <grad_H, tangent>``, so reverse mode gives ``ct_L grad_L + ct_H
+    grad_H``). ``lse`` ``[N]`` is for the aux outputs only: its tangent is NaN (its
+    derivative needs the recompute path, ``strategy="min_memory"``)."""
+    args = (hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, ent)
+    total, _, _, entropy = _run(*args, opts, ())
+    if entropy is None:
+        return total
+    return total, entropy.total, entropy.lse, entropy.argmax
 
 
 def _block_loss_jvp(opts, primals, tangents):
@@ -139,15 +184,8 @@ def _block_loss_jvp(opts, primals, tangents):
     arrays = {"hidden": dh, "kernel": dk, "bias": db, "weight": dw, "probs": dt}
     arrays["temperature"] = tangents[9]
     wanted = tuple(name for name, t in arrays.items() if is_present(t))
-    total, rows, grads = _run(*primals, opts, wanted)
-    parts = []  # this device's share of the tangent
-    for name in wanted:
-        g, t = grads[name], arrays[name]
-        parts.append(jnp.sum(g.astype(total.dtype) * t.astype(total.dtype)))
-    tangent = jnp.zeros_like(total)
-    if parts:
-        local = sum(parts)
-        tangent = lax.psum(local, opts.axis_name) if opts.axis_name else local
+    total, rows, grads, entropy = _run(*primals, opts, wanted)
+    tangent = _inner(grads, arrays, total, opts.axis_name)
     # Tokens whose coefficients are all zero (ignored) count for nothing, even where their
     # statistics are not finite.
     counted = functools.reduce(jnp.logical_or, [k != 0 for k in primals[5] if k is not None])
@@ -155,16 +193,39 @@ def _block_loss_jvp(opts, primals, tangents):
         if stat is not None and is_present(t):  # the statistics are the same on every device
             stat = jnp.where(counted, stat, jnp.zeros_like(stat))
             tangent = tangent + jnp.sum(stat * t.astype(stat.dtype))
-    return total, tangent
+    if entropy is None:
+        return total, tangent
+    t_h = _inner(entropy.grads, arrays, total, opts.axis_name)
+    # aux.lse: a NaN tangent wherever the inputs it depends on have one.
+    t_lse = jnp.zeros_like(entropy.lse)
+    if any(name in entropy.grads for name in wanted):
+        t_lse = t_lse + jnp.nan * t_h
+    t_arg = jnp.zeros_like(entropy.argmax)
+    return (total, entropy.total, entropy.lse, entropy.argmax), (tangent, t_h, t_lse, t_arg)
 
 
 block_loss.defjvp(_block_loss_jvp, symbolic_zeros=True)
 
 
-def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, opts, wanted):
-    """One loop over token blocks: ``(L, Rows, {name: gradient})`` for the ``wanted``
-    inputs (``'hidden'``, ``'kernel'``, ``'bias'``, ``'weight'``, ``'probs'``,
-    ``'temperature'``)."""
+def _inner(grads, arrays, total, axis_name):
+    """``Σ <grad, tangent>`` over the inputs in ``grads`` (``total``'s type), summed across
+    ``axis_name``."""
+    dtype = total.dtype
+    parts = [jnp.sum(g.astype(dtype) * arrays[name].astype(dtype)) for name, g in grads.items()]
+    if not parts:
+        return jnp.zeros_like(total)
+    local = sum(parts)
+    return lax.psum(local, axis_name) if axis_name else local
+
+
+def _run(
+    hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, ent, opts, wanted
+):  # fmt: skip
+    """One loop over token blocks: ``(L, Rows, {name: gradient}, entropy)`` for the
+    ``wanted`` inputs (``'hidden'``, ``'kernel'``, ``'bias'``, ``'weight'``, ``'probs'``,
+    ``'temperature'``); ``entropy``: None, or an :class:`Entropy` with ``ent``."""
+    from jaxce._fused import _global_argmax  # _fused imports nothing of this module
+
     dtype = compute_dtype(hidden.dtype)
     n, v_local = hidden.shape[0], kernel.shape[1]
     axis_name, cap = opts.axis_name, opts.cap
@@ -175,7 +236,7 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
     inv = None if temperature is None else (1 / temperature).astype(dtype)
 
     def body(start, size, carry, hidden, kernel, probs):
-        held, total, stats, grads = carry
+        held, total, stats, grads, extra = carry
         h = lax.dynamic_slice_in_dim(hidden, start, size, axis=0)
         raw = lax.dot_general(h, kernel, dims, preferred_element_type=dtype)
         if bias is not None:
@@ -193,7 +254,11 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
         if axis_name is not None:
             m = lax.pmax(m, axis_name)
         m = jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
-        partial_sums = {"s": jnp.sum(jnp.exp(z - m[:, None]), axis=1)}
+        e = jnp.exp(z - m[:, None])
+        partial_sums = {"s": jnp.sum(e, axis=1)}
+        if ent is not None:  # the entropy's log s + u / s: u = Σ e^{z - m} (m - z) >= 0
+            gap = jnp.where(jnp.isneginf(z), jnp.zeros_like(z), m[:, None] - z)
+            partial_sums["u"] = jnp.sum(e * gap, axis=1)
         if idx is not None:
             # The target logit, picked with a gather (no [rows, V] mask is formed).
             i_b = lax.dynamic_slice_in_dim(idx, start, size)
@@ -225,8 +290,22 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
             None if a is None else lax.dynamic_update_slice_in_dim(a, x, start, 0)
             for a, x in zip(stats, r, strict=True)
         )
+        if ent is not None:
+            e_b = lax.dynamic_slice_in_dim(ent, start, size)
+            h_n = jnp.log(s) + partial_sums["u"] / s
+            h_n = jnp.where(e_b == 0, jnp.zeros_like(h_n), h_n)  # as the loss's terms
+            raw_real = mask_columns(raw, real, -jnp.inf)
+            arg = _global_argmax(
+                jnp.max(raw_real, axis=1), jnp.argmax(raw_real, axis=1), v_local, axis_name
+            )
+            extra = Entropy(
+                extra.total + jnp.sum(e_b * h_n),
+                lax.dynamic_update_slice_in_dim(extra.lse, lse, start, 0),
+                lax.dynamic_update_slice_in_dim(extra.argmax, arg.astype(dtype), start, 0),
+                extra.grads,
+            )
         if not want:
-            return held, total, stats, grads
+            return held, total, stats, grads, extra
 
         # ∂L/∂z over the block: p (softmax) times its coefficient, the one-hot and the
         # weight terms; zero coefficients (ignored tokens) give exactly 0 for finite logits.
@@ -248,28 +327,41 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
             dz = dz + cb.wz[:, None] * (1 if w is None else w)
         if cb.tz is not None:
             dz = dz + cb.tz[:, None] * wt_c
-        grads = dict(grads)
-        if "temperature" in want:  # z = s / T: dL/dT = -Σ (∂L/∂z) z / T
-            by_t = jnp.sum(mask_columns(dz, real, 0) * z0)
-            grads["temperature"] = grads["temperature"] - inv * by_t
-        dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
-        dz = dz if inv is None else dz * inv
-        dz_in = dz.astype(hidden.dtype)
-        if "hidden" in want:
-            dh_b = lax.dot_general(
-                dz_in, kernel, (((1,), (1,)), ((), ())), preferred_element_type=dtype
-            )
-            grads["hidden"] = lax.dynamic_update_slice_in_dim(
-                grads["hidden"], dh_b.astype(hidden.dtype), start, 0
-            )
-        if "kernel" in want:
-            add_kernel_grad = spelled(
-                _add_kernel_grad, {"dtype": dtype}, opts.implementation,
-                xla_cpu=_add_kernel_grad_cpu,
-            )  # fmt: skip
-            grads["kernel"] = add_kernel_grad(grads["kernel"], h, dz_in)
-        if "bias" in want:
-            grads["bias"] = grads["bias"] + jnp.sum(dz, axis=0)
+
+        def spread(dz, grads):
+            """The inputs' gradients from a block's ``∂/∂z`` (to the raw logits, then
+            through the matmul), added to ``grads``."""
+            grads = dict(grads)
+            if "temperature" in grads:  # z = s / T: dL/dT = -Σ (∂L/∂z) z / T
+                by_t = jnp.sum(mask_columns(dz, real, 0) * z0)
+                grads["temperature"] = grads["temperature"] - inv * by_t
+            dz = mask_columns(times_slope(dz, softcap_slope(raw, cap)), real, 0)
+            dz = dz if inv is None else dz * inv
+            dz_in = dz.astype(hidden.dtype)
+            if "hidden" in grads:
+                dh_b = lax.dot_general(
+                    dz_in, kernel, (((1,), (1,)), ((), ())), preferred_element_type=dtype
+                )
+                grads["hidden"] = lax.dynamic_update_slice_in_dim(
+                    grads["hidden"], dh_b.astype(hidden.dtype), start, 0
+                )
+            if "kernel" in grads:
+                add_kernel_grad = spelled(
+                    _add_kernel_grad, {"dtype": dtype}, opts.implementation,
+                    xla_cpu=_add_kernel_grad_cpu,
+                )  # fmt: skip
+                grads["kernel"] = add_kernel_grad(grads["kernel"], h, dz_in)
+            if "bias" in grads:
+                grads["bias"] = grads["bias"] + jnp.sum(dz, axis=0)
+            return grads
+
+        if extra is not None and extra.grads:
+            # ∂H_n/∂z_c = p_c (lse - z_c - H_n): 0 at -inf logits and zero coefficients.
+            lse_h = jnp.where(e_b == 0, jnp.full_like(lse, jnp.inf), lse)
+            dz_h = jnp.exp(z - lse_h[:, None]) * ((lse - h_n)[:, None] - z0)
+            dz_h = jnp.where(jnp.isneginf(z), jnp.zeros_like(dz_h), dz_h) * e_b[:, None]
+            extra = extra._replace(grads=spread(dz_h, extra.grads))
+        grads = spread(dz, grads)
         if "weight" in want:
             by_w = jnp.zeros_like(z0)
             if cb.wz is not None:
@@ -289,7 +381,7 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
             grads["probs"] = lax.dynamic_update_slice_in_dim(
                 grads["probs"], by_t.astype(probs.dtype), start, 0
             )
-        return held, total, stats, grads
+        return held, total, stats, grads, extra
 
     acc = dtype  # d-kernel accumulates in float32 (float64) whatever the kernel's dtype
     init_grads = {
@@ -307,12 +399,18 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
     # axis, which the loss must not, hence its psum.
     # Of the inputs' type, as the zero it may receive (else the spellings' types differ).
     every = frozenset().union(*(varying_axes(a) for a in (hidden, kernel, probs) if a is not None))
-    carry = (cast_varying(jnp.zeros((), dtype), every), jnp.zeros((), dtype), stats, grads)
-    held, total, stats, grads = chunk_loop(
+    extra = None
+    if ent is not None:
+        extra = Entropy(
+            jnp.zeros((), dtype), jnp.zeros((n,), dtype), jnp.zeros((n,), dtype),
+            {name: init_grads[name]() for name in wanted if name in _ENTROPY_INPUTS},
+        )  # fmt: skip
+    carry = (cast_varying(jnp.zeros((), dtype), every), jnp.zeros((), dtype), stats, grads, extra)
+    held, total, stats, grads, extra = chunk_loop(
         chunks(n, opts.block), body, carry, (hidden, kernel, probs), opts.implementation
     )
     total = total + (held if axis_name is None else lax.psum(held, axis_name))
-    return total, Rows(*stats), grads
+    return total, Rows(*stats), grads, extra
 
 
 def _add_kernel_grad(dk, h, dz, *, dtype):
@@ -407,9 +505,11 @@ def min_work_loss(
 ):  # fmt: skip
     """The scalar ``'mean'``/``'sum'`` loss of :func:`jaxce.linear_cross_entropy` with
     ``strategy="min_work"`` (``hidden [N, D]``, flat targets, ``sample_weight [N]`` or
-    None, ``temperature`` None or a checked ``T``; see the module doc)."""
+    None, ``temperature`` None or a checked ``T``; see the module doc). With
+    ``opts.entropy``: ``(loss, aux)``, the aux outputs of the same pass (flat ``[N]``
+    per-token fields), ``aux.entropy`` reduced like the loss over ``aux.count``."""
     # Imported here: _fused imports nothing of this module, and shard_targets lives there.
-    from jaxce._fused import _class_weight_sum, shard_targets, split_vocab
+    from jaxce._fused import _class_weight_sum, shard_targets, split_vocab, target_argmax
 
     axis_name = opts.axis_name
     eps = checked_eps(eps)
@@ -419,32 +519,54 @@ def min_work_loss(
     sum_w = None
     if eps is not None:
         sum_w = _class_weight_sum(weight, v_local, vocab, n_real, axis_name, dtype)
-    if target.ndim == 2:  # class probabilities [N, V]
+    probs = target.ndim == 2  # class probabilities [N, V]
+    if probs:
         valid = jnp.ones(target.shape[:1], bool) if where is None else where
         count = batch_total(valid, opts.batch_axis, dtype)
         coefs = prob_coefs(valid, sum_w, eps, z, vocab, count, opts.reduction, dtype)
-        coefs = _sample_weighted(coefs, valid, sample_weight)
-        total = block_loss(
-            hidden, kernel, bias, weight, target, coefs, None, None, n_real, temperature, opts
-        )
         denominator = count
+        idx = here = None
     else:
         valid, here, idx, w_y = shard_targets(
             target, weight, v_local, vocab, opts.ignore_index, axis_name, dtype
         )
         denominator = counted_sum(valid, w_y, opts.batch_axis)
-        count = None if z is None else batch_total(valid, opts.batch_axis, dtype)
+        want_count = z is not None or opts.entropy
+        count = batch_total(valid, opts.batch_axis, dtype) if want_count else None
         coefs = index_coefs(
             valid, w_y, sum_w, eps, z, vocab, denominator, count, opts.reduction, dtype
         )
-        coefs = _sample_weighted(coefs, valid, sample_weight)
-        total = block_loss(
-            hidden, kernel, bias, weight, None, coefs, idx, here, n_real, temperature, opts
-        )
-    out = batch_total(total, opts.batch_axis)
-    if opts.reduction == "mean":
-        # Nothing counted (W = 0): NaN, as in reduce_loss (the gradient still flows).
-        out = out + lax.stop_gradient(
-            jnp.where(denominator == 0, jnp.full_like(out, jnp.nan), jnp.zeros_like(out))
-        )
-    return out.astype(opts.out_dtype)
+    coefs = _sample_weighted(coefs, valid, sample_weight)
+    ent = None
+    if opts.entropy:  # verl's masked mean: over the count, whatever the weights
+        g = 1 if opts.reduction == "sum" else 1 / count
+        ent = lax.stop_gradient(jnp.where(valid, g, 0).astype(dtype))
+    t = target if probs else None
+    out = block_loss(
+        hidden, kernel, bias, weight, t, coefs, idx, here, n_real, temperature, ent, opts
+    )
+    out = out if opts.entropy else (out,)
+    total = _mean_or_nan(batch_total(out[0], opts.batch_axis), denominator, opts.reduction)
+    total = total.astype(opts.out_dtype)
+    if not opts.entropy:
+        return total
+    entropy = _mean_or_nan(batch_total(out[1], opts.batch_axis), count, opts.reduction)
+    lse, argmax = out[2], lax.stop_gradient(out[3]).astype(jnp.int32)
+    if probs:
+        real = real_columns(0, v_local, n_real)
+        stats = (lse, argmax, argmax == target_argmax(target, real, v_local, axis_name, dtype))
+    else:
+        stats, valid = index_stats(target, vocab, opts.ignore_index, lse, argmax)
+    per_token = jnp.zeros(valid.shape, dtype)  # the loss is ``total``: only the aux is used
+    _, aux = finish_loss(per_token, stats, valid, denominator, z, opts, sample_weight)
+    return total, aux._replace(entropy=entropy)
+
+
+def _mean_or_nan(total, denominator, reduction):
+    """A ``'mean'`` whose ``denominator`` is 0 (nothing counted) is NaN, as in
+    ``reduce_loss`` (a constant: the gradient still flows)."""
+    if reduction != "mean":
+        return total
+    return total + lax.stop_gradient(
+        jnp.where(denominator == 0, jnp.full_like(total, jnp.nan), jnp.zeros_like(total))
+    )

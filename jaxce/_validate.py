@@ -411,14 +411,6 @@ def min_work_unsupported(reduction: str, return_aux: bool, kernel_ndim: int) -> 
     return None
 
 
-def min_work_unsupported_rl(entropy: bool) -> str | None:
-    """Why ``strategy="min_work"`` cannot run these options of the RL losses (None: it can;
-    it takes ``temperature`` and ``sample_weight``)."""
-    if entropy:
-        return "no return_entropy (aux.entropy runs on the recompute path)"
-    return None
-
-
 def resolve_strategy(strategy: str, unsupported: str | None, fits: bool) -> str:
     """The algorithm that runs: ``"min_memory"`` or ``"min_work"``. ``"auto"`` takes
     min_work where it is supported and ``fits`` (the memory rule), else min_memory; an

@@ -228,10 +228,6 @@ def test_auto_runs_min_work_where_its_memory_rule_allows(n, d, dtype, expected):
             {"strategy": "min_work", "return_aux": True},
             r"strategy='min_work' supports return_aux=False",
         ),
-        (
-            {"strategy": "min_work", "return_entropy": True},
-            r"strategy='min_work' supports no return_entropy \(aux.entropy runs on the",
-        ),
         ({"block_size": 0}, r"block_size must be a positive int or None; got 0"),
         ({"block_size": 2.0}, r"block_size must be a positive int or None; got 2.0"),
     ],
@@ -341,3 +337,162 @@ def test_min_work_under_vmap_and_jvp_in_the_probabilities():
     ours = jax.jvp(lambda t: f(h, t), (t,), (dt,))
     ref = jax.jvp(lambda t: plain(h, t), (t,), (dt,))
     np.testing.assert_allclose(ours, ref, rtol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------
+# return_entropy under min_work: aux.entropy with its own gradients, formed in the pass
+# ---------------------------------------------------------------------------------------
+
+CAP, TEMP = 3.0, 0.7
+
+
+def _entropy_problem(kind, seed):
+    h, k, b, w, t, where = _problem(kind, ("entropy", seed))
+    sw = jnp.asarray(rng_for("strategy", "entropy sw", kind, seed).uniform(-1.0, 2.0, N))
+    return h, k, b, w, t, where, sw
+
+
+def _entropy_loss(t, w, where, sw, reduction, strategy):
+    """(loss, aux) of the fused loss with every option that touches the entropy."""
+
+    def f(h, k, b, temp):
+        return jaxce.linear_cross_entropy(
+            h, k, t, w, reduction=reduction, label_smoothing=0.1, bias=b, where=where,
+            z_loss=1e-3, logit_softcap=CAP, temperature=temp, sample_weight=sw,
+            return_entropy=True, strategy=strategy, block_size=4,
+        )  # fmt: skip
+
+    return f
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_min_work_entropy_matches_the_float64_formula_and_min_memory(kind, reduction):
+    """aux.entropy of softmax(softcap(h @ k + b) / T) over the counted tokens ('mean' over
+    aux.count, 'sum'), float64: the value, and the gradients of loss + 0.3 * entropy in
+    hidden, kernel, bias and T, equal plain autodiff of the formula; every aux field equals
+    min_memory's."""
+    h, k, b, w, t, where, sw = _entropy_problem(kind, reduction)
+    counted = where if kind == "probs" else where & (t != -100)
+
+    def formula(h, k, b, temp):
+        logits = h @ k + b[None, :]
+        z = CAP * jnp.tanh(logits / CAP) / temp
+        logp = jax.nn.log_softmax(z, axis=-1)
+        per = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        total = jnp.sum(jnp.where(counted, per, 0.0))
+        return total / jnp.sum(counted, dtype=total.dtype) if reduction == "mean" else total
+
+    def objective(f):
+        def g(*args):
+            loss, aux = f(*args)
+            return loss + 0.3 * aux.entropy, (loss, aux)
+
+        return g
+
+    args = (h, k, b, jnp.asarray(TEMP))
+    grad = jax.value_and_grad(
+        objective(_entropy_loss(t, w, where, sw, reduction, "min_work")), range(4), has_aux=True
+    )
+    (_, (loss, aux)), grads = jax.jit(grad)(*args)
+    mem_loss_of = _entropy_loss(t, w, where, sw, reduction, "min_memory")
+    mem = jax.value_and_grad(objective(mem_loss_of), range(4), has_aux=True)
+    (_, (mem_loss, mem_aux)), mem_grads = mem(*args)
+    np.testing.assert_allclose(aux.entropy, formula(*args), rtol=1e-12)
+    np.testing.assert_allclose(loss, mem_loss, rtol=1e-12)
+    for ours, ref in zip(aux, mem_aux, strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-14)
+    # The loss's own gradients: min_memory's (checked against float64 formulas in
+    # test_rl.py); the entropy's: plain autodiff of the formula.
+    loss_grads = jax.grad(lambda *a: mem_loss_of(*a)[0], range(4))(*args)
+    entropy_grads = jax.grad(formula, range(4))(*args)
+    want = [g + 0.3 * e for g, e in zip(loss_grads, entropy_grads, strict=True)]
+    for ours, mem_g, ref in zip(grads, mem_grads, want, strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(ours, mem_g, rtol=1e-10, atol=1e-13)
+
+
+def test_min_work_entropy_forward_mode_and_second_order():
+    """jax.jvp of (loss, aux.entropy) and a Hessian-vector product of loss - 0.1 *
+    entropy in (hidden, kernel, T) equal min_memory's (the rule's tangent Σ <grad_H,
+    tangent>, and plain autodiff of the block loop)."""
+    h, k, b, w, t, where, sw = _entropy_problem("index", "orders")
+    rng = rng_for("strategy entropy tangents")
+    dh, dk = (jnp.asarray(rng.standard_normal(x.shape)) for x in (h, k))
+    primals, tangents = (h, k, jnp.asarray(TEMP)), (dh, dk, jnp.asarray(0.3))
+
+    def pair(strategy):
+        f = _entropy_loss(t, w, where, sw, "mean", strategy)
+        return lambda h, k, temp: (lambda out: (out[0], out[1].entropy))(f(h, k, b, temp))
+
+    def hvp(strategy):
+        def objective(h, k, temp):
+            loss, entropy = pair(strategy)(h, k, temp)
+            return loss - 0.1 * entropy
+
+        return jax.jvp(jax.grad(objective, range(3)), primals, tangents)[1]
+
+    ours, ref = (
+        jax.jvp(pair("min_work"), primals, tangents),
+        jax.jvp(pair("min_memory"), primals, tangents),
+    )
+    for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-11, atol=1e-13)
+    for a, r in zip(hvp("min_work"), hvp("min_memory"), strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("bonus", "expected"),
+    [
+        (0.0, 3.0),  # aux.entropy not differentiated: XLA drops its gradients
+        (0.01, 5.0),  # the entropy's own d-hidden and d-kernel matmuls
+    ],
+)
+def test_min_work_entropy_matmul_work(bonus, expected):
+    """value_and_grad in (hidden, kernel) with return_entropy=True, optimized XLA:CPU
+    program: the loss alone keeps min_work's three matmuls; loss + bonus * entropy adds
+    the entropy's two gradient matmuls (min_memory: 4 either way)."""
+
+    def loss(h, k, y):
+        out, aux = jaxce.linear_cross_entropy(
+            h, k, y, strategy="min_work", return_entropy=True, block_size=64
+        )
+        return out + bonus * aux.entropy if bonus else out
+
+    n, d, v = 256, 64, 4096
+    specs = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    hlo = targets.compile_for("cpu", jax.value_and_grad(loss, (0, 1)), *specs).as_text()
+    assert timemodel.matmul_work(hlo, n, d, v) == pytest.approx(expected, abs=0.02)
+
+
+@pytest.mark.parametrize("strategy", ["min_work", "auto"])
+def test_aux_lse_under_min_work_has_a_nan_gradient_and_auto_keeps_min_memory(strategy):
+    """With return_entropy, "auto" runs min_memory (aux.lse differentiable: its gradient
+    is the formula's); a named "min_work" returns aux.lse's value with a NaN derivative,
+    never a silent zero, while the loss's stays exact."""
+    h, k, _, w, y, _ = _problem("index", ("lse", strategy))
+
+    def f(h):
+        loss, aux = jaxce.linear_cross_entropy(
+            h, k, y, w, return_entropy=True, strategy=strategy, block_size=4
+        )
+        return loss, jnp.sum(aux.lse)
+
+    def plain(h):
+        return jnp.sum(jax.nn.logsumexp(h @ k, axis=-1))
+
+    np.testing.assert_allclose(f(h)[1], plain(h), rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.grad(lambda h: f(h)[0])(h), jax.grad(lambda h: plain_cross_entropy(h @ k, y, w))(h),
+        rtol=1e-10, atol=1e-13,
+    )  # fmt: skip
+    d_lse = jax.grad(lambda h: f(h)[1])(h)
+    if strategy == "auto":
+        np.testing.assert_allclose(d_lse, jax.grad(plain)(h), rtol=1e-10, atol=1e-13)
+    else:
+        assert np.isnan(np.asarray(d_lse)).all()
