@@ -85,29 +85,25 @@ def block_rows(num_tokens: int, dim: int, vocab: int) -> int:
     return int(min(rows, num_tokens))
 
 
-def min_work_bytes(
-    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, entropy: bool = False
-) -> int:
+def min_work_bytes(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> int:
     """min_work's temporaries beyond min_memory's: one block's float32 logits and, for a
-    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator; with ``entropy``, the
-    entropy's own gradients too where ``aux.entropy`` is differentiated: a float32 ``[D,
-    V]`` d-kernel and an ``[N, D]`` d-hidden held from the forward to the backward pass,
-    and the block's entropy gradient ``[rows, V]`` beside the loss's (compile-only H100,
-    value_and_grad of ``loss + 0.01 * aux.entropy``: 8192 x 2048 x 131072 f32 +1,616 MiB,
-    16384 x 4096 x 131072 bf16 +2,440 MiB; XLA drops them where it is not)."""
+    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator."""
+    del num_tokens
     acc = 4 * dim * vocab if itemsize < 4 else 0
-    second = 0
-    if entropy:
-        second = 4 * dim * vocab + itemsize * (rows * vocab + num_tokens * dim)
-    return 4 * rows * vocab + acc + second
+    return 4 * rows * vocab + acc
 
 
 def auto_picks_min_work(
     num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, entropy: bool = False
 ) -> bool:
     """``strategy="auto"``'s rule (the options min_work supports aside): never with the
-    entropy (min_memory alone differentiates ``aux.lse`` and ``aux.z_loss``, and does less
-    work when ``aux.entropy`` is differentiated), else the memory rule."""
+    entropy, else the memory rule. With the entropy, min_memory alone differentiates
+    ``aux.lse`` and ``aux.z_loss``, and where ``aux.entropy`` is differentiated min_work
+    forms a second gradient set: five matmuls to min_memory's four, and (compile-only,
+    value_and_grad of ``loss + 0.01 * aux.entropy``) 1.6 / 2.1 GiB more at 8192 x 2048 x
+    131072 f32 on H100 / TPU v5p, 2.4 / 1.8 GiB more at 16384 x 4096 x 131072 bf16: a
+    float32 ``[D, V]`` d-kernel, an ``[N, D]`` d-hidden and a block's ``[rows, V]``
+    gradient beside the loss's. (XLA drops them where ``aux.entropy`` is only read.)"""
     if entropy:
         return False
     extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize)
