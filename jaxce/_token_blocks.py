@@ -84,17 +84,22 @@ def block_rows(num_tokens: int, dim: int, vocab: int) -> int:
     return int(min(rows, num_tokens))
 
 
-def min_work_bytes(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> int:
-    """min_work's temporaries beyond min_memory's: one block's float32 logits and, for a
-    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator."""
+def min_work_bytes(
+    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, acc_itemsize: int = 4
+) -> int:
+    """min_work's temporaries beyond min_memory's: one block's float32 logits and, where
+    the accumulator is wider than the kernel (``acc_itemsize`` > ``itemsize``: a 16-bit
+    kernel, float32 accumulation), the ``[D, V]`` d-kernel accumulator."""
     del num_tokens
-    acc = 4 * dim * vocab if itemsize < 4 else 0
+    acc = acc_itemsize * dim * vocab if itemsize < acc_itemsize else 0
     return 4 * rows * vocab + acc
 
 
-def auto_picks_min_work(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> bool:
+def auto_picks_min_work(
+    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, acc_itemsize: int = 4
+) -> bool:
     """``strategy="auto"``'s memory rule (the options min_work supports aside)."""
-    extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize)
+    extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize, acc_itemsize)
     return extra <= AUTO_BYTES_PER_LOGIT * num_tokens * vocab
 
 
@@ -291,7 +296,9 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
             )
         return held, total, stats, grads
 
-    acc = dtype  # d-kernel accumulates in float32 (float64) whatever the kernel's dtype
+    # d-kernel accumulates in float32 (float64) whatever the kernel's dtype, or in the
+    # 16-bit kernel's own dtype with acc_dtype (opts.acc).
+    acc = dtype if opts.acc is None else opts.acc
     init_grads = {
         "hidden": lambda: jnp.zeros(hidden.shape, hidden.dtype),
         "kernel": lambda: jnp.zeros(kernel.shape, acc),
@@ -321,7 +328,12 @@ def _add_kernel_grad(dk, h, dz, *, dtype):
     read and written once per block). Held row-major: TPU v6e otherwise lays the
     accumulator out column-major and copies it after the loop (libtpu 0.0.52, value_and_grad
     of the mean: 8192 x 2048 x 131072 f32 1,536 -> 512 MiB of temporaries, 16384 x 4096 x
-    131072 bf16 4,608 -> 3,072; v5e, v5p and H100 unchanged)."""
+    131072 bf16 4,608 -> 3,072; v5e, v5p and H100 unchanged).
+
+    A 16-bit ``dk`` (``acc_dtype``) takes the share rounded to its dtype, then the rounded
+    sum. The compilers fold that rounding into the matmul (H100, TPU: the program of a
+    matmul with a 16-bit result plus the add); rounding only the sum instead makes XLA:GPU
+    hold the float32 ``[D, V]`` product (16384 x 4096 x 131072 bf16: 1,289 -> 2,833 MiB)."""
     part = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
     return row_major(dk + part.astype(dk.dtype))
 
