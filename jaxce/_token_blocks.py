@@ -248,7 +248,9 @@ def _run(hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperat
         dz = jnp.exp(z - lse_p[:, None]) * p_coef[:, None]
         if cb.nll is not None:
             onehot = hit[:, None] & (chunk_classes(0, v_local) == i_b[:, None])
-            dz = dz - jnp.where(onehot, cb.nll[:, None], 0)
+            # A select of two computed values: jnp.where(onehot, nll, 0) makes XLA hoist a
+            # zero [rows, V] float32 block out of the loop, held and read every block.
+            dz = jnp.where(onehot, dz - cb.nll[:, None], dz)
         if cb.wz is not None:
             dz = dz + cb.wz[:, None] * (1 if w is None else w)
         if cb.tz is not None:
