@@ -66,8 +66,10 @@ AUTO_BYTES_PER_LOGIT = 0.2
 # (read and written once per block, 8 D V bytes) outweighs the block's matmuls
 # (6 rows D V FLOPs) on accelerators. Compile-only H100 time model (jax 0.12.0.1),
 # value_and_grad of the mean: 8192 x 2048 x 131072 f32, 128 rows (PyTorch's rule) 126 ms,
-# 1024 rows 55 ms (materialised loss 53 ms); 16384 x 4096 x 131072 bf16, 512 rows 121 ms,
-# 1024 rows 94 ms, 2048 rows 87 ms (materialised 75 ms).
+# 256 rows 69 ms, 1024 rows 53.3 ms (materialised loss 53.0 ms); 16384 x 4096 x 131072
+# bf16, 512 rows 118 ms, 1024 rows 90 ms, 2048 rows 84 ms (materialised 75 ms). Not larger:
+# no one block is best on every chip (docs/performance.md: v5p is slower at 2048 rows, v6e
+# faster at the same memory, the H100 faster for 264 MiB more).
 MIN_BLOCK_ROWS = 1024
 
 

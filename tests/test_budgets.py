@@ -479,7 +479,7 @@ def test_device_min_work_16bit_accumulator_drops_the_float32_one(target):
     """strategy="min_work" with acc_dtype=bfloat16 (16384 x 4096 x 131072 bf16,
     value_and_grad of the mean): at least ``2 D V`` bytes (half the float32 ``[D, V]``
     accumulator) fewer temporaries than float32 accumulation (measured, libtpu 0.0.52 /
-    jax 0.12.0.1: H100 2,825 -> 1,289 MiB; v5e, v5p, v6e 3,072 -> 512 or 520, one block's
+    jax 0.12.0.1: H100 2,313 -> 777 MiB; v5e, v5p, v6e 3,072 -> 512 or 520, one block's
     float32 logits)."""
     n, d, v, dtype = FUSED_SHAPES["bf16"]
     specs = (S((n, d), dtype), S((d, v), dtype), S((n,), jnp.int32))
