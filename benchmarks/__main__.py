@@ -65,7 +65,11 @@ CPU = {
     # value_and_grad of the mean, modelled: the shape and tokamax's measured one
     "timemodel": {
         "targets": (targets.H100, targets.TPU_V5P, targets.TPU_V6E, targets.TPU_V5E),
-        "shapes": ((16384, 4096, 131072, "bfloat16"), (16384, 4096, 128256, "bfloat16")),
+        "shapes": (
+            (16384, 4096, 131072, "bfloat16"),
+            (16384, 4096, 128256, "bfloat16"),
+            (8192, 2048, 131072, "float32"),
+        ),
     },
     "repeats": 5,
     "child_timeout": 900,
@@ -339,6 +343,8 @@ def timemodel(run):
         for n, d, v, dtype in run.sizes["timemodel"]["shapes"]:
             specs, variants, argnums, _ = cases.linear_case(n, d, v, dtype)
             variants = {k: variants[k] for k in TIMEMODEL_VARIANTS}
+            if np.dtype(dtype).itemsize == 2:  # min_work's d kernel accumulated in 16 bits
+                variants["jaxce min_work 16-bit acc"] = cases.min_work_16bit_acc(dtype)
             if target.startswith("gpu"):  # tokamax's XLA losses (its TPU kernel is opaque)
                 for impl in ("xla", "chunked_xla"):
                     variants[f"tokamax {impl}"] = cases.tokamax_loss(impl)

@@ -174,6 +174,11 @@ def ce_cases(n, c, dtype, tokamax_impl=None, d=4096):
     }
 
 
+def min_work_16bit_acc(dtype):
+    """``strategy="min_work"`` with its d-kernel accumulator in the 16-bit ``dtype``."""
+    return partial(jaxce.linear_cross_entropy, strategy="min_work", acc_dtype=jnp.dtype(dtype))
+
+
 def linear_case(n, d, v, dtype, tokamax_impl=None):
     """(specs, {variant: loss}, argnums, None): the fused loss against the unfused ones."""
     variants = _with_tokamax(LINEAR_LOSSES, tokamax_impl)

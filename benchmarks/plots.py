@@ -28,6 +28,7 @@ STYLE = {  # color, marker, line style
     "lse pass": ("0.6", "", ":"),
     "jaxce fused": ("C0", "o", "-"),
     "jaxce min_work": ("C8", "*", "-"),
+    "jaxce min_work 16-bit acc": ("#b8860b", "P", "-"),
     "jaxce min_memory": ("C9", "p", "-"),
     "jaxce unfused": ("C4", "v", "-"),
     "optax unfused": ("C1", "s", "-"),

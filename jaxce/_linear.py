@@ -47,6 +47,7 @@ def linear_cross_entropy(
     implementation: str | None = None,
     strategy: str = "auto",
     block_size: int | None = None,
+    acc_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """Cross-entropy of ``hidden @ kernel + bias`` without materialising the logits.
 
@@ -123,7 +124,8 @@ def linear_cross_entropy(
           (``hidden``, ``kernel``, ``bias``, ``weight``, class-probability ``target``):
           ``value_and_grad`` does three vocabulary-sized matmuls, a gradient in
           ``hidden`` alone two. Temporaries: one block's float32 logits and, for a
-          16-bit kernel differentiated, a float32 ``[D, V]`` d-kernel accumulator. Every
+          16-bit kernel differentiated, a float32 ``[D, V]`` d-kernel accumulator (none with
+          ``acc_dtype`` the kernel's dtype). Every
           option works (class weight, ``ignore_index``, ``where``, label smoothing,
           ``z_loss``, ``logit_softcap``, ``loss_dtype``, ``bias``, probabilities,
           ``sample_weight``, ``temperature`` with its derivative, ``axis_name``), and so
@@ -138,7 +140,7 @@ def linear_cross_entropy(
         * ``"auto"`` (default): ``"min_work"`` where it is supported, no
           ``return_entropy`` is asked for, and its extra
           temporaries (``4 * block_size * V`` bytes, plus ``4 * D * V`` for a 16-bit
-          kernel) are at most ``0.2 * N * V`` bytes -- 5 % of the float32 logits it
+          kernel with float32 ``acc_dtype``) are at most ``0.2 * N * V`` bytes -- 5 % of the float32 logits it
           never forms, the fused loss's own memory budget (``N`` tokens and ``V``
           classes on this device); ``"min_memory"`` otherwise. At language-model shapes
           (16,384 x 4,096 x 131,072 bf16: about 2.8 GiB more) that is ``"min_memory"``:
@@ -149,6 +151,18 @@ def linear_cross_entropy(
         ``hidden``: ``next_pow2(ceil(N / ceil(V / D)))``, but at least 1,024 rows (smaller
         blocks make the float32 d-kernel accumulator's traffic, once per block, outweigh
         the matmuls on GPUs and TPUs); at most ``N``.
+      acc_dtype: the dtype ``"min_work"`` accumulates the kernel gradient in across token
+        blocks (PyTorch's ``LinearCrossEntropyOptions.acc_dtype``). None (default):
+        float32 (float64 for float64 inputs). For a 16-bit kernel, its own dtype
+        (``jnp.bfloat16``/``jnp.float16``): each block's share, formed in float32 by the
+        matmul, is rounded to it and added, which drops the float32 ``[D, V]``
+        accumulator (``4 * D * V`` bytes of temporaries, and its traffic once per block)
+        at a precision cost that grows with the number of blocks (see the performance
+        guide). The logits, the softmax and every other gradient stay float32.
+        Otherwise a ValueError: other dtypes, and a 16-bit ``acc_dtype`` with
+        ``strategy="min_memory"``, which holds no such accumulator (each of its d-kernel
+        chunks is one matmul over all the tokens). Under ``"auto"`` it applies where
+        ``"min_work"`` is picked (and counts in its memory rule) and is unused otherwise.
 
     Returns:
       The loss: the elements' shape (``hidden``'s without ``D``) for ``'none'``, else a
@@ -178,12 +192,13 @@ def linear_cross_entropy(
       ``torch.nn.LinearCrossEntropyOptions`` picks torch's implementation, not the values:
       its token-chunked path (the gradient formed in the forward pass) is
       ``strategy="min_work"`` here, ``batch_chunk_size`` is ``block_size`` and
-      ``chunking_method="aspect_ratio"`` the default block; float32 accumulation
-      (``acc_dtype``) has no separate knob -- jaxce always accumulates in float32 (float64
-      for float64 inputs); ``allow_retain_graph`` has no meaning in JAX, whose derivatives
+      ``chunking_method="aspect_ratio"`` the default block, ``acc_dtype`` is
+      ``acc_dtype`` (its d-kernel accumulator; the logits always accumulate in float32, as
+      under torch's ``"accurate"``/``"balanced"`` policies); ``allow_retain_graph`` has no meaning in JAX, whose derivatives
       (``grad``, ``jvp``, ``vmap``, second order) all work on the fused path.
     """
     if jnp.ndim(kernel) > 2:
+        _validate.check_acc_dtype(acc_dtype, jnp.result_type(kernel), strategy)
         _validate.resolve_strategy(
             _validate.check_strategy(strategy), _validate.min_work_unsupported(
                 reduction, return_aux, jnp.ndim(kernel)), fits=False,
@@ -196,7 +211,7 @@ def linear_cross_entropy(
     arrays, opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
-        loss_dtype, vocab_size, strategy=strategy, block_size=block_size,
+        loss_dtype, vocab_size, strategy=strategy, block_size=block_size, acc_dtype=acc_dtype,
         temperature=temperature, sample_weight=sample_weight, return_entropy=return_entropy,
     )  # fmt: skip
     opts = opts._replace(implementation=check_implementation(implementation))
@@ -243,7 +258,7 @@ def _out_features_loss(
 def prepare(
     hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, chunk_size,
     axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
-    *, strategy="auto", block_size=None, temperature=None, sample_weight=None,
+    *, strategy="auto", block_size=None, acc_dtype=None, temperature=None, sample_weight=None,
     return_entropy=False,
 ):  # fmt: skip
     """Checks :func:`linear_cross_entropy`'s arguments (a 2-D ``kernel``): ``((hidden,
@@ -320,7 +335,11 @@ def prepare(
     block_size = _validate.check_block_size(block_size)
     dim = hidden.shape[-1]
     block = min(block_size or block_rows(num_tokens, dim, vocab), max(num_tokens, 1))
-    fits = auto_picks_min_work(num_tokens, dim, vocab, block, hidden.dtype.itemsize, entropy)
+    acc = _validate.check_acc_dtype(acc_dtype, kernel.dtype, strategy)
+    acc_size = compute_dtype(kernel.dtype).itemsize if acc is None else acc.itemsize
+    fits = auto_picks_min_work(
+        num_tokens, dim, vocab, block, kernel.dtype.itemsize, acc_size, entropy
+    )
     # The aux outputs that return_entropy implies run on min_work (return_aux alone does not).
     unsupported = _validate.min_work_unsupported(reduction, return_aux and not entropy, kernel.ndim)
     strategy = _validate.resolve_strategy(strategy, unsupported, fits)
@@ -339,6 +358,7 @@ def prepare(
         block=block,
         tempered=temperature is not None,
         entropy=entropy,
+        acc=acc,
     )
     arrays = (hidden, kernel, bias, target, weight, eps, z, where, temperature, sample_weight)
     return arrays, opts

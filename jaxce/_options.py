@@ -33,6 +33,7 @@ class Options(NamedTuple):
     block: int = 0  # token block of strategy="min_work" (rows of hidden per block)
     tempered: bool = False  # a temperature is given: the losses see softcap(x) / T
     entropy: bool = False  # the cores also return the per-element entropy (aux.entropy)
+    acc: Any = None  # min_work's d-kernel accumulator dtype (None: compute_dtype's)
 
 
 def promote_float_dtypes(*dtypes: Any) -> np.dtype:

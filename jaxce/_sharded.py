@@ -37,6 +37,7 @@ def sharded_linear_cross_entropy(
     implementation: str | None = None,
     strategy: str = "auto",
     block_size: int | None = None,
+    acc_dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     """:func:`jaxce.linear_cross_entropy` over a device mesh, vocabulary-parallel.
 
@@ -67,10 +68,11 @@ def sharded_linear_cross_entropy(
       sample_weight: optional ``[N]`` float per-token weights, split like ``target``
         (see :func:`jaxce.cross_entropy`).
       implementation: as in :func:`jaxce.linear_cross_entropy`.
-      strategy, block_size: as in :func:`jaxce.linear_cross_entropy`, per device: the
-        token blocks hold this device's tokens (``N / batch_axis size``), each device's
-        logits block covers its vocabulary slice, and ``"auto"`` applies its memory rule to
-        those per-device sizes.
+      strategy, block_size, acc_dtype: as in :func:`jaxce.linear_cross_entropy`, per
+        device: the token blocks hold this device's tokens (``N / batch_axis size``), each
+        device's logits block covers its vocabulary slice (and its d-kernel accumulator its
+        slice of the kernel), and ``"auto"`` applies its memory rule to those per-device
+        sizes.
 
     Returns:
       The loss: ``[N]`` for ``'none'`` (split over ``batch_axis``), else a scalar. With
@@ -105,8 +107,8 @@ def sharded_linear_cross_entropy(
     (hidden, kernel, _, target, _, _, _, where, temperature, sample_weight), opts = prepare(
         hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
         chunk_size, None, where, z_loss, logit_softcap, return_aux, check_targets,
-        loss_dtype, None, strategy=strategy, block_size=block_size, temperature=temperature,
-        sample_weight=sample_weight, return_entropy=return_entropy,
+        loss_dtype, None, strategy=strategy, block_size=block_size, acc_dtype=acc_dtype,
+        temperature=temperature, sample_weight=sample_weight, return_entropy=return_entropy,
     )  # fmt: skip
     probs = target.ndim == hidden.ndim
     if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
@@ -135,8 +137,8 @@ def sharded_linear_cross_entropy(
         arrays, opts = prepare(
             h, k, t, w, ignore_index, reduction, e, b, chunk_size, vocab_axis, m, z_loss,
             logit_softcap, return_aux, check_targets, out_dtype, vocab if padding else None,
-            strategy=strategy, block_size=block_size, temperature=temp, sample_weight=sw,
-            return_entropy=return_entropy,
+            strategy=strategy, block_size=block_size, acc_dtype=acc_dtype, temperature=temp,
+            sample_weight=sw, return_entropy=return_entropy,
         )  # fmt: skip
         opts = opts._replace(batch_axis=batch_axis, implementation=implementation)
         return linear_loss(*arrays, opts=opts)

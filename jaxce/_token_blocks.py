@@ -67,8 +67,10 @@ AUTO_BYTES_PER_LOGIT = 0.2
 # (read and written once per block, 8 D V bytes) outweighs the block's matmuls
 # (6 rows D V FLOPs) on accelerators. Compile-only H100 time model (jax 0.12.0.1),
 # value_and_grad of the mean: 8192 x 2048 x 131072 f32, 128 rows (PyTorch's rule) 126 ms,
-# 1024 rows 55 ms (materialised loss 53 ms); 16384 x 4096 x 131072 bf16, 512 rows 121 ms,
-# 1024 rows 94 ms, 2048 rows 87 ms (materialised 75 ms).
+# 256 rows 69 ms, 1024 rows 53.3 ms (materialised loss 53.0 ms); 16384 x 4096 x 131072
+# bf16, 512 rows 118 ms, 1024 rows 90 ms, 2048 rows 84 ms (materialised 75 ms). Not larger:
+# no one block is best on every chip (docs/performance.md: v5p is slower at 2048 rows, v6e
+# faster at the same memory, the H100 faster for 264 MiB more).
 MIN_BLOCK_ROWS = 1024
 
 
@@ -85,16 +87,25 @@ def block_rows(num_tokens: int, dim: int, vocab: int) -> int:
     return int(min(rows, num_tokens))
 
 
-def min_work_bytes(num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int) -> int:
-    """min_work's temporaries beyond min_memory's: one block's float32 logits and, for a
-    16-bit kernel, the float32 ``[D, V]`` d-kernel accumulator."""
+def min_work_bytes(
+    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, acc_itemsize: int = 4
+) -> int:
+    """min_work's temporaries beyond min_memory's: one block's float32 logits and, where
+    the accumulator is wider than the kernel (``acc_itemsize`` > ``itemsize``: a 16-bit
+    kernel, float32 accumulation), the ``[D, V]`` d-kernel accumulator."""
     del num_tokens
-    acc = 4 * dim * vocab if itemsize < 4 else 0
+    acc = acc_itemsize * dim * vocab if itemsize < acc_itemsize else 0
     return 4 * rows * vocab + acc
 
 
 def auto_picks_min_work(
-    num_tokens: int, dim: int, vocab: int, rows: int, itemsize: int, entropy: bool = False
+    num_tokens: int,
+    dim: int,
+    vocab: int,
+    rows: int,
+    itemsize: int,
+    acc_itemsize: int = 4,
+    entropy: bool = False,
 ) -> bool:
     """``strategy="auto"``'s rule (the options min_work supports aside): never with the
     entropy, else the memory rule. With the entropy, min_memory alone differentiates
@@ -106,7 +117,7 @@ def auto_picks_min_work(
     gradient beside the loss's. (XLA drops them where ``aux.entropy`` is only read.)"""
     if entropy:
         return False
-    extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize)
+    extra = min_work_bytes(num_tokens, dim, vocab, rows, itemsize, acc_itemsize)
     return extra <= AUTO_BYTES_PER_LOGIT * num_tokens * vocab
 
 
@@ -318,7 +329,9 @@ def _run(
         dz = jnp.exp(z - lse_p[:, None]) * p_coef[:, None]
         if cb.nll is not None:
             onehot = hit[:, None] & (chunk_classes(0, v_local) == i_b[:, None])
-            dz = dz - jnp.where(onehot, cb.nll[:, None], 0)
+            # A select of two computed values: jnp.where(onehot, nll, 0) makes XLA hoist a
+            # zero [rows, V] float32 block out of the loop, held and read every block.
+            dz = jnp.where(onehot, dz - cb.nll[:, None], dz)
         if cb.wz is not None:
             dz = dz + cb.wz[:, None] * (1 if w is None else w)
         if cb.tz is not None:
@@ -379,7 +392,9 @@ def _run(
             )
         return held, total, stats, grads, extra
 
-    acc = dtype  # d-kernel accumulates in float32 (float64) whatever the kernel's dtype
+    # d-kernel accumulates in float32 (float64) whatever the kernel's dtype, or in the
+    # 16-bit kernel's own dtype with acc_dtype (opts.acc).
+    acc = dtype if opts.acc is None else opts.acc
     init_grads = {
         "hidden": lambda: jnp.zeros(hidden.shape, hidden.dtype),
         "kernel": lambda: jnp.zeros(kernel.shape, acc),
@@ -415,7 +430,12 @@ def _add_kernel_grad(dk, h, dz, *, dtype):
     read and written once per block). Held row-major: TPU v6e otherwise lays the
     accumulator out column-major and copies it after the loop (libtpu 0.0.52, value_and_grad
     of the mean: 8192 x 2048 x 131072 f32 1,536 -> 512 MiB of temporaries, 16384 x 4096 x
-    131072 bf16 4,608 -> 3,072; v5e, v5p and H100 unchanged)."""
+    131072 bf16 4,608 -> 3,072; v5e, v5p and H100 unchanged).
+
+    A 16-bit ``dk`` (``acc_dtype``) takes the share rounded to its dtype, then the rounded
+    sum. The compilers fold that rounding into the matmul (H100, TPU: the program of a
+    matmul with a 16-bit result plus the add); rounding only the sum instead makes XLA:GPU
+    hold the float32 ``[D, V]`` product (16384 x 4096 x 131072 bf16: 1,289 -> 2,833 MiB)."""
     part = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
     return row_major(dk + part.astype(dk.dtype))
 

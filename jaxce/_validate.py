@@ -425,6 +425,38 @@ def resolve_strategy(strategy: str, unsupported: str | None, fits: bool) -> str:
     return strategy
 
 
+def check_acc_dtype(acc_dtype: Any, kernel_dtype: Any, strategy: str) -> np.dtype | None:
+    """``acc_dtype``: None, or the dtype of min_work's d-kernel accumulator (PyTorch's
+    ``LinearCrossEntropyOptions.acc_dtype``): the kernel's float32/float64 compute dtype,
+    or the kernel's own 16-bit dtype. None where it is the compute dtype (the default)."""
+    if acc_dtype is None:
+        return None
+    kernel_dtype = np.dtype(kernel_dtype)
+    wide = np.dtype(jnp.float64) if kernel_dtype.name == "float64" else np.dtype(jnp.float32)
+    allowed = (wide.name,) if kernel_dtype.itemsize >= 4 else (wide.name, kernel_dtype.name)
+    expected = f"None or one of {allowed} for a {kernel_dtype.name} kernel"
+    try:
+        dtype = np.dtype(jnp.dtype(acc_dtype))
+    except TypeError as e:
+        raise TypeError(f"acc_dtype must be {expected}; got {acc_dtype!r}") from e
+    if not is_float_dtype(dtype):
+        raise TypeError(f"acc_dtype must be {expected}; got {dtype.name}")
+    if dtype.name not in allowed:
+        raise ValueError(
+            f"acc_dtype must be {expected} (float32, float64 for float64 inputs, or a 16-bit "
+            f"kernel's own dtype); got {dtype.name}"
+        )
+    if dtype == wide:
+        return None
+    if strategy == "min_memory":
+        raise ValueError(
+            f"acc_dtype={dtype.name} sets the d-kernel accumulator of strategy='min_work'; "
+            "strategy='min_memory' holds no such accumulator (each d-kernel chunk is one "
+            "matmul): pass strategy='min_work' or 'auto', or acc_dtype=None"
+        )
+    return dtype
+
+
 def check_block_size(block_size: Any) -> int | None:
     """``block_size``: None or a positive int (token rows per block of min_work)."""
     if block_size is not None and (

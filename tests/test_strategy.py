@@ -495,3 +495,87 @@ def test_aux_lse_under_min_work_has_a_nan_gradient_and_auto_keeps_min_memory(str
         np.testing.assert_allclose(d_lse, jax.grad(plain)(h), rtol=1e-10, atol=1e-13)
     else:
         assert np.isnan(np.asarray(d_lse)).all()
+
+
+# acc_dtype: min_work's d-kernel accumulator in a 16-bit kernel's own dtype
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block_size", "max_error"),
+    [
+        (jnp.bfloat16, 256, None),  # one block: nothing is summed across blocks
+        (jnp.bfloat16, 32, 0.02),  # 8 blocks
+        (jnp.float16, 32, 0.01),
+    ],
+)
+def test_min_work_16bit_accumulator_costs_only_the_d_kernel_precision(dtype, block_size, max_error):
+    """acc_dtype=the kernel's 16-bit dtype: the loss and d-hidden are those of float32
+    accumulation, bit for bit; d-kernel is the same with one block, and within
+    ``max_error`` (relative, Frobenius) of the float64 formula with several."""
+    rng = rng_for("strategy acc_dtype", jnp.dtype(dtype).name)
+    n, d, v = 256, 32, 1024
+    h = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((d, v)) * 0.5, dtype)
+    y = jnp.asarray(rng.integers(0, v, n))
+
+    def grads(acc_dtype):
+        def f(h, k):
+            return jaxce.linear_cross_entropy(
+                h, k, y, strategy="min_work", block_size=block_size, acc_dtype=acc_dtype,
+                loss_dtype=jnp.float32,
+            )  # fmt: skip
+
+        return jax.value_and_grad(f, (0, 1))(h, k)
+
+    value, (gh, gk) = grads(dtype)
+    value32, (gh32, gk32) = grads(None)
+    assert gk.dtype == dtype
+    np.testing.assert_array_equal(value, value32)
+    np.testing.assert_array_equal(gh, gh32)
+    if max_error is None:
+        np.testing.assert_array_equal(gk, gk32)
+        return
+    ref = jax.grad(lambda k: plain_cross_entropy(np.asarray(h, np.float64) @ k, y))(
+        jnp.asarray(k, jnp.float64)
+    )
+    error = np.linalg.norm(np.asarray(gk, np.float64) - ref) / np.linalg.norm(ref)
+    error32 = np.linalg.norm(np.asarray(gk32, np.float64) - ref) / np.linalg.norm(ref)
+    assert error <= max_error
+    assert error32 <= error  # float32 accumulation is never the less precise here
+
+
+def test_auto_counts_a_16bit_accumulator_in_its_memory_rule():
+    """32,768 x 1,024 x 4,096 bf16, 1,024-row blocks: one block's float32 logits (16 MiB)
+    plus the float32 [D, V] accumulator (16 MiB) exceed 5 % of the float32 logits (25.6
+    MiB), so "auto" runs min_memory; with acc_dtype=bfloat16 the block alone fits, and it
+    runs min_work (three matmuls)."""
+    options = {"n": 32768, "d": 1024, "v": 4096, "dtype": jnp.bfloat16, "block_size": 1024}
+    work32 = _matmul_work("auto", (0, 1), **options)
+    work16 = _matmul_work("auto", (0, 1), acc_dtype=jnp.bfloat16, **options)
+    assert work32 > 3.5  # min_memory: the recompute's fourth matmul
+    assert work16 == pytest.approx(3.0, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kwargs", "error", "pattern"),
+    [
+        (jnp.bfloat16, {"acc_dtype": jnp.float16}, ValueError,
+         r"acc_dtype must be None or one of \('float32', 'bfloat16'\) for a bfloat16 kernel"
+         r" .*; got float16"),
+        (jnp.float32, {"acc_dtype": jnp.bfloat16}, ValueError,
+         r"acc_dtype must be None or one of \('float32',\) for a float32 kernel .*; got "
+         r"bfloat16"),
+        (jnp.bfloat16, {"acc_dtype": jnp.int32}, TypeError,
+         r"acc_dtype must be None or one of .*; got int32"),
+        (jnp.bfloat16, {"acc_dtype": "fast"}, TypeError,
+         r"acc_dtype must be None or one of .*; got 'fast'"),
+        (jnp.bfloat16, {"acc_dtype": jnp.bfloat16, "strategy": "min_memory"}, ValueError,
+         r"acc_dtype=bfloat16 sets the d-kernel accumulator of strategy='min_work'; "
+         r"strategy='min_memory' holds no such accumulator"),
+    ],
+)  # fmt: skip
+def test_bad_acc_dtype_raises_clear_error(dtype, kwargs, error, pattern):
+    h, k, _, _, y, _ = _problem("index", "errors")
+    with pytest.raises(error, match=pattern):
+        jaxce.linear_cross_entropy(h.astype(dtype), k.astype(dtype), y, **kwargs)
