@@ -1,6 +1,6 @@
 """What the backward pass keeps: no logits-sized residual besides the input itself (every
 entry point: cross_entropy and the optax drop-ins), under every implementation (the
-portable spelling and each backend's). Backend-independent; the compilers' temporaries
+portable spelling and each backend's; tests/cases.py's DENSE_IMPLEMENTATIONS). Backend-independent; the compilers' temporaries
 are pinned in test_budgets.py."""
 
 from __future__ import annotations
@@ -12,18 +12,19 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import DENSE_IMPLEMENTATIONS
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxce
-from jaxce._backends import IMPLEMENTATIONS, default_implementation
+from jaxce._backends import default_implementation
 
 N, C = 16, 1000
 
 
-@pytest.fixture(autouse=True, params=IMPLEMENTATIONS)
+@pytest.fixture(autouse=True, params=DENSE_IMPLEMENTATIONS)
 def implementation(request):
     """Every test here runs once per implementation (the entry points' automatic choice
-    set to it)."""
+    set to it) whose dense losses are programs of their own (tests/cases.py)."""
     with default_implementation(request.param):
         yield request.param
 

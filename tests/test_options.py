@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import entry_points
+from cases import DENSE_IMPLEMENTATIONS, entry_points
 from reference import plain_cross_entropy
 
 import jaxce
-from jaxce._backends import IMPLEMENTATIONS
 from parity.compare import compare
 
 N, C = 12, 9
@@ -352,12 +351,13 @@ def test_out_of_range_target_with_options_is_nan_under_jit():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", DENSE_IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_softcap_matches_torch_on_capped_logits(eps, dtype, implementation):
     """The Gemma 2 recipe in PyTorch: cross_entropy(cap * tanh(logits / cap)), under every
-    implementation (XLA:GPU respells the capped bfloat16 backward pass)."""
+    implementation of a dense loss (tests/cases.py; XLA:GPU respells the capped bfloat16
+    backward pass)."""
     torch = pytest.importorskip("torch")
     x, t, w, _ = _data(seed=11)
     x = x * 20

@@ -13,6 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cases import DENSE_IMPLEMENTATIONS  # noqa: E402
+
 from jaxce._backends import IMPLEMENTATIONS, default_implementation  # noqa: E402
 from parity import compare  # noqa: E402
 from parity.__main__ import main  # noqa: E402
@@ -144,7 +146,8 @@ OPTION_GRID = ("index targets", "prob targets")
 def _quick_params():
     # Half of the --quick tenth (a fixed hash split) by default, the other half marked
     # slow; each case under every implementation (error parity, which raises before any
-    # pass runs, under the automatic one only).
+    # pass runs, under the automatic one only; a dense loss's case under those whose dense
+    # program is one of its own, tests/cases.py's DENSE_IMPLEMENTATIONS).
     params = []
     for key in QUICK:
         case = _ALL[key[0]][key[1]]
@@ -152,7 +155,9 @@ def _quick_params():
             continue
         errors = case.category == "error parity"
         slow = zlib.crc32(case.id.encode()) % 20 and not errors
-        for implementation in (None,) if errors else IMPLEMENTATIONS:
+        fused = case.category == "linear_cross_entropy"
+        implementations = IMPLEMENTATIONS if fused else DENSE_IMPLEMENTATIONS
+        for implementation in (None,) if errors else implementations:
             params.append(
                 pytest.param(
                     key,

@@ -3,8 +3,9 @@
 Every comparison goes through the parity harness's core (``parity.compare``: dtypes,
 tolerances, NaN/inf placement, the three-way rule for 16-bit dtypes), on cases of the
 shared grid (``parity/grid.py``, ``parity.suites.ce_case``) where one fits. The option
-grids run every implementation (``jaxce._backends``: the portable spelling and each
-backend's), one more factor of their pairwise covers.
+grids run every implementation whose dense loss is a program of its own
+(``tests/cases.py``: ``DENSE_IMPLEMENTATIONS``; ``jaxce._backends``: the portable spelling
+and each backend's), one more factor of their pairwise covers.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import covering_grid
+from cases import DENSE_IMPLEMENTATIONS, covering_grid
 
 import jaxce
-from jaxce._backends import IMPLEMENTATIONS, default_implementation
+from jaxce._backends import default_implementation
 from parity.compare import ROUNDOFF, compare, run_jax, run_torch
 from parity.grid import (
     IGNORES,
@@ -46,7 +47,7 @@ def _assert_parity(case, implementation=None):
 # every dtype and transform); float32 on a slice of it.
 @pytest.mark.parametrize(
     ("implementation", "layout", "reduction", "weight", "ignore", "eps"),
-    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
+    covering_grid(DENSE_IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, WEIGHTS, IGNORES, SMOOTHINGS),
 )
 def test_index_parity_float64(implementation, layout, reduction, weight, ignore, eps):
     _assert_parity(
@@ -58,7 +59,7 @@ def test_index_parity_float64(implementation, layout, reduction, weight, ignore,
 
 @pytest.mark.parametrize(
     ("implementation", "layout", "reduction", "weight", "eps"),
-    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
+    covering_grid(DENSE_IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, WEIGHTS, SMOOTHINGS),
 )
 def test_prob_parity_float64(implementation, layout, reduction, weight, eps):
     _assert_parity(
@@ -70,7 +71,7 @@ def test_prob_parity_float64(implementation, layout, reduction, weight, eps):
 
 @pytest.mark.parametrize(
     ("implementation", "layout", "reduction", "ignore", "eps"),
-    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, ["present", "all"], [0.0, 0.05]),
+    covering_grid(DENSE_IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, ["present", "all"], [0.0, 0.05]),
 )
 def test_index_parity_float32(implementation, layout, reduction, ignore, eps):
     _assert_parity(
@@ -82,7 +83,7 @@ def test_index_parity_float32(implementation, layout, reduction, ignore, eps):
 
 @pytest.mark.parametrize(
     ("implementation", "layout", "reduction", "eps"),
-    covering_grid(IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, [0.0, 0.05]),
+    covering_grid(DENSE_IMPLEMENTATIONS, TEST_LAYOUTS, REDUCTIONS, [0.0, 0.05]),
 )
 def test_prob_parity_float32(implementation, layout, reduction, eps):
     _assert_parity(
@@ -94,7 +95,7 @@ def test_prob_parity_float32(implementation, layout, reduction, eps):
 
 @pytest.mark.parametrize(
     ("implementation", "kind", "reduction", "weight", "eps", "dtype"),
-    covering_grid(IMPLEMENTATIONS, ["index", "prob"], REDUCTIONS, ["none", "random"], [0.0, 0.1],
+    covering_grid(DENSE_IMPLEMENTATIONS, ["index", "prob"], REDUCTIONS, ["none", "random"], [0.0, 0.1],
                   ["bfloat16", "float16"]),
 )  # fmt: skip
 def test_low_precision_no_worse_than_torch(implementation, kind, reduction, weight, eps, dtype):
