@@ -150,15 +150,15 @@ def test_second_order_in_logits_and_temperature(name):
 
     temp = jnp.asarray(0.8)
     for ours, ref in zip(
-        jax.tree.leaves(jax.hessian(f_ours, (0, 1))(x, temp)),
-        jax.tree.leaves(jax.hessian(f_ref, (0, 1))(x, temp)),
+        jax.tree.leaves(jax.jit(jax.hessian(f_ours, (0, 1)))(x, temp)),
+        jax.tree.leaves(jax.jit(jax.hessian(f_ref, (0, 1)))(x, temp)),
         strict=True,
     ):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11)
     # Forward mode: a jvp of the gradient (a Hessian-vector product).
     v = (jnp.ones_like(x) * 0.3, jnp.asarray(0.7))
-    hvp_ours = jax.jvp(jax.grad(f_ours, (0, 1)), (x, temp), v)[1]
-    hvp_ref = jax.jvp(jax.grad(f_ref, (0, 1)), (x, temp), v)[1]
+    hvp_ours = jax.jit(lambda x, t: jax.jvp(jax.grad(f_ours, (0, 1)), (x, t), v)[1])(x, temp)
+    hvp_ref = jax.jit(lambda x, t: jax.jvp(jax.grad(f_ref, (0, 1)), (x, t), v)[1])(x, temp)
     for ours, ref in zip(hvp_ours, hvp_ref, strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11)
 
@@ -418,16 +418,15 @@ def test_fused_equals_dense_on_the_materialised_logits(target_kind, reduction):
         return _scalar(out, reduction)
 
     args = (h, k, b, w, jnp.asarray(1.3), s)
-    np.testing.assert_allclose(fused(*args), dense(*args), rtol=1e-12)
-    for a, r in zip(
-        jax.grad(fused, range(6))(*args), jax.grad(dense, range(6))(*args), strict=True
-    ):
+    np.testing.assert_allclose(jax.jit(fused)(*args), jax.jit(dense)(*args), rtol=1e-12)
+    grads = [jax.jit(jax.grad(f, range(6)))(*args) for f in (fused, dense)]
+    for a, r in zip(*grads, strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
     if reduction != "mean":
         return
     for a, r in zip(
-        jax.tree.leaves(jax.hessian(fused, (0, 4))(*args)),
-        jax.tree.leaves(jax.hessian(dense, (0, 4))(*args)),
+        jax.tree.leaves(jax.jit(jax.hessian(fused, (0, 4)))(*args)),
+        jax.tree.leaves(jax.jit(jax.hessian(dense, (0, 4)))(*args)),
         strict=True,
     ):
         np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-11)
@@ -497,12 +496,13 @@ def test_vocabulary_parallel_forms_equal_the_single_device_loss(target_kind, str
         return objective(out)
 
     args = (h, k, jnp.asarray(0.8), s)
-    ref_value, ref_grads = jax.value_and_grad(single, range(4))(*args)
-    value, grads = jax.value_and_grad(lambda h, k, *a: parallel(h, k, tp, *a), range(4))(
+    # Under jit: traced once, not dispatched op by op (the eager form took ~50 s a case).
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(single, range(4)))(*args)
+    value, grads = jax.jit(jax.value_and_grad(lambda h, k, *a: parallel(h, k, tp, *a), range(4)))(
         h, kp, *args[2:]
     )
     grads = (grads[0], grads[1][:, :V], *grads[2:])
-    s_value, s_grads = jax.value_and_grad(sharded, range(4))(*args)
+    s_value, s_grads = jax.jit(jax.value_and_grad(sharded, range(4)))(*args)
     for v_, g_ in ((value, grads), (s_value, s_grads)):
         np.testing.assert_allclose(v_, ref_value, rtol=1e-12)
         for a, r in zip(g_, ref_grads, strict=True):
