@@ -51,6 +51,13 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(jnp.float64) if np.dtype(dtype).name == "float64" else np.dtype(jnp.float32)
 
 
+def checked_z(z_loss: Any, dtype: Any) -> Any:
+    """``z_loss`` as a ``dtype`` array; a traced z < 0 (or NaN) becomes NaN, so the loss is
+    NaN, never finite."""
+    z = jnp.asarray(z_loss, dtype)
+    return jnp.where(z >= 0, z, jnp.full_like(z, jnp.nan))
+
+
 def checked_eps(eps: Any) -> Any:
     """A traced ε outside [0, 1] (or NaN) becomes NaN, so the loss is NaN, never finite."""
     if eps is None:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._options import Options
+from jaxce._options import Options, checked_z
 from jaxce._targets import batch_total, counted_sum, target_info, target_weight
 
 
@@ -43,14 +43,19 @@ def reduce_loss(loss: Any, reduction: str, denominator: Any, batch_axis: str | N
     total = batch_total(loss, batch_axis)
     if reduction == "sum":
         return total
-    # W = 0 means NaN, as in torch (whose smoothing path divides the NLL part 0 / 0 too),
-    # even when the smoothing term alone would give x / 0 = inf. Added as a constant so
-    # the gradient still flows through total / W: zeros for ignored elements, NaN for
-    # counted elements of zero weight, like torch.
-    undefined = lax.stop_gradient(
+    return total / denominator + undefined_mean(total, denominator)
+
+
+def undefined_mean(total: Any, denominator: Any) -> Any:
+    """The constant added to a ``'mean'``: NaN where ``denominator`` (W) is 0, else 0.
+
+    W = 0 means NaN, as in torch (whose smoothing path divides the NLL part 0 / 0 too),
+    even when the smoothing term alone would give x / 0 = inf. Added as a constant so the
+    gradient still flows through total / W: zeros for ignored elements, NaN for counted
+    elements of zero weight, like torch."""
+    return lax.stop_gradient(
         jnp.where(denominator == 0, jnp.full_like(total, jnp.nan), jnp.zeros_like(total))
     )
-    return total / denominator + undefined
 
 
 class CrossEntropyAux(NamedTuple):
@@ -130,8 +135,7 @@ def finish_loss(
     z_part = None
     if z_loss is not None:
         lse = stats[0]
-        z = jnp.asarray(z_loss, lse.dtype)
-        z = jnp.where(z >= 0, z, jnp.full_like(z, jnp.nan))  # a traced z < 0 (or NaN): NaN
+        z = checked_z(z_loss, lse.dtype)
         z_term = z * (lse * lse)
         if sample_weight is not None:
             z_term = z_term * sample_weight.astype(z_term.dtype)

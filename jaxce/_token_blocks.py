@@ -48,8 +48,8 @@ from jaxce._backends import spelled
 from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
 from jaxce._compat import cast_varying, row_major, varying_axes
 from jaxce._derivatives import is_present
-from jaxce._options import Options, checked_eps, compute_dtype
-from jaxce._reduction import finish_loss, index_stats
+from jaxce._options import Options, checked_eps, checked_z, compute_dtype
+from jaxce._reduction import finish_loss, index_stats, undefined_mean
 from jaxce._rows import softcap, softcap_slope, times_slope
 from jaxce._targets import batch_total, counted_sum
 
@@ -498,8 +498,7 @@ def _z_coef(valid, z, count, reduction, dtype):
     """The z-loss ``z lse²`` summed, or averaged over the counted elements."""
     if z is None:
         return None
-    z = jnp.asarray(z, dtype)
-    z = jnp.where(z >= 0, z, jnp.full_like(z, jnp.nan))  # a traced z < 0 (or NaN): NaN
+    z = checked_z(z, dtype)
     per = z if reduction == "sum" else z / count.astype(dtype)
     return jnp.where(valid, per, jnp.zeros(valid.shape, dtype))
 
@@ -579,10 +578,8 @@ def min_work_loss(
 
 
 def _mean_or_nan(total, denominator, reduction):
-    """A ``'mean'`` whose ``denominator`` is 0 (nothing counted) is NaN, as in
-    ``reduce_loss`` (a constant: the gradient still flows)."""
+    """A ``'mean'`` (already divided by its coefficients) whose ``denominator`` is 0
+    (nothing counted) is NaN, as in ``reduce_loss``."""
     if reduction != "mean":
         return total
-    return total + lax.stop_gradient(
-        jnp.where(denominator == 0, jnp.full_like(total, jnp.nan), jnp.zeros_like(total))
-    )
+    return total + undefined_mean(total, denominator)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxce._options import compute_dtype
+
 REDUCTIONS = ("none", "mean", "sum")
 TargetKind = Literal["index", "prob"]
 
@@ -432,7 +434,7 @@ def check_acc_dtype(acc_dtype: Any, kernel_dtype: Any, strategy: str) -> np.dtyp
     if acc_dtype is None:
         return None
     kernel_dtype = np.dtype(kernel_dtype)
-    wide = np.dtype(jnp.float64) if kernel_dtype.name == "float64" else np.dtype(jnp.float32)
+    wide = compute_dtype(kernel_dtype)
     allowed = (wide.name,) if kernel_dtype.itemsize >= 4 else (wide.name, kernel_dtype.name)
     expected = f"None or one of {allowed} for a {kernel_dtype.name} kernel"
     try:
