@@ -21,7 +21,13 @@ import jaxce
 from benchmarks import targets, timemodel
 
 SHAPES = {"f32": (8192, 2048, 131072, jnp.float32), "bf16": (16384, 4096, 131072, jnp.bfloat16)}
-TARGETS = {"cpu": "cpu", "h100": targets.H100, "v5p": targets.TPU_V5P, "v6e": targets.TPU_V6E}
+TARGETS = {
+    "cpu": "cpu",
+    "h100": targets.H100,
+    "v5e": targets.TPU_V5E,
+    "v5p": targets.TPU_V5P,
+    "v6e": targets.TPU_V6E,
+}
 # name: (strategy, return_entropy, weight of aux.entropy in the objective)
 VARIANTS = {
     "min_work, plain loss": ("min_work", False, 0.0),
