@@ -6,6 +6,9 @@ min_work's 16-bit d-kernel accumulator (run here, on the CPU).
     python -m benchmarks.sweeps blocks h100,v5e,v5p,v6e 16384x4096x131072 512,1024,2048,4096 \
         bfloat16 --csv benchmarks/results/compile-only/min_work_blocks.csv
     python -m benchmarks.sweeps chunks h100,v5p 16384x4096x131072 256,1024,4096 bfloat16
+    python -m benchmarks.sweeps chunks h100,v5e,v5p,v6e 8192x2048x131072 default float32
+
+(``default``: the block or chunk the loss picks for that target itself.)
 
 Rows are ``value_and_grad`` of the mean in ``hidden`` and ``kernel``: temporaries (MiB),
 modelled time (ms, :mod:`benchmarks.timemodel` with each chip's calibrated efficiencies)
@@ -128,7 +131,8 @@ def compile_sweep(kind, target_names, shape, values, dtype):
                     loss = partial(jaxce.linear_cross_entropy, strategy="min_memory",
                                    chunk_size=value)  # fmt: skip
                 t, m, w = _modelled(target, loss, specs, shape)
-                rows.append(dict(base, variant=variant, size=value, temp_mib=t, model_ms=m,
+                size = "default" if value is None else value
+                rows.append(dict(base, variant=variant, size=size, temp_mib=t, model_ms=m,
                                  ratio=round(m / ms, 3), matmuls=w))  # fmt: skip
                 print(rows[-1], flush=True)
     return rows
@@ -145,7 +149,7 @@ def main(argv=None):
         rows = precision(_shape(shape), [int(x) for x in values.split(",")], dtype)
     else:
         names, shape, values, dtype = opts.args
-        values = [int(x) for x in values.split(",")]
+        values = [None if x == "default" else int(x) for x in values.split(",")]
         rows = compile_sweep(opts.kind, names.split(","), _shape(shape), values, dtype)
     if opts.csv:
         with open(opts.csv, "w", newline="") as fh:

@@ -8,10 +8,12 @@ go through ``_backends.spelled``; the list is in ``_backends/__init__.py``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._backends import spelled, xla_cpu, xla_tpu
+from jaxce._backends import choose, spelled, xla_cpu, xla_gpu, xla_tpu
 from jaxce._compat import row_major
 from jaxce._options import compute_dtype
 from jaxce._rows import class_ids, softcap
@@ -21,9 +23,43 @@ CHUNK_BYTES = 16 * 2**20
 
 
 def auto_chunk(num_tokens: int, vocab: int) -> int:
+    """The portable default chunk width: about :data:`CHUNK_BYTES` of float32 logits per
+    chunk, a multiple of 128 and at least 256 columns, at most ``vocab``."""
     chunk = CHUNK_BYTES // (4 * max(num_tokens, 1))
     chunk = max(256, (chunk // 128) * 128)
     return int(min(chunk, vocab))
+
+
+def default_widths(num_tokens: int, vocab: int) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """``(chunk, by)``: the portable default width (:func:`auto_chunk`), and ``(name,
+    width)`` for each backend whose own default (its ``chunk_width`` in
+    ``jaxce/_backends/``, with the measurement; never narrower than the portable one) gives
+    another width. :func:`vocab_loop` picks among them."""
+    chunk = auto_chunk(num_tokens, vocab)
+    own = ((name, min(max(chunk, rule(num_tokens, vocab)), vocab)) for name, rule in WIDTHS)
+    return chunk, tuple((name, w) for name, w in own if w != chunk)
+
+
+WIDTHS = (("xla_gpu", xla_gpu.chunk_width), ("xla_tpu", xla_tpu.chunk_width))
+
+
+def vocab_loop(vocab, widths, body, carry, pinned=(), implementation=None):
+    """:func:`chunk_loop` over ``vocab`` columns in chunks of ``widths = (chunk, by)``:
+    ``chunk`` columns, or on a backend named in ``by`` (see :func:`default_widths`) that
+    backend's width, chosen as a spelling is (``_backends.choose``: the named
+    implementation's width, or each platform's when the program is lowered). The values
+    agree across widths up to the order of the sums; every width has its own derivatives
+    (the callers' custom rules), so none is differentiated through the choice."""
+    chunk, by = widths
+
+    def loop(width, carry, pinned):
+        return chunk_loop(chunks(vocab, min(width, vocab)), body, carry, pinned, implementation)
+
+    default = partial(loop, chunk)
+    loops = {min(chunk, vocab): default}  # one branch per width
+    own = {name: loops.setdefault(min(w, vocab), partial(loop, w)) for name, w in by}
+    own = {name: f for name, f in own.items() if f is not default}
+    return choose(implementation, default, own)(carry, tuple(pinned))
 
 
 def chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
@@ -286,8 +322,8 @@ def chunk_stats(
     lowest = jnp.full((n,), -jnp.inf, dtype)
     init = (lowest, zeros, zeros, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32), zeros)
     pinned = (hidden, kernel, probs)
-    m, s, z_y, wz, tz, wt, top, arg, u = chunk_loop(
-        chunks(vocab, opts.chunk), body, init, pinned, opts.implementation
+    m, s, z_y, wz, tz, wt, top, arg, u = vocab_loop(
+        vocab, (opts.chunk, opts.chunk_by), body, init, pinned, opts.implementation
     )
     lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
     if not opts.stats:

@@ -46,11 +46,11 @@ from jaxce._chunked import (
     chunk_classes,
     chunk_logits,
     chunk_logits_tangent,
-    chunk_loop,
     chunk_stats,
     chunks,
     mask_columns,
     real_columns,
+    vocab_loop,
     weight_chunk,
     zero_grads,
 )
@@ -127,10 +127,11 @@ def _stats_jvp(with_wz, opts, primals, tangents):
         frozenset() if x is None else varying_axes(x)
         for x in (hidden, kernel, bias, weight, probs, temperature)
     )
+    widths = (opts.chunk, opts.chunk_by)
     t_out = lean_tangent(
-        lambda res, t: _tangent(res, t, with_wz, opts.chunk, opts.cap, opts.implementation),
+        lambda res, t: _tangent(res, t, with_wz, widths, opts.cap, opts.implementation),
         lambda res, cts: _transpose(
-            res, cts, wanted, homes, with_wz, opts.chunk, opts.cap, opts.implementation
+            res, cts, wanted, homes, with_wz, widths, opts.cap, opts.implementation
         ),
         (hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, out[0], out[7]),
         (dh, dk, db, dw, dt, d_temp),
@@ -146,7 +147,7 @@ def _stats_jvp(with_wz, opts, primals, tangents):
 shard_stats.defjvp(_stats_jvp, symbolic_zeros=True)
 
 
-def _tangent(res, tangents, with_wz, chunk, cap, implementation):
+def _tangent(res, tangents, with_wz, widths, cap, implementation):
     hidden, kernel, bias, idx, here, weight, probs, n_real, temperature, lse, ent = res
     dh, dk, db, dw, dt, d_temp = tangents
     dtype = compute_dtype(hidden.dtype)
@@ -195,12 +196,12 @@ def _tangent(res, tangents, with_wz, chunk, cap, implementation):
 
     zero = jnp.zeros_like(lse)
     pinned = (hidden, kernel, dk, probs, dt)
-    out = chunk_loop(chunks(vocab, chunk), body, (zero,) * 6, pinned, implementation)
+    out = vocab_loop(vocab, widths, body, (zero,) * 6, pinned, implementation)
     on = (True, idx is not None, with_wz, probs is not None, probs is not None, ent is not None)
     return tuple(t for t, o in zip(out, on, strict=True) if o)
 
 
-def _transpose(res, cts, wanted, homes, with_wz, chunk, cap, implementation):
+def _transpose(res, cts, wanted, homes, with_wz, widths, cap, implementation):
     """The chunked backward pass: ``(dhidden, dkernel, dbias, dweight, dprobs, dtemperature)``.
 
     Inside ``shard_map`` each gradient comes back with its input's own type (``homes``:
@@ -277,8 +278,8 @@ def _transpose(res, cts, wanted, homes, with_wz, chunk, cap, implementation):
     # Of the residuals' type, as the zero it may receive (else the spellings' types differ).
     sink = cast_varying(jnp.zeros((), dtype), every)
     init = (dh, dk, db, dw, dt, d_temp, sink)
-    dh, dk, db, dw, dt, d_temp, sink = chunk_loop(
-        chunks(vocab, chunk), body, init, (hidden, kernel, probs), implementation
+    dh, dk, db, dw, dt, d_temp, sink = vocab_loop(
+        vocab, widths, body, init, (hidden, kernel, probs), implementation
     )
     h_home, _, b_home, w_home, t_home, temp_home = homes
     dh = _sum_over_replicas(dh, every, h_home, hidden.dtype, sink)

@@ -12,7 +12,7 @@ from jax import lax
 
 from jaxce import _validate
 from jaxce._backends import check_implementation
-from jaxce._chunked import auto_chunk
+from jaxce._chunked import default_widths
 from jaxce._cross_entropy import cross_entropy
 from jaxce._fused import index_linear_loss, prob_linear_loss
 from jaxce._options import Options, compute_dtype, promote_float_dtypes
@@ -85,7 +85,10 @@ def linear_cross_entropy(
         probability targets divides by the number of counted elements).
       bias: optional ``[V]`` bias (``[C, d1, ..., dK]`` with a K-dimensional kernel).
       chunk_size: vocabulary chunk; default: about 16 MiB of float32 logits per chunk
-        (at least 256 classes). Not used with a K-dimensional kernel.
+        (at least 256 classes), and on GPUs and TPUs (the ``"xla_gpu"``/``"xla_tpu"``
+        implementations) wider: about 64 MiB, at most 2,048 classes and 1/128 of the
+        vocabulary, chosen when the program is lowered. Not used with a K-dimensional
+        kernel.
       axis_name: for use inside ``jax.shard_map`` with the vocabulary split over this mesh
         axis: ``kernel`` (and ``bias``, ``weight``, and class-probability ``target``) are
         then this device's contiguous slice ``[D, V / n]`` (the ``P(None, axis_name)``
@@ -330,7 +333,8 @@ def prepare(
         if axis_name is None:
             _validate.check_target_values(target, vocab, ignore_index)
     num_tokens = int(np.prod(element_shape, dtype=np.int64))
-    chunk = min(chunk_size or auto_chunk(num_tokens, vocab), max(vocab, 1))
+    chunk, chunk_by = (chunk_size, ()) if chunk_size else default_widths(num_tokens, vocab)
+    chunk = min(chunk, max(vocab, 1))
     strategy = _validate.check_strategy(strategy)
     block_size = _validate.check_block_size(block_size)
     dim = hidden.shape[-1]
@@ -352,6 +356,7 @@ def prepare(
         check=check_targets and not probs,
         out_dtype=out_dtype,
         chunk=chunk,
+        chunk_by=chunk_by,
         axis_name=axis_name,
         vocab_size=vocab_size,
         strategy=strategy,

@@ -25,6 +25,7 @@ class Options(NamedTuple):
     check: bool = False  # trace a checkify check of the class indices
     out_dtype: Any = None  # the loss's dtype (None: the logits')
     chunk: int = 0  # vocabulary chunk of the fused losses
+    chunk_by: tuple = ()  # (implementation, chunk) where a backend's default differs
     axis_name: str | None = None  # the vocabulary-parallel mesh axis (fused losses)
     vocab_size: int | None = None  # vocabulary-parallel: the classes in all (None: even split)
     batch_axis: str | None = None  # reductions also sum over this mesh axis (in shard_map)

@@ -12,6 +12,7 @@ here checks that every other one lowers them to the portable program.
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import jax
@@ -22,7 +23,9 @@ from cases import DENSE_IMPLEMENTATIONS, covering_grid, entry_points, weighted_s
 from reference import numpy_cross_entropy, plain_cross_entropy
 
 import jaxce
+import jaxce._chunked
 from jaxce._backends import AUTOMATIC, IMPLEMENTATIONS, default_implementation
+from jaxce._chunked import default_widths
 from parity.compare import ROUNDOFF
 from parity.grid import LAYOUTS, ce_inputs, rng_for
 
@@ -300,3 +303,103 @@ def test_dense_losses_lower_alike_under_implementations_not_in_the_dense_grids(p
     left_out = [name for name in IMPLEMENTATIONS if name not in DENSE_IMPLEMENTATIONS]
     assert left_out  # else this test has nothing to check: delete it with the constant
     assert [name for name in left_out if lowered(name) != portable] == []
+
+
+# The fused loss's default chunk width per platform (jaxce/_backends: xla_gpu's and
+# xla_tpu's chunk_width). At 16,384 tokens and 131,072 classes, derived here: the portable
+# rule, 16 MiB of float32 logits per chunk, is 2**24 / (4 * 16384) = 256 columns; the
+# accelerators' is the least of 64 MiB of them (2**26 / (4 * 16384) = 1,024), 2,048
+# columns and 1/128 of the vocabulary (131072 / 128 = 1,024).
+_WIDTH_SPECS = (
+    jax.ShapeDtypeStruct((16384, 8), jnp.float32),
+    jax.ShapeDtypeStruct((8, 131072), jnp.float32),
+    jax.ShapeDtypeStruct((16384,), jnp.int32),
+)
+
+
+def _chunk_widths_lowered(implementation, platform, chunk_size=None):
+    """The widths of the [16384, w] float32 chunk blocks in the lowered program."""
+
+    def loss(h, k, y):
+        return jaxce.linear_cross_entropy(
+            h, k, y, chunk_size=chunk_size, strategy="min_memory", implementation=implementation
+        )
+
+    traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*_WIDTH_SPECS)
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    return {int(w) for w in re.findall(r"tensor<16384x(\d+)xf32>", text)} - {1, 8}
+
+
+@pytest.mark.parametrize(
+    ("implementation", "platform", "width"),
+    [
+        (None, "cpu", 256),
+        (None, "cuda", 1024),
+        (None, "tpu", 1024),
+        ("xla", "tpu", 256),
+        ("xla_cpu", "cuda", 256),
+        ("xla_gpu", "cpu", 1024),
+        ("xla_tpu", "cpu", 1024),
+    ],
+)
+def test_default_chunk_width_is_the_platform_s_chosen_at_lowering(implementation, platform, width):
+    assert _chunk_widths_lowered(implementation, platform) == {width}
+    # An explicit chunk_size is every implementation's.
+    assert _chunk_widths_lowered(implementation, platform, chunk_size=512) == {512}
+
+
+@pytest.mark.parametrize(
+    ("tokens", "vocab", "portable", "accelerators"),
+    [
+        (16384, 131072, 256, 1024),  # 64 MiB and V / 128 both give 1,024
+        (8192, 131072, 512, 1024),  # V / 128 = 1,024 < 64 MiB's 2,048
+        (4096, 524288, 1024, 2048),  # 64 MiB's 4,096 and V / 128 = 4,096 capped at 2,048
+        (32768, 262144, 256, 512),  # 64 MiB: 2**26 / (4 * 32768) = 512
+        (8192, 65536, 512, 512),  # V / 128 = 512: never below the portable width
+        (64, 1000, 1000, 1000),  # one chunk: the vocabulary
+    ],
+)
+def test_default_widths_rule(tokens, vocab, portable, accelerators):
+    chunk, by = default_widths(tokens, vocab)
+    assert chunk == portable
+    expected = (
+        () if accelerators == portable else (("xla_gpu", accelerators), ("xla_tpu", accelerators))
+    )
+    assert by == expected
+
+
+@pytest.mark.parametrize("implementation", [None, "xla_gpu", "xla_tpu"])
+def test_platform_chunk_widths_compute_the_float64_loss(implementation, monkeypatch):
+    # The accelerators' widths differ from the portable one only at shapes too large to
+    # check here (N V > 2**29), so the rules are replaced by ones that differ at a small
+    # shape: 32 columns (portable), 48 on GPUs, 80 on TPUs (V = 200: chunks and a
+    # remainder). Under None the CPU runs the portable width with the others traced
+    # beside it; named, the backend's width runs.
+    monkeypatch.setattr(jaxce._chunked, "auto_chunk", lambda n, v: 32)
+    monkeypatch.setattr(
+        jaxce._chunked, "WIDTHS", (("xla_gpu", lambda n, v: 48), ("xla_tpu", lambda n, v: 80))
+    )
+    rng = rng_for("platform chunk widths")
+    n, d, v = 12, 16, 200
+    h, k = rng.standard_normal((n, d)), rng.standard_normal((d, v)) * 0.3
+    y = rng.integers(0, v, n)
+
+    def ours(h, k):
+        return jaxce.linear_cross_entropy(
+            h, k, jnp.asarray(y), label_smoothing=0.1, strategy="min_memory",
+            implementation=implementation,
+        )  # fmt: skip
+
+    def reference(h, k):
+        return plain_cross_entropy(h @ k, jnp.asarray(y), label_smoothing=0.1)
+
+    f32 = (jnp.asarray(h, jnp.float32), jnp.asarray(k, jnp.float32))
+    value, grads = jax.jit(jax.value_and_grad(ours, (0, 1)))(*f32)
+    ref_value, ref_grads = jax.value_and_grad(reference, (0, 1))(jnp.asarray(h), jnp.asarray(k))
+    np.testing.assert_allclose(value, ref_value, rtol=2e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6 * np.max(np.abs(r)))
+    # The width that ran: the chunk blocks' shapes in the lowered program.
+    text = jax.jit(jax.value_and_grad(ours, (0, 1))).lower(*f32).as_text()
+    width = {None: 32, "xla_gpu": 48, "xla_tpu": 80}[implementation]
+    assert f"tensor<12x{width}xf32>" in text

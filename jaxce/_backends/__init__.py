@@ -51,6 +51,8 @@ pass (portable)                      what it computes                         re
 ``_chunked._settle``                 the chunk loop's carry after the loop    xla_cpu, xla_tpu
                                      (portable: unchanged)
 ``_token_blocks._add_kernel_grad``   min_work's ``dk += h.T @ dz`` per block  xla_cpu
+``_chunked.vocab_loop``'s width      the fused loss's default chunk width     xla_gpu, xla_tpu
+                                     (``CHUNK_BYTES``; not ``chunk_size=``)
 ===================================  =======================================  ================
 
 No other compiler workaround sits in the portable modules except ``_rows.pick_class``'s
@@ -137,18 +139,27 @@ def spelled(
         raise ValueError(f"unknown spellings {sorted(unknown)}; expected some of {list(AUTOMATIC)}")
     default = partial(portable, **static)
     chosen = {name: partial(f, **static) for name, f in spellings.items() if f is not None}
+    spelling = choose(implementation, default, chosen)
+    return default if spelling is default else _portable_derivatives(spelling, default)
+
+
+def choose(implementation: str | None, default: Callable, chosen: dict[str, Callable]) -> Callable:
+    """What computes under ``implementation``: ``chosen[implementation]`` when it is
+    there, else ``default``; for None, each platform's (``AUTOMATIC``) pick, made when
+    the program is lowered with ``jax.lax.platform_dependent`` (the compiler sees only
+    the chosen function). ``chosen``: implementation name -> a function taking
+    ``default``'s arguments and returning values of identical structure, shapes and
+    dtypes. Derivatives are each function's own (:func:`spelled` makes them portable)."""
     if implementation == "xla" or not chosen:
         return default
     if implementation is not None:
-        if implementation not in chosen:
-            return default
-        return _portable_derivatives(chosen[implementation], default)
+        return chosen.get(implementation, default)
     per_platform = {p: f for name, f in chosen.items() for p in AUTOMATIC[name]}
 
     def by_platform(*args):
         return lax.platform_dependent(*args, default=default, **per_platform)
 
-    return _portable_derivatives(by_platform, default)
+    return by_platform
 
 
 def _portable_derivatives(spelling: Callable, portable: Callable) -> Callable:

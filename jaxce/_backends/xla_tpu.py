@@ -15,6 +15,7 @@ and v6e (``memory_analysis()``, ``value_and_grad`` of the mean of
   barrier / without the zero / neither (the portable loop): v5e 65 / 625 / 625 / 625, v5p
   81 / 625 / 577 / 577, v6e 1,105 / 1,649 / 1,649 / 1,649. At 16384 x 4096 x 131072
   bfloat16 neither changes anything.
+* The fused loss's default chunk width, :func:`chunk_width` (below, with its measurement).
 """
 
 from __future__ import annotations
@@ -23,3 +24,17 @@ from jaxce._backends import bits
 
 hold = bits.hold
 settle = bits.settle
+
+# The fused loss's default chunk width (``jaxce._chunked.default_widths``; the portable
+# rule, 16 MiB of float32 logits per chunk, elsewhere). Why: the backward pass reads and
+# writes its float32 [N, D] d-hidden accumulator once per chunk, 8 N D V / width bytes
+# against 8 N D V FLOPs, and 256-column chunks leave the TPU waiting on HBM. Modelled time
+# of value_and_grad of the mean over the materialised loss's, portable -> this width
+# (temporaries in MiB), libtpu 0.0.52, ``python -m benchmarks.sweeps chunks``:
+# 16384 x 4096 x 131072 bf16 (256 -> 1,024 columns): v5e 2.23x -> 1.39x (273 -> 321),
+# v5p 1.91x -> 1.42x (267 -> 329), v6e 3.35x -> 1.76x (273 -> 321); 8192 x 2048 x 131072
+# f32 (512 -> 1,024): v5e 1.70x -> 1.43x (65 -> 97), v5p 1.70x -> 1.58x (81 -> 97), v6e
+# 2.12x -> 1.75x (81 -> 97). Within the fused loss's budgets (tests/test_budgets.py); at
+# 1/64 of the vocabulary the 2 x 2 v5p vocabulary-parallel case would not be (209 MiB per
+# chip against 169).
+chunk_width = bits.wide_chunk
