@@ -212,10 +212,12 @@ def linear_cross_entropy(
             vocab_size, implementation, temperature, sample_weight, return_entropy,
         )  # fmt: skip
     arrays, opts = prepare(
-        hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
-        chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets,
-        loss_dtype, vocab_size, strategy=strategy, block_size=block_size, acc_dtype=acc_dtype,
-        temperature=temperature, sample_weight=sample_weight, return_entropy=return_entropy,
+        hidden, kernel, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, bias=bias, chunk_size=chunk_size, axis_name=axis_name,
+        where=where, z_loss=z_loss, logit_softcap=logit_softcap, return_aux=return_aux,
+        check_targets=check_targets, loss_dtype=loss_dtype, vocab_size=vocab_size,
+        strategy=strategy, block_size=block_size, acc_dtype=acc_dtype, temperature=temperature,
+        sample_weight=sample_weight, return_entropy=return_entropy,
     )  # fmt: skip
     opts = opts._replace(implementation=check_implementation(implementation))
     return linear_loss(*arrays, opts=opts)
@@ -259,10 +261,9 @@ def _out_features_loss(
 
 
 def prepare(
-    hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias, chunk_size,
-    axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype, vocab_size,
-    *, strategy="auto", block_size=None, acc_dtype=None, temperature=None, sample_weight=None,
-    return_entropy=False,
+    hidden, kernel, target, *, weight, ignore_index, reduction, label_smoothing, bias,
+    chunk_size, axis_name, where, z_loss, logit_softcap, return_aux, check_targets, loss_dtype,
+    vocab_size, strategy, block_size, acc_dtype, temperature, sample_weight, return_entropy,
 ):  # fmt: skip
     """Checks :func:`linear_cross_entropy`'s arguments (a 2-D ``kernel``): ``((hidden,
     kernel, bias, target, weight, eps, z, where, temperature, sample_weight), opts)`` for

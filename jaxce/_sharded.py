@@ -105,10 +105,12 @@ def sharded_linear_cross_entropy(
     # own messages, before anything is split or traced.
     # Index targets come back with `where` folded in (then None): not folded twice.
     (hidden, kernel, _, target, _, _, _, where, temperature, sample_weight), opts = prepare(
-        hidden, kernel, target, weight, ignore_index, reduction, label_smoothing, bias,
-        chunk_size, None, where, z_loss, logit_softcap, return_aux, check_targets,
-        loss_dtype, None, strategy=strategy, block_size=block_size, acc_dtype=acc_dtype,
-        temperature=temperature, sample_weight=sample_weight, return_entropy=return_entropy,
+        hidden, kernel, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, bias=bias, chunk_size=chunk_size, axis_name=None,
+        where=where, z_loss=z_loss, logit_softcap=logit_softcap, return_aux=return_aux,
+        check_targets=check_targets, loss_dtype=loss_dtype, vocab_size=None,
+        strategy=strategy, block_size=block_size, acc_dtype=acc_dtype, temperature=temperature,
+        sample_weight=sample_weight, return_entropy=return_entropy,
     )  # fmt: skip
     probs = target.ndim == hidden.ndim
     if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
@@ -135,10 +137,13 @@ def sharded_linear_cross_entropy(
         # Per device: its tokens against its vocabulary slice; the statistics are combined
         # along vocab_axis and the reductions summed along batch_axis (O(tokens) traffic).
         arrays, opts = prepare(
-            h, k, t, w, ignore_index, reduction, e, b, chunk_size, vocab_axis, m, z_loss,
-            logit_softcap, return_aux, check_targets, out_dtype, vocab if padding else None,
-            strategy=strategy, block_size=block_size, acc_dtype=acc_dtype, temperature=temp,
-            sample_weight=sw, return_entropy=return_entropy,
+            h, k, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=e, bias=b, chunk_size=chunk_size, axis_name=vocab_axis, where=m,
+            z_loss=z_loss, logit_softcap=logit_softcap, return_aux=return_aux,
+            check_targets=check_targets, loss_dtype=out_dtype,
+            vocab_size=vocab if padding else None, strategy=strategy, block_size=block_size,
+            acc_dtype=acc_dtype, temperature=temp, sample_weight=sw,
+            return_entropy=return_entropy,
         )  # fmt: skip
         opts = opts._replace(batch_axis=batch_axis, implementation=implementation)
         return linear_loss(*arrays, opts=opts)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._backends import spelled
+from jaxce._backends import spelled, xla_cpu
 from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
 from jaxce._compat import cast_varying, row_major, varying_axes
 from jaxce._derivatives import is_present
@@ -355,11 +355,11 @@ def _run(
                     grads["hidden"], dh_b.astype(hidden.dtype), start, 0
                 )
             if "kernel" in grads:
-                add_kernel_grad = spelled(
-                    _add_kernel_grad, {"dtype": dtype}, opts.implementation,
-                    xla_cpu=_add_kernel_grad_cpu,
+                add_kernel_grad_b = spelled(
+                    add_kernel_grad, {"dtype": dtype}, opts.implementation,
+                    xla_cpu=xla_cpu.add_kernel_grad,
                 )  # fmt: skip
-                grads["kernel"] = add_kernel_grad(grads["kernel"], h, dz_in)
+                grads["kernel"] = add_kernel_grad_b(grads["kernel"], h, dz_in)
             if "bias" in grads:
                 grads["bias"] = grads["bias"] + jnp.sum(dz, axis=0)
             return grads
@@ -424,7 +424,7 @@ def _run(
     return total, Rows(*stats), grads, extra
 
 
-def _add_kernel_grad(dk, h, dz, *, dtype):
+def add_kernel_grad(dk, h, dz, *, dtype):
     """``dk += h.T @ dz`` (``dtype`` accumulation): a block's share of the kernel
     gradient. The GPU and TPU compilers fuse the sum into the matmul (the accumulator is
     read and written once per block). Held row-major: TPU v6e otherwise lays the
@@ -438,30 +438,6 @@ def _add_kernel_grad(dk, h, dz, *, dtype):
     hold the float32 ``[D, V]`` product (16384 x 4096 x 131072 bf16: 1,289 -> 2,833 MiB)."""
     part = lax.dot_general(h, dz, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
     return row_major(dk + part.astype(dk.dtype))
-
-
-def _add_kernel_grad_cpu(dk, h, dz, *, dtype):
-    """XLA:CPU's spelling of :func:`_add_kernel_grad`: over column chunks of ``dk``, each
-    added in place. XLA:CPU does not fuse the sum into the matmul, so the whole ``[D, V]``
-    product is a second accumulator-sized temporary (jaxlib 0.10.2 and 0.12.0.1: 16 MiB
-    more at 2048 x 256 x 16384 f32). The chunks hold about a sixteenth of the block's
-    logits, at least 128 columns."""
-    dim, vocab = dk.shape
-    cols = max(128, (h.shape[0] * vocab // (16 * max(dim, 1))) // 128 * 128)
-
-    def add(start, size, carry, h, dz):
-        dk, zero = carry
-        dz_c = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
-        old = lax.dynamic_slice_in_dim(dk, start, size, axis=1)
-        new = _add_kernel_grad(old, h, dz_c, dtype=dtype)
-        return lax.dynamic_update_slice_in_dim(dk, new, start, 1), zero
-
-    # The scalar takes chunk_loop's exact zero (added to the smallest float of the carry),
-    # which would otherwise rewrite the whole accumulator.
-    carry = (dk, jnp.zeros((), dk.dtype))
-    # XLA:CPU's own spelling: its loop takes XLA:CPU's hold and settle.
-    pieces = chunks(vocab, min(cols, vocab))
-    return chunk_loop(pieces, add, carry, (h, dz), "xla_cpu")[0]
 
 
 def index_coefs(valid, w_y, sum_w, eps, z, vocab, denominator, count, reduction, dtype):

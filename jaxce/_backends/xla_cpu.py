@@ -29,7 +29,8 @@ Why XLA:CPU needs them (jaxlib 0.10):
 5. A 16-bit ``hidden.T @ dz`` is not a native XLA:CPU product: both operands are upcast
    and the ``hidden`` upcast is hoisted out of the chunk loop (see :func:`chunk_kernel_grad`).
 6. XLA:CPU does not fuse an add into a matmul's output: ``dh + dz @ k.T`` materialises
-   the ``[tokens, D]`` product before adding it (see :func:`add_hidden_grad`).
+   the ``[tokens, D]`` product before adding it (see :func:`add_hidden_grad`), and
+   min_work's ``dk + h.T @ dz`` the ``[D, V]`` one (see :func:`add_kernel_grad`).
 7. The fused loss's chunk loop (``jaxce._chunked.chunk_loop``) holds its pinned arrays
    (``hidden``, the kernel) with :func:`hold` and :func:`settle`, as the TPU compiler
    needs (``xla_tpu.py``). jaxlib 0.10.2 upcasts a 16-bit ``dynamic-slice``'s operand and
@@ -338,3 +339,32 @@ def add_hidden_grad(dh, dz, k, *, dtype):
     for start, size in blocks[len(full) :]:
         dh = add_block(start, size, dh)
     return dh
+
+
+def add_kernel_grad(dk, h, dz, *, dtype):
+    """XLA:CPU's spelling of min_work's ``dk += h.T @ dz`` per token block
+    (``jaxce._token_blocks.add_kernel_grad``): over column chunks of ``dk``, each
+    added in place. XLA:CPU does not fuse the sum into the matmul, so the whole ``[D, V]``
+    product is a second accumulator-sized temporary (jaxlib 0.10.2 and 0.12.0.1: 16 MiB
+    more at 2048 x 256 x 16384 f32). The chunks hold about a sixteenth of the block's
+    logits, at least 128 columns."""
+    # Imported here: jaxce._chunked and jaxce._token_blocks import this module.
+    from jaxce._chunked import chunk_loop, chunks
+    from jaxce._token_blocks import add_kernel_grad as portable
+
+    dim, vocab = dk.shape
+    cols = max(128, (h.shape[0] * vocab // (16 * max(dim, 1))) // 128 * 128)
+
+    def add(start, size, carry, h, dz):
+        dk, zero = carry
+        dz_c = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+        old = lax.dynamic_slice_in_dim(dk, start, size, axis=1)
+        new = portable(old, h, dz_c, dtype=dtype)
+        return lax.dynamic_update_slice_in_dim(dk, new, start, 1), zero
+
+    # The scalar takes chunk_loop's exact zero (added to the smallest float of the carry),
+    # which would otherwise rewrite the whole accumulator.
+    carry = (dk, jnp.zeros((), dk.dtype))
+    # XLA:CPU's own spelling: its loop takes XLA:CPU's hold and settle.
+    pieces = chunks(vocab, min(cols, vocab))
+    return chunk_loop(pieces, add, carry, (h, dz), "xla_cpu")[0]
