@@ -74,12 +74,18 @@ def kernel_chunk(kernel, start, size):
     return lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
 
 
-def chunk_logits(hidden, kernel, bias, start, size, dtype):
-    """``hidden @ kernel[:, start:start+size] + bias[...]`` in float32 (``dtype``)."""
+def chunk_logits(hidden, kernel, bias, start, size, dtype, implementation=None):
+    """``hidden @ kernel[:, start:start+size] + bias[...]`` in float32 (``dtype``), laid
+    out by :func:`_lay_out` (as ``implementation`` spells it)."""
     k = kernel_chunk(kernel, start, size)
     z = lax.dot_general(hidden, k, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
     if bias is not None:
         z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(dtype)[None, :]
+    return spelled(_lay_out, {}, implementation, xla_tpu=xla_tpu.lay_out)(z)
+
+
+def _lay_out(z):
+    """A chunk's logits as the compiler lays them out (portable: unchanged)."""
     return z
 
 
@@ -284,7 +290,8 @@ def chunk_stats(
     def body(start, size, carry, hidden, kernel, probs):
         m, s, z_y, wz, tz, wt, top, arg, u = carry
         real = real_columns(start, size, n_real)
-        raw = mask_columns(chunk_logits(hidden, kernel, bias, start, size, dtype), real, -jnp.inf)
+        raw = chunk_logits(hidden, kernel, bias, start, size, dtype, opts.implementation)
+        raw = mask_columns(raw, real, -jnp.inf)
         z = mask_columns(softcap(raw, opts.cap), real, -jnp.inf)
         if temperature is not None:
             z = z * (1 / temperature)

@@ -61,12 +61,12 @@ from jaxce._rows import combine_index_loss, softcap, softcap_slope, times_slope
 from jaxce._targets import nan_if_out_of_range, target_info
 
 
-def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv=None):
+def _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv, implementation):
     """A chunk's raw logits, its (soft-capped, divided by the temperature: times ``inv``
     unless None) logits (-inf at padding columns), its local class ids and which columns
     are real (None: all)."""
     real = real_columns(start, size, n_real)
-    raw = chunk_logits(hidden, kernel, bias, start, size, dtype)
+    raw = chunk_logits(hidden, kernel, bias, start, size, dtype, implementation)
     cls = chunk_classes(start, size)
     z = softcap(raw, cap) if inv is None else softcap(raw, cap) * inv
     return raw, mask_columns(z, real, -jnp.inf), cls, real
@@ -158,7 +158,9 @@ def _tangent(res, tangents, with_wz, widths, cap, implementation):
 
     def body(start, size, acc, hidden, kernel, dk, probs, dt):
         d_lse, d_zy, d_wz, d_tz, d_wt, d_ent = acc
-        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv)
+        raw, z, cls, real = _parts(
+            kernel, start, size, dtype, hidden, bias, cap, n_real, inv, implementation
+        )
         z0 = mask_columns(z, real, 0)
         wc = weight_chunk(w, start, size)
         tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)
@@ -226,7 +228,9 @@ def _transpose(res, cts, wanted, homes, with_wz, widths, cap, implementation):
 
     def body(start, size, carry, hidden, kernel, probs):
         dh, dk, db, dw, dt, d_temp, sink = carry
-        raw, z, cls, real = _parts(kernel, start, size, dtype, hidden, bias, cap, n_real, inv)
+        raw, z, cls, real = _parts(
+            kernel, start, size, dtype, hidden, bias, cap, n_real, inv, implementation
+        )
         z0 = mask_columns(z, real, 0)
         wc = weight_chunk(w, start, size)
         tc = None if probs is None else weight_chunk(probs, start, size).astype(dtype)

@@ -236,6 +236,26 @@ def test_chunk_loop_hold_is_chosen_at_lowering_for_cpu_and_tpu_only():
     assert barriers(None, "cuda") == barriers("xla", "cpu") == barriers("xla_gpu", "tpu") == 0
 
 
+def test_chunk_logits_held_row_major_on_tpu_only():
+    # The TPU compiler otherwise lays a logits chunk out tokens-minor and copies whole
+    # [N, V] class probabilities to match it (jaxce/_backends/xla_tpu.py): the chunk loops'
+    # logits carry a layout constraint in the TPU spelling only. The portable program has
+    # its own (the loop-carried kernel gradient), the same on every platform.
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((8, 16), (16, 64), (8, 64))]
+
+    def constraints(implementation, platform):
+        def loss(h, k, p):
+            return jaxce.linear_cross_entropy(h, k, p, chunk_size=16, implementation=implementation)
+
+        traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*specs)
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        return text.count("@LayoutConstraint")
+
+    portable = constraints("xla", "tpu")
+    assert constraints(None, "tpu") == constraints("xla_tpu", "cpu") > portable
+    assert constraints(None, "cpu") == constraints(None, "cuda") == portable
+
+
 def test_default_implementation_hook_sets_the_automatic_choice():
     x = jax.ShapeDtypeStruct((8, 64), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((8,), jnp.int32)

@@ -50,6 +50,7 @@ pass (portable)                      what it computes                         re
                                      iteration (portable: unchanged)
 ``_chunked._settle``                 the chunk loop's carry after the loop    xla_cpu, xla_tpu
                                      (portable: unchanged)
+``_chunked._lay_out``                 a chunk's logits (portable: unchanged)   xla_tpu
 ``_token_blocks.add_kernel_grad``    min_work's ``dk += h.T @ dz`` per block  xla_cpu
 ``_chunked.vocab_loop``'s width      the fused loss's default chunk width     xla_gpu, xla_tpu
                                      (``CHUNK_BYTES``; not ``chunk_size=``)

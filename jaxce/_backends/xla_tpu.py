@@ -15,15 +15,28 @@ and v6e (``memory_analysis()``, ``value_and_grad`` of the mean of
   barrier / without the zero / neither (the portable loop): v5e 65 / 625 / 625 / 625, v5p
   81 / 625 / 577 / 577, v6e 1,105 / 1,649 / 1,649 / 1,649. At 16384 x 4096 x 131072
   bfloat16 neither changes anything.
+* The fused loss's chunk of logits, :func:`lay_out`: held row-major (a layout constraint).
+  With class-probability targets the TPU compiler lays the float32 logits chunk out
+  tokens-minor and, to multiply it with the probabilities' chunk, copies the whole
+  row-major ``[N, V]`` probabilities to that layout once, before the loop: their own size
+  again. value_and_grad of the mean (index targets unchanged), temporaries in MiB and
+  modelled ms (``benchmarks/timemodel.py``), without -> with, 16384 x 4096 x 131072 bf16:
+  v5e 4,160 -> 320 (437 -> 426 ms), v5p 4,225 -> 321 (189 -> 186), v6e 4,416 -> 320
+  (140 -> 132); 8192 x 2048 x 131072 f32: v5e 4,192 -> 96 (125 -> 114), v5p 4,192 -> 96
+  (54 -> 51), v6e 4,192 -> 97 (44 -> 38). Constraining the probabilities' chunk instead
+  saves the same memory but costs 1–12 % of the time (a transpose of each logits chunk);
+  an optimization barrier on it saved nothing. XLA:GPU keeps the logits row-major itself.
 * The fused loss's default chunk width, :func:`chunk_width` (below, with its measurement).
 """
 
 from __future__ import annotations
 
 from jaxce._backends import bits
+from jaxce._compat import row_major
 
 hold = bits.hold
 settle = bits.settle
+lay_out = row_major
 
 # The fused loss's default chunk width (``jaxce._chunked.default_widths``; the portable
 # rule, 16 MiB of float32 logits per chunk, elsewhere). Why: the backward pass reads and
