@@ -423,3 +423,43 @@ def test_platform_chunk_widths_compute_the_float64_loss(implementation, monkeypa
     text = jax.jit(jax.value_and_grad(ours, (0, 1))).lower(*f32).as_text()
     width = {None: 32, "xla_gpu": 48, "xla_tpu": 80}[implementation]
     assert f"tensor<12x{width}xf32>" in text
+
+
+@pytest.mark.parametrize("implementation", [None, "xla_tpu"])
+def test_platform_chunk_widths_over_a_vocabulary_parallel_mesh(implementation, monkeypatch):
+    # As above, inside shard_map (2 x 2 devices: 100 classes each, chunks of 16 portable,
+    # 40 on TPUs, and a remainder), value, gradients and a Hessian-vector product against
+    # float64 autodiff of the plain formula.
+    monkeypatch.setattr(jaxce._chunked, "auto_chunk", lambda n, v: 16)
+    monkeypatch.setattr(
+        jaxce._chunked, "WIDTHS", (("xla_gpu", lambda n, v: 24), ("xla_tpu", lambda n, v: 40))
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    rng = rng_for("platform chunk widths, mesh")
+    n, d, v = 16, 8, 200
+    h, k = jnp.asarray(rng.standard_normal((n, d))), jnp.asarray(rng.standard_normal((d, v)))
+    k = k * 0.3
+    y = jnp.asarray(rng.integers(0, v, n))
+    tangent = jnp.asarray(rng.standard_normal((n, d)))
+
+    def ours(h, k):
+        return jaxce.sharded_linear_cross_entropy(
+            h, k, y, mesh=mesh, vocab_axis="model", batch_axis="data", strategy="min_memory",
+            implementation=implementation,
+        )  # fmt: skip
+
+    def reference(h, k):
+        return plain_cross_entropy(h @ k, y)
+
+    def hvp(loss):
+        return jax.jvp(lambda h: jax.grad(loss)(h, k), (h,), (tangent,))[1]
+
+    value, grads = jax.jit(jax.value_and_grad(ours, (0, 1)))(h, k)
+    ref_value, ref_grads = jax.value_and_grad(reference, (0, 1))(h, k)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(jax.jit(partial(hvp, ours))(), hvp(reference), rtol=1e-9, atol=1e-13)
+    # Each device's chunk blocks: 8 tokens by the width that ran.
+    text = jax.jit(jax.value_and_grad(ours, (0, 1))).lower(h, k).as_text()
+    assert f"tensor<8x{16 if implementation is None else 40}xf64>" in text
