@@ -71,8 +71,9 @@ def test_min_work_matches_the_plain_formula_and_min_memory(
     args = (h, k, b, w, jnp.asarray(eps), t)
     argnums = (0, 1, 2, 3, 4, 5) if kind == "probs" else (0, 1, 2, 3, 4)
     value, grads = jax.jit(jax.value_and_grad(loss("min_work"), argnums))(*args)
-    ref_value, ref_grads = jax.value_and_grad(plain, argnums)(*args)
-    mem_value, mem_grads = jax.value_and_grad(loss("min_memory"), argnums)(*args)
+    # All three under jax.jit: traced once, not dispatched op by op.
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(plain, argnums))(*args)
+    mem_value, mem_grads = jax.jit(jax.value_and_grad(loss("min_memory"), argnums))(*args)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     np.testing.assert_allclose(value, mem_value, rtol=1e-12)
     for ours, ref, mem in zip(grads, ref_grads, mem_grads, strict=True):
@@ -97,19 +98,20 @@ def test_min_work_forward_mode_and_second_order(kind):
 
     rng = rng_for("strategy tangents", kind)
     dh, dk = (jnp.asarray(rng.standard_normal(x.shape)) for x in (h, k))
-    out, tangent = jax.jvp(f, (h, k), (dh, dk))
-    ref_out, ref_tangent = jax.jvp(plain, (h, k), (dh, dk))
+    # Each under jax.jit: traced and compiled once, not dispatched op by op.
+    out, tangent = jax.jit(lambda *p: jax.jvp(f, p[:2], p[2:]))(h, k, dh, dk)
+    ref_out, ref_tangent = jax.jit(lambda *p: jax.jvp(plain, p[:2], p[2:]))(h, k, dh, dk)
     np.testing.assert_allclose(out, ref_out, rtol=1e-12)
     np.testing.assert_allclose(tangent, ref_tangent, rtol=1e-11)
 
     def hvp(loss):
-        return jax.jvp(jax.grad(loss, (0, 1)), (h, k), (dh, dk))[1]
+        return jax.jit(lambda *p: jax.jvp(jax.grad(loss, (0, 1)), p[:2], p[2:])[1])(h, k, dh, dk)
 
     for ours, ref in zip(hvp(f), hvp(plain), strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
 
     def grad_grad(loss):
-        return jax.grad(lambda h: jnp.sum(jax.grad(loss)(h, k) ** 2))(h)
+        return jax.jit(jax.grad(lambda h, k: jnp.sum(jax.grad(loss)(h, k) ** 2)))(h, k)
 
     np.testing.assert_allclose(grad_grad(f), grad_grad(plain), rtol=1e-9, atol=1e-12)
 
@@ -137,8 +139,8 @@ def test_bfloat16_logits_near_640_accumulate_in_float32(strategy):
     def plain(h, k):
         return plain_cross_entropy(h @ k, y)
 
-    value, (gh, gk) = jax.value_and_grad(f, (0, 1))(h16, k16)
-    ref, (rh, rk) = jax.value_and_grad(plain, (0, 1))(jnp.asarray(h), jnp.asarray(k))
+    value, (gh, gk) = jax.jit(jax.value_and_grad(f, (0, 1)))(h16, k16)
+    ref, (rh, rk) = jax.jit(jax.value_and_grad(plain, (0, 1)))(jnp.asarray(h), jnp.asarray(k))
     # What bfloat16 logits would give: a softmax off by tens of percent.
     rounded = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)
     p, p_rounded = (np.asarray(jax.nn.softmax(x)) for x in (logits, rounded))
@@ -263,12 +265,14 @@ def test_min_work_with_temperature_matches_the_formula_and_min_memory(kind, cap)
         return jnp.sum(sw * per) / denominator
 
     args = (h, k, temp)
-    want = jax.value_and_grad(formula, argnums=(0, 1, 2))(*args)
+    want = jax.jit(jax.value_and_grad(formula, argnums=(0, 1, 2)))(*args)
     for strategy in ("min_work", "min_memory"):
-        got = jax.value_and_grad(loss(strategy), argnums=(0, 1, 2))(*args)
+        got = jax.jit(jax.value_and_grad(loss(strategy), argnums=(0, 1, 2)))(*args)
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
-    _, jvp = jax.jvp(loss("min_work"), args, (h * 0, k * 0, jnp.asarray(1.0)))
+    _, jvp = jax.jit(lambda *a: jax.jvp(loss("min_work"), a, (h * 0, k * 0, jnp.asarray(1.0))))(
+        *args
+    )
     np.testing.assert_allclose(jvp, want[1][2], rtol=1e-10)
 
 
@@ -329,13 +333,13 @@ def test_min_work_under_vmap_and_jvp_in_the_probabilities():
     def plain(h, t):
         return plain_cross_entropy(h @ k + b[None, :], t, w)
 
-    value, grad = jax.vmap(jax.value_and_grad(f), in_axes=(0, None))(hs, t)
-    ref_value, ref_grad = jax.vmap(jax.value_and_grad(plain), in_axes=(0, None))(hs, t)
+    value, grad = jax.jit(jax.vmap(jax.value_and_grad(f), in_axes=(0, None)))(hs, t)
+    ref_value, ref_grad = jax.jit(jax.vmap(jax.value_and_grad(plain), in_axes=(0, None)))(hs, t)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-10, atol=1e-13)
     dt = jnp.asarray(rng_for("strategy dt").standard_normal(t.shape))
-    ours = jax.jvp(lambda t: f(h, t), (t,), (dt,))
-    ref = jax.jvp(lambda t: plain(h, t), (t,), (dt,))
+    ours = jax.jit(lambda t, dt: jax.jvp(lambda t: f(h, t), (t,), (dt,)))(t, dt)
+    ref = jax.jit(lambda t, dt: jax.jvp(lambda t: plain(h, t), (t,), (dt,)))(t, dt)
     np.testing.assert_allclose(ours, ref, rtol=1e-11)
 
 
@@ -429,11 +433,14 @@ def test_min_work_entropy_forward_mode_and_second_order():
             loss, entropy = pair(strategy)(h, k, temp)
             return loss - 0.1 * entropy
 
-        return jax.jvp(jax.grad(objective, range(3)), primals, tangents)[1]
+        return jax.jit(lambda p, v: jax.jvp(jax.grad(objective, range(3)), p, v)[1])(
+            primals, tangents
+        )
 
+    # Under jax.jit: traced and compiled once, not dispatched op by op.
     ours, ref = (
-        jax.jvp(pair("min_work"), primals, tangents),
-        jax.jvp(pair("min_memory"), primals, tangents),
+        jax.jit(lambda p, v, s=s: jax.jvp(pair(s), p, v))(primals, tangents)
+        for s in ("min_work", "min_memory")
     )
     for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-11, atol=1e-13)

@@ -9,6 +9,7 @@ torch's ``linear_weight`` is ``[C, d1, ..., dK, D]``; jaxce's kernel is the same
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax.numpy as jnp
@@ -27,9 +28,12 @@ OPS = {op.variant_test_name or "reference": op for op in op_db if op.name == "nn
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def _samples(variant: str, dtype: str) -> list:
+@functools.cache
+def _samples(variant: str, dtype: str) -> tuple:
+    # Drawn once per process (collection already needs them; torch takes ~1 s to draw a
+    # variant's samples) and only read by the tests: they compare on NumPy copies.
     torch.manual_seed(0)  # make_tensor draws from torch's global generator
-    return list(OPS[variant].sample_inputs("cpu", DTYPES[dtype], requires_grad=True))
+    return tuple(OPS[variant].sample_inputs("cpu", DTYPES[dtype], requires_grad=True))
 
 
 def _cases():
@@ -96,8 +100,9 @@ def test_opinfo_sample(variant, dtype, index):
     assert not result.error_parity, "torch raised on its own sample"
 
 
+@functools.cache
 def _error_inputs():
-    return list(OPS["reference"].error_inputs("cpu"))
+    return tuple(OPS["reference"].error_inputs("cpu"))
 
 
 @pytest.mark.parametrize("index", range(6))
