@@ -216,19 +216,26 @@ def test_automatic_choice_is_made_at_lowering_for_the_target_platform():
     assert "conditional" not in grad().lower().compile().as_text()
 
 
+def _fused_lowered(target, implementation, platform):
+    """The lowered value_and_grad of the fused loss at 8 x 16 x 64 float32 (chunks of 16)
+    with ``target`` (a spec), for ``platform``."""
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((8, 16), (16, 64))]
+
+    def loss(h, k, y):
+        return jaxce.linear_cross_entropy(h, k, y, chunk_size=16, implementation=implementation)
+
+    traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*specs, target)
+    return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
 def test_chunk_loop_hold_is_chosen_at_lowering_for_cpu_and_tpu_only():
     # The fused loss's chunk loop holds hidden and the kernel with optimization barriers
     # on XLA:CPU and TPUs (jaxce/_backends/xla_tpu.py); the portable loop, which XLA:GPU
     # takes, has none. float32, so that no other XLA:CPU spelling adds a barrier.
-    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((8, 16), (16, 64))]
-    specs.append(jax.ShapeDtypeStruct((8,), jnp.int32))
+    target = jax.ShapeDtypeStruct((8,), jnp.int32)
 
     def barriers(implementation, platform):
-        def loss(h, k, y):
-            return jaxce.linear_cross_entropy(h, k, y, chunk_size=16, implementation=implementation)
-
-        traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*specs)
-        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        text = _fused_lowered(target, implementation, platform)
         return text.count("stablehlo.optimization_barrier")
 
     for platform in ("cpu", "tpu"):
@@ -241,15 +248,10 @@ def test_chunk_logits_held_row_major_on_tpu_only():
     # [N, V] class probabilities to match it (jaxce/_backends/xla_tpu.py): the chunk loops'
     # logits carry a layout constraint in the TPU spelling only. The portable program has
     # its own (the loop-carried kernel gradient), the same on every platform.
-    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((8, 16), (16, 64), (8, 64))]
+    probabilities = jax.ShapeDtypeStruct((8, 64), jnp.float32)
 
     def constraints(implementation, platform):
-        def loss(h, k, p):
-            return jaxce.linear_cross_entropy(h, k, p, chunk_size=16, implementation=implementation)
-
-        traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*specs)
-        text = traced.lower(lowering_platforms=(platform,)).as_text()
-        return text.count("@LayoutConstraint")
+        return _fused_lowered(probabilities, implementation, platform).count("@LayoutConstraint")
 
     portable = constraints("xla", "tpu")
     assert constraints(None, "tpu") == constraints("xla_tpu", "cpu") > portable
