@@ -53,7 +53,7 @@ pass (portable)                      what it computes                         re
 ``_chunked._lay_out``                 a chunk's logits (portable: unchanged)   xla_tpu
 ``_token_blocks.add_kernel_grad``    min_work's ``dk += h.T @ dz`` per block  xla_cpu
 ``_chunked.vocab_loop``'s width      the fused loss's default chunk width     xla_gpu, xla_tpu
-                                     (``CHUNK_BYTES``; not ``chunk_size=``)
+                                     (``chunk_width``; not ``chunk_size=``)
 ===================================  =======================================  ================
 
 No other compiler workaround sits in the portable modules except ``_rows.pick_class``'s
