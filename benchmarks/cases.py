@@ -193,8 +193,8 @@ def sharded_case(mesh, n, d, v, dtype="bfloat16"):
     from jax.sharding import PartitionSpec as P
 
     specs, variants, argnums, _ = linear_case(n, d, v, dtype)
-    sharded = lambda h, k, y: jaxce.sharded_linear_cross_entropy(  # noqa: E731
-        h, k, y, mesh=mesh, vocab_axis="model", batch_axis="data"
+    sharded = lambda h, k, y, **options: jaxce.sharded_linear_cross_entropy(  # noqa: E731
+        h, k, y, mesh=mesh, vocab_axis="model", batch_axis="data", **options
     )
     parts = (P("data", None), P(None, "model"), P("data"))
     return specs, {"jaxce sharded": sharded, **variants}, argnums, [Named(mesh, p) for p in parts]

@@ -16,7 +16,7 @@ from jax import lax
 from jaxce._backends import choose, spelled, xla_cpu, xla_gpu, xla_tpu
 from jaxce._compat import row_major
 from jaxce._options import compute_dtype
-from jaxce._rows import class_ids, softcap
+from jaxce._rows import class_ids, softcap, softcap_slope, times_slope
 
 # Default chunk: about this many bytes of float32 logits per chunk (tokens x chunk x 4).
 CHUNK_BYTES = 16 * 2**20
@@ -209,6 +209,165 @@ def accumulate_chunk_grads(
     return dh, dk, db
 
 
+# The columns of the packed per-row operand ``rows`` of :func:`stats_step` (the running
+# max, sum of exponentials, target logit, Σ_c w_c z_c, raw max and its class relative to
+# the chunk) and :func:`grad_step` (the lse and the coefficients of dz); both hold the
+# target's column in the chunk at TARGET.
+MAX, SUM, ZY, WZ = range(4)
+LSE, G_LSE, G_ZY, G_WZ = range(4)
+TARGET, TOP, ARG = 4, 5, 6
+ROWS = 8
+
+
+def stats_step(hidden, kernel_c, cols, rows, *, cap, dtype, argmax):
+    """A forward chunk's step for class-index targets, on packed operands: the running row
+    statistics (``rows``' columns :data:`MAX`, :data:`SUM`, :data:`ZY`, :data:`WZ` and,
+    with ``argmax``, :data:`TOP`/:data:`ARG`) updated with the chunk's logits ``z =
+    softcap(hidden @ kernel_c + bias)``, as :func:`chunk_stats` does (``cols``: ``[2, w]``,
+    the chunk's class weights and bias; the target's column in the chunk at
+    :data:`TARGET`, -1: none; :data:`ARG` relative to the chunk's first column). The
+    portable pass; ``pallas_tpu`` spells it as a kernel."""
+    raw = lax.dot_general(hidden, kernel_c, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+    raw = raw + cols[1][None, :]
+    z = softcap(raw, cap)
+    m = rows[:, MAX]
+    new_m = jnp.maximum(m, jnp.max(z, axis=1))
+    safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
+    total = rows[:, SUM] * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
+    hit = chunk_classes(0, kernel_c.shape[1]) == rows[:, TARGET, None].astype(jnp.int32)
+    z_y = rows[:, ZY] + jnp.sum(jnp.where(hit, z, jnp.zeros_like(z)), axis=1)
+    wz = rows[:, WZ] + jnp.sum(cols[0][None, :] * z, axis=1)
+    top, arg = rows[:, TOP], rows[:, ARG]
+    if argmax:
+        top, arg = running_argmax(raw, 0, top, arg.astype(jnp.int32))
+    out = [new_m, total, z_y, wz, rows[:, TARGET], top, arg.astype(dtype), rows[:, ROWS - 1]]
+    return jnp.stack(out, axis=1)
+
+
+def grad_step(hidden, kernel_c, cols, rows, dh, *, cap, dtype):
+    """A backward chunk's step for class-index targets, from packed per-row and per-column
+    operands: the chunk's logits ``z = softcap(hidden @ kernel_c + bias)``, their gradient
+    ``dz = (p g_lse + [c = target] g_zy + w_c g_wz) * softcap'`` with ``p = exp(z - lse)``,
+    and ``(dh + dz @ kernel_c.T, hidden.T @ dz, dz.sum(0))`` (``dtype`` accumulation;
+    the matmuls read ``dz`` in ``hidden``'s dtype).
+
+    ``cols``: ``[2, w]``, the chunk's class weights and bias; ``rows``: ``[N, ROWS]``, per
+    token ``lse``, ``g_lse``, ``g_zy``, ``g_wz`` and the target's column in the chunk
+    (-1: none) at :data:`LSE`, :data:`G_LSE`, :data:`G_ZY`, :data:`G_WZ`, :data:`TARGET`.
+    The portable pass; ``pallas_tpu`` spells it as a kernel.
+    """
+    raw = lax.dot_general(hidden, kernel_c, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+    raw = raw + cols[1][None, :]
+    z = softcap(raw, cap)
+    dz = jnp.exp(z - rows[:, LSE, None]) * rows[:, G_LSE, None]
+    target = rows[:, TARGET, None].astype(jnp.int32)
+    hit = chunk_classes(0, kernel_c.shape[1]) == target
+    dz = dz + jnp.where(hit, rows[:, G_ZY, None], jnp.zeros_like(dz))
+    dz = dz + cols[0][None, :] * rows[:, G_WZ, None]
+    dz = times_slope(dz, softcap_slope(raw, cap))
+    dz_in = dz.astype(hidden.dtype)
+    return (
+        _add_hidden_grad(dh, dz_in, kernel_c, dtype),
+        _kernel_grad(hidden, dz_in, dtype),
+        (jnp.sum(dz, axis=0)),
+    )
+
+
+def _packed(hidden, bias, w, idx, here, start, size, columns, dtype, extra=()):
+    """:func:`stats_step`'s and :func:`grad_step`'s packed operands: ``rows`` ``[N, ROWS]``
+    (``columns``, four ``[N]`` vectors or None for zeros, the target's column in the
+    chunk, -1 where there is none, then ``extra`` columns) and ``cols`` ``[2, size]``
+    (class weights, 1 for None; bias, 0 for None)."""
+    n = hidden.shape[0]
+    zeros = jnp.zeros((n,), dtype)
+    target = jnp.full((n,), -1, jnp.int32)
+    if idx is not None:
+        local = idx - start
+        target = jnp.where(here & (local >= 0) & (local < size), local, target)
+    columns = [zeros if c is None else c for c in (*columns, target.astype(dtype), *extra)]
+    rows = jnp.stack(columns + [zeros] * (ROWS - len(columns)), axis=1)
+    ones = jnp.ones((size,), dtype)
+    w_c = ones if w is None else weight_chunk(w, start, size)[0]
+    b_c = ones * 0 if bias is None else lax.dynamic_slice_in_dim(bias, start, size).astype(dtype)
+    return rows, jnp.stack([w_c, b_c])
+
+
+def stats_loop(hidden, kernel, bias, w, idx, here, *, cap, dtype, argmax, widths,
+               implementation, step=stats_step):  # fmt: skip
+    """``(m, s, z_y, wz, top, arg)`` of :func:`chunk_stats` for class indices ``idx`` where
+    ``here`` (``w``/``bias``: None for none; ``top``/``arg``, the raw logits' row max and
+    its first class, -inf and 0 unless ``argmax``), one :func:`stats_step` (or ``step``, a
+    spelling of it) per chunk."""
+    n = hidden.shape[0]
+
+    def body(start, size, carry, hidden, kernel):
+        top, arg = carry[4:]
+        extra = (top, (arg - start).astype(dtype))  # the class relative to the chunk
+        rows, cols = _packed(hidden, bias, w, idx, here, start, size, carry[:4], dtype, extra)
+        rows = step(
+            hidden, kernel_chunk(kernel, start, size), cols, rows, cap=cap, dtype=dtype,
+            argmax=argmax,
+        )  # fmt: skip
+        arg = rows[:, ARG].astype(jnp.int32) + start
+        return rows[:, MAX], rows[:, SUM], rows[:, ZY], rows[:, WZ], rows[:, TOP], arg
+
+    zeros = jnp.zeros((n,), dtype)
+    lowest = jnp.full((n,), -jnp.inf, dtype)
+    init = (lowest, zeros, zeros, zeros, lowest, jnp.zeros((n,), jnp.int32))
+    return vocab_loop(kernel.shape[1], widths, body, init, (hidden, kernel), implementation)
+
+
+def grad_loop(
+    hidden, kernel, bias, w, idx, here, lse, g_lse, g_zy, g_wz, dh, dk, db, sink,
+    *, cap, dtype, widths, implementation, kernel_sum, step=grad_step,
+):  # fmt: skip
+    """The backward chunk loop of class indices (``_fused._transpose``) on the ``dz``
+    that :func:`grad_step` (or ``step``, a spelling of it) forms: ``(dh, dk, db, sink)``
+    from their initial values, as :func:`accumulate_chunk_grads` adds them (``kernel_sum``:
+    the axes each chunk's kernel gradient is summed over). ``sink``: a float scalar carried
+    along (see ``_fused._transpose``)."""
+
+    def body(start, size, carry, hidden, kernel):
+        dh, dk, db, sink = carry
+        columns = (lse, g_lse, g_zy, g_wz)
+        rows, cols = _packed(hidden, bias, w, idx, here, start, size, columns, dtype)
+        k = kernel_chunk(kernel, start, size)
+        dh, dk_c, db_c = step(hidden, k, cols, rows, dh, cap=cap, dtype=dtype)
+        if kernel_sum:
+            dk_c = lax.psum(dk_c, kernel_sum)
+        dk = row_major(lax.dynamic_update_slice_in_dim(dk, dk_c.astype(dk.dtype), start, axis=1))
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), start, 0)
+        return dh, dk, db, sink
+
+    init = (dh, dk, db, sink)
+    return vocab_loop(kernel.shape[1], widths, body, init, (hidden, kernel), implementation)
+
+
+def _spelled_loop(loop, step, static, *args):
+    """``loop(*args, **static)`` as ``static["implementation"]`` spells it: the whole loop
+    is the pass (``pallas_tpu``: the loop with ``pallas_tpu.<step>``, a kernel per chunk),
+    so that its derivatives are the portable loop's in every order (a spelled step inside
+    the loop would lose its rule to the loop's partial evaluation, and a Pallas kernel has
+    none of its own)."""
+    from jaxce._backends import pallas_tpu  # Pallas is imported only where it is named
+
+    kernels = partial(loop, step=getattr(pallas_tpu, step))
+    return spelled(loop, static, static["implementation"], pallas_tpu=kernels)(*args)
+
+
+def kernel_stats(hidden, kernel, bias, w, idx, here, **static):
+    """:func:`stats_loop` (keyword options ``static``), as the implementation spells it."""
+    return _spelled_loop(stats_loop, "stats_step", static, hidden, kernel, bias, w, idx, here)
+
+
+def kernel_grads(hidden, kernel, bias, w, idx, here, lse, g_lse, g_zy, g_wz, dh, dk, db, sink,
+                 **static):  # fmt: skip
+    """:func:`grad_loop` (keyword options ``static``), as the implementation spells it."""
+    args = (hidden, kernel, bias, w, idx, here, lse, g_lse, g_zy, g_wz, dh, dk, db, sink)
+    return _spelled_loop(grad_loop, "grad_step", static, *args)
+
+
 def running_argmax(z, start, top, arg):
     """Updates the running row max ``top`` and its class ``arg`` with a chunk's logits
     ``z`` (classes ``start...``). Only a strictly larger chunk max moves ``arg``, so the
@@ -250,6 +409,13 @@ def weight_chunk(w, start, size):
     return lax.dynamic_slice_in_dim(w, start, size, axis=1)
 
 
+def kernel_covers(hidden, kernel):
+    """Whether ``pallas_tpu``'s kernels take these operands (``pallas_tpu.covers``)."""
+    from jaxce._backends import pallas_tpu  # Pallas is imported only where it is named
+
+    return pallas_tpu.covers(hidden, kernel)
+
+
 def chunk_stats(
     hidden,
     kernel,
@@ -286,6 +452,27 @@ def chunk_stats(
     dtype = compute_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
+
+    # The cases pallas_tpu's kernel covers (pallas_tpu.py); the rest run the passes below.
+    kernel_step = (
+        opts.implementation == "pallas_tpu"
+        and idx is not None
+        and probs is None
+        and temperature is None
+        and not entropy
+        and n_real is None
+        and dtype == jnp.float32
+        and kernel_covers(hidden, kernel)
+    )
+
+    if kernel_step:
+        m, s, z_y, wz, top, arg = kernel_stats(
+            hidden, kernel, bias, w, idx, here, cap=opts.cap, dtype=dtype, argmax=opts.stats,
+            widths=(opts.chunk, opts.chunk_by), implementation=opts.implementation,
+        )  # fmt: skip
+        lse = jnp.where(jnp.isneginf(m), m, m + jnp.log(s))
+        top, arg = (top, arg) if opts.stats else (None, None)
+        return lse, z_y, wz if with_wz else None, None, None, top, arg
 
     def body(start, size, carry, hidden, kernel, probs):
         m, s, z_y, wz, tz, wt, top, arg, u = carry

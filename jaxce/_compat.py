@@ -51,3 +51,20 @@ def row_major(x: Any) -> Any:
     except ImportError:
         return x
     return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+
+
+def struct_like(x: Any, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    """A ``jax.ShapeDtypeStruct`` of ``shape`` and ``dtype`` varying over the ``shard_map``
+    mesh axes ``x`` varies over (a ``pallas_call``'s ``out_shape`` inside ``shard_map``).
+
+    jax >= 0.10: ``manual_axis_type=aval.manual_axis_type``; jax 0.7 - 0.9:
+    ``vma=aval.vma``.
+    """
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+    vma = getattr(aval, "vma", None)
+    if vma:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    return jax.ShapeDtypeStruct(shape, dtype)

@@ -125,8 +125,10 @@ def cross_entropy(
         (default): chosen for the platform the program is compiled for — XLA:CPU's
         spelling on CPUs, XLA:GPU's on CUDA GPUs, the portable one elsewhere (TPUs).
         ``'xla'``: the portable spelling on every platform. ``'xla_cpu'`` /
-        ``'xla_gpu'``: that compiler's spelling on any platform (its memory and speed are
-        tuned for, and measured on, that compiler only).
+        ``'xla_gpu'`` / ``'xla_tpu'``: that compiler's spelling on any platform (its
+        memory and speed are tuned for, and measured on, that compiler only).
+        ``'pallas_tpu'``: ``'xla_tpu'`` (its kernels are the fused loss's; a dense loss
+        runs the portable program).
 
     Returns:
       The loss: shape ``target.shape`` (index targets) or ``input.shape`` without ``axis``

@@ -48,6 +48,8 @@ from jaxce._chunked import (
     chunk_logits_tangent,
     chunk_stats,
     chunks,
+    kernel_covers,
+    kernel_grads,
     mask_columns,
     real_columns,
     vocab_loop,
@@ -225,6 +227,17 @@ def _transpose(res, cts, wanted, homes, with_wz, widths, cap, implementation):
     vocab = kernel.shape[1]
     w = None if weight is None else weight.astype(dtype)
     inv = None if temperature is None else 1 / temperature
+    # The cases pallas_tpu's kernel covers (pallas_tpu.py); the rest run the passes below.
+    kernel_step = (
+        implementation == "pallas_tpu"
+        and probs is None
+        and g_ent is None
+        and temperature is None
+        and n_real is None
+        and not any(wanted)
+        and dtype == jnp.float32
+        and kernel_covers(hidden, kernel)
+    )
 
     def body(start, size, carry, hidden, kernel, probs):
         dh, dk, db, dw, dt, d_temp, sink = carry
@@ -281,10 +294,17 @@ def _transpose(res, cts, wanted, homes, with_wz, widths, cap, implementation):
     # 0.0.52). Added to each block of dh as it is read instead.
     # Of the residuals' type, as the zero it may receive (else the spellings' types differ).
     sink = cast_varying(jnp.zeros((), dtype), every)
-    init = (dh, dk, db, dw, dt, d_temp, sink)
-    dh, dk, db, dw, dt, d_temp, sink = vocab_loop(
-        vocab, widths, body, init, (hidden, kernel, probs), implementation
-    )
+    if kernel_step:  # then dw, dt and d_temp are None
+        dh, dk, db, sink = kernel_grads(
+            hidden, kernel, bias, w, idx, here, lse, g_lse, g_zy, g_wz, dh, dk, db, sink,
+            cap=cap, dtype=dtype, widths=widths, implementation=implementation,
+            kernel_sum=k_sum,
+        )  # fmt: skip
+    else:
+        init = (dh, dk, db, dw, dt, d_temp, sink)
+        dh, dk, db, dw, dt, d_temp, sink = vocab_loop(
+            vocab, widths, body, init, (hidden, kernel, probs), implementation
+        )
     h_home, _, b_home, w_home, t_home, temp_home = homes
     dh = _sum_over_replicas(dh, every, h_home, hidden.dtype, sink)
     db, dw, dt = (

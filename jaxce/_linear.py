@@ -111,11 +111,14 @@ def linear_cross_entropy(
         the kernel padded at the end to ``n * ceil(V / n)`` (any values), and
         ``vocab_size=V``; the padding columns never enter the loss and get zero gradient.
         None: every column is a class.
-      implementation: how the backward pass's chunk matmuls are spelled (the values are
-        the same whichever is chosen), as in :func:`jaxce.cross_entropy`: None (default)
-        for the platform compiled for, ``'xla'`` the portable spelling everywhere,
-        ``'xla_cpu'`` / ``'xla_gpu'`` that compiler's spelling on any platform. Both
-        strategies' passes are spelled by it.
+      implementation: how the passes are spelled (the values are the same whichever is
+        chosen, to rounding), as in :func:`jaxce.cross_entropy`: None (default) for the
+        platform compiled for, ``'xla'`` the portable spelling everywhere,
+        ``'xla_cpu'`` / ``'xla_gpu'`` / ``'xla_tpu'`` that compiler's spelling on any
+        platform, ``'pallas_tpu'`` (opt-in, never automatic) ``'xla_tpu'`` with Pallas
+        kernels for ``"min_memory"``'s chunk steps where they cover the call (class
+        indices; the docs' implementations guide lists what they cover), run in Pallas's
+        interpret mode off a TPU. Both strategies' passes are spelled by it.
       strategy: the algorithm (the values are the same to float tolerance):
 
         * ``"min_memory"``: vocabulary chunks of ``chunk_size``, the backward pass

@@ -22,12 +22,13 @@ enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.
 
 # The implementations whose dense losses (cross_entropy, its module form, the optax
 # drop-ins) are distinct programs, which the grids of dense losses run: the TPU compiler
-# respells only the fused loss's chunk loop (jaxce/_backends/xla_tpu.py), so under
-# "xla_tpu" a dense loss lowers to the portable ("xla") program exactly, and running it
-# again would compile and check the same program twice. tests/test_implementations.py
+# respells only the fused loss's chunk loop (jaxce/_backends/xla_tpu.py; "pallas_tpu" adds
+# kernels for it alone), so under "xla_tpu" and "pallas_tpu" a dense loss lowers to the
+# portable ("xla") program exactly, and running it again would compile and check the
+# same program twice. tests/test_implementations.py
 # (test_dense_losses_lower_alike_under_implementations_not_in_the_dense_grids) fails
 # once a left-out implementation respells a dense pass.
-DENSE_IMPLEMENTATIONS = tuple(name for name in IMPLEMENTATIONS if name != "xla_tpu")
+DENSE_IMPLEMENTATIONS = tuple(n for n in IMPLEMENTATIONS if n not in ("xla_tpu", "pallas_tpu"))
 
 _COLLECTIVE = re.compile(
     r"= (.*?) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("

@@ -19,6 +19,7 @@ Backend-independent guarantees (what the backward pass saves) are in test_memory
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -201,19 +202,23 @@ def _fused_cases():
         for kind in ("index", "probs"):
             if kind == "probs" and target not in (targets.TPU_V5P, targets.H100):
                 continue  # class probabilities: pinned on v5p and H100
+            if target.startswith("tpu") and kind == "index":
+                # implementation="pallas_tpu": its kernels, compiled by Mosaic (measured with
+                # libtpu 0.0.52 at the bf16 shape: v5e 265, v5p 297, v6e 265 MiB).
+                yield pytest.param(target, kind, "pallas_tpu", id=f"{target}-{kind}-pallas_tpu")
             # TPU v6e, measured with libtpu 0.0.52: 1,297 MiB (bf16) and 1,105 (f32) while
             # its loop-carried d-kernel was laid out column-major and copied to the output
             # after the loop; 273 and 81 with the carry held row-major (_chunked.py).
             # Class probabilities on TPU: 4,225 MiB (bf16, v5p) while the logits chunk was
             # laid out tokens-minor and the whole [N, V] probabilities copied to match it
             # before the loop; 321 with the chunk held row-major (_backends/xla_tpu.py).
-            yield pytest.param(target, kind, id=f"{target}-{kind}")
+            yield pytest.param(target, kind, None, id=f"{target}-{kind}")
 
 
 @pytest.mark.xla_budget
 @pytest.mark.parametrize("shape", list(FUSED_SHAPES))
-@pytest.mark.parametrize(("target", "kind"), list(_fused_cases()))
-def test_device_fused_linear_within_budget_of_unfused(target, kind, shape):
+@pytest.mark.parametrize(("target", "kind", "implementation"), list(_fused_cases()))
+def test_device_fused_linear_within_budget_of_unfused(target, kind, implementation, shape):
     n, d, v, dtype = FUSED_SHAPES[shape]
     target_spec = S((n, v), dtype) if kind == "probs" else S((n,), jnp.int32)
     specs = (S((n, d), dtype), S((d, v), dtype), target_spec)
@@ -222,7 +227,11 @@ def test_device_fused_linear_within_budget_of_unfused(target, kind, shape):
         return targets.measure(target, jax.value_and_grad(loss, argnums=(0, 1)), *specs)
 
     _target(target)
-    fused = temp(lambda h, k, y: jaxce.linear_cross_entropy(h, k, y, strategy="min_memory"))
+    fused = temp(
+        lambda h, k, y: jaxce.linear_cross_entropy(
+            h, k, y, strategy="min_memory", implementation=implementation
+        )
+    )
     unfused = temp(lambda h, k, y: jaxce.cross_entropy(h @ k, y)).temp_bytes
     budget = fused_budget(n, d, v, dtype, unfused)
     assert fused.temp_bytes <= budget, (
@@ -316,7 +325,8 @@ def test_tpu_vocab_parallel_loss_gathers_neither_kernel_nor_logits():
 
 
 @pytest.mark.xla_budget
-def test_tpu_sharded_fused_linear_per_chip_within_budget():
+@pytest.mark.parametrize("implementation", [None, "pallas_tpu"])
+def test_tpu_sharded_fused_linear_per_chip_within_budget(implementation):
     # 16384 x 4096 x 131072 bf16 over a 2 x 2 v5p mesh: per chip 8192 tokens x 65536
     # classes; the unfused jaxce loss per chip is the reference. Measured with libtpu
     # 0.0.52: 149 MiB per chip (budget 169, unfused 2,048); 721 MiB while the backward
@@ -334,8 +344,11 @@ def test_tpu_sharded_fused_linear_per_chip_within_budget():
             targets.TPU_V5P_4, jax.value_and_grad(loss, argnums), *specs, shardings=shardings
         )
 
-    sharded = compiled(variants["jaxce sharded"])
-    assert "all-gather" not in sharded.as_text(), "the compiled program gathers across devices"
+    sharded = compiled(partial(variants["jaxce sharded"], implementation=implementation))
+    text = sharded.as_text()
+    assert "all-gather" not in text, "the compiled program gathers across devices"
+    # pallas_tpu: its kernels run in each device's program (libtpu 0.0.52: 141 MiB per chip).
+    assert ('custom_call_target="tpu_custom_call"' in text) == (implementation == "pallas_tpu")
     fused = sharded.memory_analysis().temp_size_in_bytes
     unfused = compiled(variants["jaxce unfused"]).memory_analysis().temp_size_in_bytes
     budget = fused_budget(n // 2, d, v // 2, jnp.bfloat16, unfused)

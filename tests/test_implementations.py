@@ -182,7 +182,7 @@ def test_every_entry_point_takes_every_implementation(entry, implementation):
 def test_unknown_implementation_names_the_supported_ones(entry, name):
     x = jnp.zeros((12, 9), jnp.bfloat16)
     t = jnp.zeros((12,), jnp.int32)
-    match = r"implementation must be None \(automatic\) or one of 'xla', 'xla_cpu', 'xla_gpu', 'xla_tpu'; got "
+    match = r"implementation must be None \(automatic\) or one of 'xla', 'xla_cpu', 'xla_gpu', 'xla_tpu', 'pallas_tpu'; got "
     with pytest.raises(ValueError, match=match + repr(name)):
         entry_points()[entry](x, t, implementation=name)
 

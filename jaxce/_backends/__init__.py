@@ -23,6 +23,11 @@ picks one:
   only memory and speed are tuned for, and measured on, the named compiler. This is also
   how CI executes the GPU's and the TPU's spellings on a CPU. A name stays valid when its
   backend stops respelling a pass: it then means the portable pass.
+* ``"pallas_tpu"`` (opt-in, never the automatic choice): ``"xla_tpu"``, with a Pallas
+  (Mosaic) kernel for the passes that have one (``pallas_tpu.py``: the fused loss's
+  backward chunk step, for the options it lists). Off a TPU the kernel runs in Pallas's
+  interpret mode (how CI executes it); its values agree with the portable pass's up to
+  the order of the sums.
 
 Why users may name a platform's spelling (not only a private test hook): it is safe, as
 every spelling computes the same values with the same (portable) derivatives on every
@@ -54,17 +59,19 @@ pass (portable)                      what it computes                         re
 ``_token_blocks.add_kernel_grad``    min_work's ``dk += h.T @ dz`` per block  xla_cpu
 ``_chunked.vocab_loop``'s width      the fused loss's default chunk width     xla_gpu, xla_tpu
                                      (``chunk_width``; not ``chunk_size=``)
+``_chunked.grad_step``               a backward chunk's logits, ``dz``, and   pallas_tpu
+                                     its ``dh``/``dk``/``db`` updates
 ===================================  =======================================  ================
 
 No other compiler workaround sits in the portable modules except ``_rows.pick_class``'s
 masked sum, which is the portable spelling on its own merits (a TPU measurement, in its
 docstring; XLA:CPU spells it as a gather in its ``index_row_stats``).
 
-A Pallas kernel for a pass would plug in the same way: a further implementation name, its
-spelling given to :func:`spelled`, and the portable derivatives. Every spelling today
-takes every shape and option; one that cannot (a kernel's tile constraints, say) must
-fall back to the portable pass under the automatic choice and raise a ValueError naming
-what it supports when named explicitly.
+A Pallas kernel plugs in the same way: a further implementation name, its spelling given
+to :func:`spelled`, and the portable derivatives. The ``pallas_tpu`` kernel does not take
+every option: its caller (``_fused._transpose``) routes only the cases it covers to it
+(``pallas_tpu.covers`` and the options listed there) and runs the ``xla_tpu`` passes for
+the rest, in the same program, so naming ``pallas_tpu`` never changes what is computed.
 
 Why public API and not a primitive: up to jaxce 0.2 this was a custom primitive (impl,
 JVP, transpose, batching and per-platform lowerings on ``jax.interpreters``). A
@@ -85,10 +92,14 @@ import jax.numpy as jnp
 from jax import lax
 
 # The implementation names users may pass (None: automatic, see the module doc).
-IMPLEMENTATIONS = ("xla", "xla_cpu", "xla_gpu", "xla_tpu")
+IMPLEMENTATIONS = ("xla", "xla_cpu", "xla_gpu", "xla_tpu", "pallas_tpu")
 
 # The platforms on which the automatic choice (None) takes each backend's spelling.
 AUTOMATIC = {"xla_cpu": ("cpu",), "xla_gpu": ("cuda",), "xla_tpu": ("tpu",)}
+
+# Opt-in implementations (never the automatic choice): each names the implementation whose
+# spelling it takes for the passes it does not spell itself.
+FALLBACK = {"pallas_tpu": "xla_tpu"}
 
 
 def check_implementation(implementation: Any) -> str | None:
@@ -135,9 +146,10 @@ def spelled(
     of arrays, Python numbers, None) and returns equal values of identical structure,
     shapes and dtypes. Derivatives, of every spelling, are those of ``portable``.
     """
-    unknown = set(spellings) - set(AUTOMATIC)
+    unknown = set(spellings) - set(AUTOMATIC) - set(FALLBACK)
     if unknown:
-        raise ValueError(f"unknown spellings {sorted(unknown)}; expected some of {list(AUTOMATIC)}")
+        known = [*AUTOMATIC, *FALLBACK]
+        raise ValueError(f"unknown spellings {sorted(unknown)}; expected some of {known}")
     default = partial(portable, **static)
     chosen = {name: partial(f, **static) for name, f in spellings.items() if f is not None}
     spelling = choose(implementation, default, chosen)
@@ -154,8 +166,12 @@ def choose(implementation: str | None, default: Callable, chosen: dict[str, Call
     if implementation == "xla" or not chosen:
         return default
     if implementation is not None:
+        while implementation not in chosen and implementation in FALLBACK:
+            implementation = FALLBACK[implementation]
         return chosen.get(implementation, default)
-    per_platform = {p: f for name, f in chosen.items() for p in AUTOMATIC[name]}
+    per_platform = {
+        p: f for name, f in chosen.items() if name in AUTOMATIC for p in AUTOMATIC[name]
+    }
 
     def by_platform(*args):
         return lax.platform_dependent(*args, default=default, **per_platform)
