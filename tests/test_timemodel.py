@@ -95,3 +95,43 @@ def test_device_matmul_work_of_the_materialised_loss(target):
     hlo = _hlo(jax.value_and_grad(variants["jaxce unfused"], argnums), *specs, target=target)
     assert timemodel.matmul_work(hlo, n, d, v) == pytest.approx(3.0)
     assert timemodel.estimate(hlo, target).seconds > 0
+
+
+def _custom_call_module(backend_config: str) -> str:
+    """A one-operation module: a [256, 512] @ [512, 1024] bfloat16 kernel as a custom call."""
+    return "\n".join([
+        "HloModule kernel",
+        "",
+        "ENTRY %main (p0: bf16[256,512], p1: bf16[512,1024]) -> f32[256,1024] {",
+        "  %p0 = bf16[256,512]{1,0} parameter(0)",
+        "  %p1 = bf16[512,1024]{1,0} parameter(1)",
+        '  ROOT %k = f32[256,1024]{1,0} custom-call(%p0, %p1), custom_call_target="tpu_custom_'
+        f'call", backend_config={backend_config}',
+        "}",
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("declared_bytes", [10_000_000, 1_000])
+def test_a_kernel_is_modelled_from_the_cost_it_declares(declared_bytes):
+    """A Pallas kernel's ``CostEstimate`` (in its backend config): its FLOPs count as
+    matmul work of its first operand's class, its bytes as declared where they exceed its
+    operands and output (2·256·512 + 2·512·1024 + 4·256·1024 = 2,359,296 bytes)."""
+    flops = 2 * 256 * 512 * 1024
+    cost = (
+        f'{{"flops":"{flops}","transcendentals":"0","bytes_accessed":"{declared_bytes}",'
+        '"remote_bytes_transferred":"0"}'
+    )
+    hlo = _custom_call_module(f'{{"custom_call_config":{{"body":"x","cost_estimate":{cost}}}}}')
+    est = timemodel.estimate(hlo, "cpu", timemodel.PEAK)
+    assert est.matmul_flops16 == flops
+    assert est.matmul_flops32 == 0
+    assert est.bytes == max(declared_bytes, 2_359_296)
+    chip = timemodel.CHIPS["cpu"]
+    assert est.seconds == pytest.approx(max(flops / chip.flops16, est.bytes / chip.bandwidth))
+
+
+def test_a_kernel_without_a_declared_cost_counts_its_bytes_only():
+    hlo = _custom_call_module('{"custom_call_config":{"body":"x"}}')
+    est = timemodel.estimate(hlo, "cpu", timemodel.PEAK)
+    assert est.flops == 0
+    assert est.bytes == 2_359_296
