@@ -143,6 +143,8 @@ FALLBACKS = {
     "entropy": dict(return_entropy=True, return_aux=True),
     "no token tile (1001 rows)": dict(n=1001),
     "min_work": dict(strategy="min_work"),
+    # Mosaic rejects the kernels' float16 loads (test_budgets compiles it for TPU).
+    "float16": dict(dtype="float16"),
 }
 
 
@@ -152,8 +154,9 @@ def test_uncovered_options_run_the_tpu_xla_passes(kernel_calls, case):
     n = opts.pop("n", 24)
     probs = opts.pop("probs", False)
     strategy = opts.pop("strategy", "min_memory")
+    dtype = opts.pop("dtype", "float32")
     h, k, _, _, y = _inputs(case, n, 16, 300, "float32")
-    h, k = jnp.asarray(h, jnp.float32), jnp.asarray(k, jnp.float32)
+    h, k = jnp.asarray(h, dtype), jnp.asarray(k, dtype)
     target = jnp.asarray(y % 300)
     if probs:
         target = jax.nn.softmax(jnp.asarray(np.random.default_rng(0).standard_normal((n, 300))))
@@ -165,9 +168,7 @@ def test_uncovered_options_run_the_tpu_xla_passes(kernel_calls, case):
         )  # fmt: skip
         return out[0] + jnp.sum(out[1].entropy) if isinstance(out, tuple) else out
 
-    (v_xla, g_xla), (v_pl, g_pl) = _both(
-        loss, jnp.asarray(h, jnp.float32), jnp.asarray(k, jnp.float32)
-    )
+    (v_xla, g_xla), (v_pl, g_pl) = _both(loss, h, k)
     assert kernel_calls == {"stats": [], "grad": []}
     np.testing.assert_array_equal(v_pl, v_xla)  # the same program
     for a, b in zip(g_pl, g_xla, strict=True):
