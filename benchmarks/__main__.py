@@ -336,6 +336,8 @@ def timemodel(run):
 
     rows = []
     for target in run.sizes["timemodel"]["targets"]:
+        if target not in run.targets:  # --targets
+            continue
         if why := targets.available(target):
             run.log(f"{target}: unavailable ({why})")
             continue

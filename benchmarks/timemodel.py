@@ -10,7 +10,9 @@ trip count:
   elements × the kernel's input-feature and spatial sizes (read from ``dim_labels``) ÷
   ``feature_group_count``; cuBLAS ``custom-call``\\ s: like ``dot``, from the backend config;
 * HBM bytes: its operands and outputs (an operand read only through a (dynamic-)slice
-  counts the slice; an in-place ``dynamic-update-slice`` counts the update, not the buffer);
+  counts the slice; an in-place ``dynamic-update-slice`` counts the update, not the buffer;
+  on a chip with a :attr:`Chip.gather_sector` (GPUs), an operand read only through a
+  gather counts a sector per gathered element);
 * a roofline time ``max(flops / (peak_flops · eff_dot), bytes / (peak_bw · eff_bw)) +
   launch`` per operation, summed.
 
@@ -58,14 +60,18 @@ class Chip:
     bandwidth: float  # HBM bytes/s
     hbm: float  # bytes
     source: str
+    # Bytes a gather reads per gathered element (a slice smaller than this still moves
+    # this much): the GPU memory system's 32-byte sector. None: the whole gathered-from
+    # operand (how XLA:TPU lays a gather out is not modelled, so it is charged in full).
+    gather_sector: float | None = None
 
 
 CHIPS = {
     "gpu:NVIDIA H100 80GB HBM3": Chip(
-        "H100 SXM", 989.4e12, 494.7e12, 3.35e12, 80e9, "NVIDIA H100 datasheet (SXM5)"
+        "H100 SXM", 989.4e12, 494.7e12, 3.35e12, 80e9, "NVIDIA H100 datasheet (SXM5)", 32
     ),
     "gpu:NVIDIA H200 141GB HBM3e": Chip(
-        "H200 SXM", 989.4e12, 494.7e12, 4.8e12, 141e9, "NVIDIA H200 datasheet (SXM)"
+        "H200 SXM", 989.4e12, 494.7e12, 4.8e12, 141e9, "NVIDIA H200 datasheet (SXM)", 32
     ),
     "tpu:v5e:1x1": Chip("TPU v5e", 197e12, 197e12, 819e9, 16e9, "cloud.google.com/tpu/docs/v5e"),
     "tpu:v5p:1x1x1": Chip("TPU v5p", 459e12, 459e12, 2765e9, 95e9, "cloud.google.com/tpu/docs/v5p"),
@@ -296,18 +302,22 @@ def _read_bytes(
     full: float,
     aliased: frozenset = frozenset(),
     depth: int = 0,
+    sector: float | None = None,
 ) -> float:
     """Bytes of parameter ``pname`` (``full`` bytes) that ``fused`` reads: the slices it
-    takes if it is used only through (dynamic-)slices, bitcasts and nested fusions that do
-    the same, nothing where it is updated in place, else all of it."""
+    takes if it is used only through (dynamic-)slices, gathers (with a ``sector``: each
+    gathered element at least ``sector`` bytes), bitcasts and nested fusions that do the
+    same, nothing where it is updated in place, else all of it."""
     part = 0.0
     for u in (u for u in fused.instrs if pname in u.operands):
         if u.op in ("dynamic-slice", "slice") and u.operands[0] == pname:
             part += nbytes(u.type)
+        elif u.op == "gather" and u.operands[0] == pname and sector is not None:
+            part += _gathered_bytes(u, sector)
         elif u.op == "dynamic-update-slice" and u.operands[0] == pname and pname in aliased:
             continue
         elif u.op == "bitcast" and depth < 8:
-            part += _read_bytes(comps, fused, u.name, full, aliased, depth + 1)
+            part += _read_bytes(comps, fused, u.name, full, aliased, depth + 1, sector)
         elif u.op == "fusion" and depth < 8:
             inner = comps.get(next(iter(_called(u.attrs, "calls")), ""))
             if inner is None:
@@ -318,16 +328,29 @@ def _read_bytes(
                     part += (
                         full
                         if name is None
-                        else _read_bytes(comps, inner, name, full, frozenset(), depth + 1)
+                        else _read_bytes(comps, inner, name, full, frozenset(), depth + 1, sector)
                     )
         else:
             return full
     return min(part, full)
 
 
-def _fusion_bytes(comps: dict[str, Computation], comp: Computation, ins: Instr) -> float:
+def _gathered_bytes(gather: Instr, sector: float) -> float:
+    """What a gather moves: per slice, its bytes or one ``sector``, whichever is more."""
+    n_slices = math.prod(int(x) for x in _dims(gather.attrs, "slice_sizes")) or 1
+    out = shapes(gather.type)
+    elements = math.prod(out[0][1]) if out else 0
+    size = nbytes(gather.type) / max(elements, 1)  # bytes per element
+    slices = elements / n_slices
+    return slices * max(n_slices * size, sector)
+
+
+def _fusion_bytes(
+    comps: dict[str, Computation], comp: Computation, ins: Instr, sector: float | None = None
+) -> float:
     """HBM bytes of a fusion: operands read (a parameter used only through (dynamic-)
-    slices counts the slices) and outputs written (an in-place dynamic-update-slice of a
+    slices counts the slices, through gathers what :func:`_gathered_bytes` counts where
+    ``sector`` is given) and outputs written (an in-place dynamic-update-slice of a
     parameter counts the update and the buffer is not read)."""
     callee = next(iter(_called(ins.attrs, "calls")), None)
     fused = comps.get(callee) if callee else None
@@ -349,7 +372,9 @@ def _fusion_bytes(comps: dict[str, Computation], comp: Computation, ins: Instr) 
     total = out_bytes
     for pname, idx in params.items():
         if 0 <= idx < len(operand_bytes):
-            total += _read_bytes(comps, fused, pname, operand_bytes[idx], frozenset(aliased))
+            total += _read_bytes(
+                comps, fused, pname, operand_bytes[idx], frozenset(aliased), sector=sector
+            )
     return total
 
 
@@ -398,8 +423,10 @@ class Op:
         return max(compute, memory) + self.count * eff.launch_s
 
 
-def ops(hlo: str) -> list[Op]:
-    """Every launched operation of the program, loops unrolled into counts."""
+def ops(hlo: str, chip: Chip | None = None) -> list[Op]:
+    """Every launched operation of the program, loops unrolled into counts (``chip``: for
+    its :attr:`Chip.gather_sector`; None charges gathers their whole operand)."""
+    sector = chip.gather_sector if chip is not None else None
     comps, entry = parse(hlo)
     out: list[Op] = []
 
@@ -436,7 +463,7 @@ def ops(hlo: str) -> list[Op]:
             if ins.op in ("fusion", "fusion-start"):
                 for k, f in _inner_flops(comps, _called(ins.attrs, "calls")[0]).items():
                     setattr(rec, "flops" + k, f * times)
-                rec.bytes = _fusion_bytes(comps, comp, ins) * times
+                rec.bytes = _fusion_bytes(comps, comp, ins, sector) * times
             else:
                 if ins.op in ("dot", "convolution") or _is_gemm_call(ins):
                     f, k = dot_flops(comp, ins)
@@ -445,6 +472,8 @@ def ops(hlo: str) -> list[Op]:
                 in_bytes = [nbytes(comp.by_name[o].type) for o in ins.operands if o in comp.by_name]
                 if ins.op in ("dynamic-slice", "slice"):
                     in_bytes = [nbytes(ins.type)]
+                if ins.op == "gather" and sector is not None and in_bytes:
+                    in_bytes[0] = _gathered_bytes(ins, sector)
                 if ins.op == "dynamic-update-slice":  # in place: the update, read and written
                     upd = in_bytes[1] if len(in_bytes) > 1 else 0
                     rec.bytes = 2 * upd * times
@@ -477,7 +506,7 @@ class Estimate:
 def estimate(hlo: str, chip: Chip | str, eff: Efficiency = CALIBRATED) -> Estimate:
     """The modelled time of an HLO module on ``chip`` (a :data:`CHIPS` key or a Chip)."""
     chip = CHIPS[chip] if isinstance(chip, str) else chip
-    rows = ops(hlo)
+    rows = ops(hlo, chip)
     f16 = sum(o.flops16 for o in rows)
     f32 = sum(o.flops32 for o in rows)
     return Estimate(

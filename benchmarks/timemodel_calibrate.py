@@ -168,7 +168,7 @@ def fit(target, data):
     rows, prog, measured = [], [], []
     for (x, w), times in data.items():
         for kind in KINDS:
-            for o in timemodel.ops(hlo(target, x, w, kind, times["lse"])):
+            for o in timemodel.ops(hlo(target, x, w, kind, times["lse"]), chip):
                 rows.append(
                     (
                         o.flops16 / chip.flops16,

@@ -67,6 +67,24 @@ def test_roofline_of_one_matmul_by_hand():
     assert est.seconds == pytest.approx(2 * flops / 1e9 + 1e-3)
 
 
+def test_a_gather_of_one_element_per_row_moves_one_sector_per_row():
+    """take_along_axis of one float32 per row of an [R, C] array: with a 32-byte sector the
+    gather reads R sectors, not the R x C array; without one (TPUs) the whole array."""
+    r, c = 512, 4096
+
+    def pick(x, i):
+        return jnp.take_along_axis(x, i[:, None], axis=1)[:, 0] + 1.0
+
+    hlo = _hlo(pick, S((r, c), jnp.float32), S((r,), jnp.int32))
+    assert re.search(r"\bgather\(", hlo), "XLA:CPU spelled the gather differently"
+
+    def bytes_with(sector):
+        chip = timemodel.Chip("made up", 1e12, 1e12, 1e12, 1e9, "test", sector)
+        return timemodel.estimate(hlo, chip, timemodel.PEAK).bytes
+
+    assert bytes_with(None) - bytes_with(32) == r * c * 4 - r * 32
+
+
 def test_in_place_update_counts_the_update_not_the_buffer():
     """A loop writing row i of a [R, C] buffer: R updates of C floats, not R buffers."""
     r, c = 64, 4096
