@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce._backends import choose, spelled, xla_cpu, xla_gpu, xla_tpu
-from jaxce._compat import row_major
+from jaxce._compat import ONE_PASS_JVP, row_major
 from jaxce._options import compute_dtype
 from jaxce._rows import class_ids, softcap, softcap_slope, times_slope
 
@@ -416,6 +416,15 @@ def kernel_covers(hidden, kernel):
     return pallas_tpu.covers(hidden, kernel)
 
 
+def _running_sums(z, m, s):
+    """The running row max and shifted sum of exponentials after one chunk of logits ``z``
+    ``[N, w]``: ``m' = max(m, max_c z)`` and ``s e^{m - m'} + Σ_c e^{z - m'}`` (the shift
+    0 where ``m'`` is -inf). Two passes over the chunk: its max, then the sum."""
+    new_m = jnp.maximum(m, jnp.max(z, axis=1))
+    safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
+    return new_m, s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
+
+
 def chunk_stats(
     hidden,
     kernel,
@@ -474,6 +483,9 @@ def chunk_stats(
         top, arg = (top, arg) if opts.stats else (None, None)
         return lse, z_y, wz if with_wz else None, None, None, top, arg
 
+    one_pass = xla_gpu.running_sums if ONE_PASS_JVP else None
+    running_sums = spelled(_running_sums, {}, opts.implementation, xla_gpu=one_pass)
+
     def body(start, size, carry, hidden, kernel, probs):
         m, s, z_y, wz, tz, wt, top, arg, u = carry
         real = real_columns(start, size, n_real)
@@ -482,14 +494,16 @@ def chunk_stats(
         z = mask_columns(softcap(raw, opts.cap), real, -jnp.inf)
         if temperature is not None:
             z = z * (1 / temperature)
-        new_m = jnp.maximum(m, jnp.max(z, axis=1))
-        safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
-        e = jnp.exp(z - safe[:, None])
         if entropy:  # rescaled to the new shift: e^{z-m'} (m'-z) = e^{m-m'} e^{z-m} (m'-m + m-z)
+            new_m = jnp.maximum(m, jnp.max(z, axis=1))
+            safe = jnp.where(jnp.isneginf(new_m), jnp.zeros_like(new_m), new_m)
+            e = jnp.exp(z - safe[:, None])
             moved = jnp.where(s > 0, safe - m, jnp.zeros_like(s))
             gap = jnp.where(jnp.isneginf(z), jnp.zeros_like(z), safe[:, None] - z)
             u = jnp.exp(m - safe) * (u + moved * s) + jnp.sum(e * gap, axis=1)
-        s = s * jnp.exp(m - safe) + jnp.sum(e, axis=1)
+            s = s * jnp.exp(m - safe) + jnp.sum(e, axis=1)
+        else:
+            new_m, s = running_sums(z, m, s)
         if idx is not None:
             # A gather, not a masked sum over the chunk (as _rows.pick_class). Measured
             # (jax 0.12.0.1, libtpu 0.0.52; MiB of temporaries, gather / masked sum):

@@ -68,3 +68,11 @@ def struct_like(x: Any, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStr
     if vma:
         return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# jax >= 0.12: lax.reduce's generic JVP (a variadic reduction with a user combiner, as
+# _backends/xla_gpu.py's one-pass row statistics) takes a symbolic-zero tangent and, inside
+# shard_map, operands varying over mesh axes. jax 0.10.2 raises on both (a reshape of a
+# symbolic Zero; "eq requires varying manual axes to match" from the combiner's constant),
+# so there XLA:GPU keeps the portable two-pass statistics.
+ONE_PASS_JVP = jax.__version_info__ >= (0, 12)

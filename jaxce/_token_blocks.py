@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._backends import spelled, xla_cpu
+from jaxce._backends import spelled, xla_cpu, xla_gpu
 from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
-from jaxce._compat import cast_varying, row_major, varying_axes
+from jaxce._compat import ONE_PASS_JVP, cast_varying, row_major, varying_axes
 from jaxce._derivatives import is_present
 from jaxce._options import Options, checked_eps, checked_z, compute_dtype
 from jaxce._reduction import finish_loss, index_stats, undefined_mean
@@ -225,6 +225,22 @@ def _inner(grads, arrays, total, axis_name):
     return lax.psum(local, axis_name) if axis_name else local
 
 
+def _block_max(z, *, axis_name):
+    """The row max of a block's logits ``z`` ``[rows, V]``, over ``axis_name``'s devices
+    too, 0 where it is -inf (no derivative)."""
+    m = lax.stop_gradient(jnp.max(z, axis=1))
+    if axis_name is not None:
+        m = lax.pmax(m, axis_name)
+    return jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
+
+
+def _block_sums(z, *, axis_name):
+    """``(m, Σ_c e^{z - m})``: :func:`_block_max` and this device's sum of exponentials
+    shifted by it. Two passes over the block: its max, then the sum."""
+    m = _block_max(z, axis_name=axis_name)
+    return m, jnp.sum(jnp.exp(z - m[:, None]), axis=1)
+
+
 def _run(
     hidden, kernel, bias, weight, probs, coefs, idx, here, n_real, temperature, ent, opts, wanted
 ):  # fmt: skip
@@ -242,6 +258,11 @@ def _run(
     dims = (((1,), (0,)), ((), ()))
     inv = None if temperature is None else (1 / temperature).astype(dtype)
 
+    one_pass = xla_gpu.block_sums if ONE_PASS_JVP else None
+    block_sums = spelled(
+        _block_sums, {"axis_name": axis_name}, opts.implementation, xla_gpu=one_pass
+    )
+
     def body(start, size, carry, hidden, kernel, probs):
         held, total, stats, grads, extra = carry
         h = lax.dynamic_slice_in_dim(hidden, start, size, axis=0)
@@ -257,15 +278,14 @@ def _run(
         wt_c = None if t is None else (t if w is None else w * t)  # w_c t_c
 
         # Row statistics, combined across the axis before the softmax is formed.
-        m = lax.stop_gradient(jnp.max(z, axis=1))
-        if axis_name is not None:
-            m = lax.pmax(m, axis_name)
-        m = jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
-        e = jnp.exp(z - m[:, None])
-        partial_sums = {"s": jnp.sum(e, axis=1)}
-        if ent is not None:  # the entropy's log s + u / s: u = Σ e^{z - m} (m - z) >= 0
+        if ent is None:
+            m, local_s = block_sums(z)
+            partial_sums = {"s": local_s}
+        else:  # the entropy's log s + u / s: u = Σ e^{z - m} (m - z) >= 0
+            m = _block_max(z, axis_name=axis_name)
+            e = jnp.exp(z - m[:, None])
             gap = jnp.where(jnp.isneginf(z), jnp.zeros_like(z), m[:, None] - z)
-            partial_sums["u"] = jnp.sum(e * gap, axis=1)
+            partial_sums = {"s": jnp.sum(e, axis=1), "u": jnp.sum(e * gap, axis=1)}
         if idx is not None:
             # The target logit, picked with a gather (no [rows, V] mask is formed).
             i_b = lax.dynamic_slice_in_dim(idx, start, size)

@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cases import DENSE_IMPLEMENTATIONS, covering_grid, entry_points, weighted_sum
+from jax.sharding import PartitionSpec as P
 from reference import numpy_cross_entropy, plain_cross_entropy
 
 import jaxce
 import jaxce._chunked
 from jaxce._backends import AUTOMATIC, IMPLEMENTATIONS, default_implementation
 from jaxce._chunked import default_widths
+from jaxce._compat import ONE_PASS_JVP
 from parity.compare import ROUNDOFF
 from parity.grid import LAYOUTS, ce_inputs, rng_for
 
@@ -241,6 +243,59 @@ def test_chunk_loop_hold_is_chosen_at_lowering_for_cpu_and_tpu_only():
     for platform in ("cpu", "tpu"):
         assert barriers(None, platform) == barriers(f"xla_{platform}", platform) > 0
     assert barriers(None, "cuda") == barriers("xla", "cpu") == barriers("xla_gpu", "tpu") == 0
+
+
+def test_forward_chunk_sums_in_one_pass_chosen_at_lowering_for_cuda_only():
+    # XLA:GPU's forward chunk step reduces each chunk's logits to (max, shifted sum) pairs
+    # in one variadic reduction (jaxce/_backends/xla_gpu.py::running_sums); the portable
+    # step takes the max, then the sum.
+    target = jax.ShapeDtypeStruct((8,), jnp.int32)
+    variadic = re.compile(r"stablehlo\.reduce\(%\S+ init: %\S+\), \(%\S+ init: ")
+
+    def pairs(implementation, platform):
+        return len(variadic.findall(_fused_lowered(target, implementation, platform)))
+
+    assert pairs(None, "cpu") == pairs(None, "tpu") == pairs("xla", "cuda") == 0
+    # jax < 0.12 cannot differentiate the reduction (jaxce/_compat.py: ONE_PASS_JVP), so
+    # there the GPU keeps the portable step too.
+    if ONE_PASS_JVP:
+        assert pairs(None, "cuda") == pairs("xla_gpu", "cpu") > 0
+    else:
+        assert pairs(None, "cuda") == pairs("xla_gpu", "cpu") == 0
+
+
+RUNNING_SUMS = {
+    "finite": dict(),
+    "masked columns": dict(masked=slice(5, 9)),
+    "a fully masked chunk": dict(masked=slice(None)),
+    "first chunk (m = -inf)": dict(first=True),
+    "first chunk, fully masked": dict(first=True, masked=slice(None)),
+    "chunk far above the running max": dict(shift=80.0),
+    "chunk far below the running max": dict(shift=-80.0),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNNING_SUMS))
+def test_one_pass_running_sums_match_float64(case):
+    from jaxce._backends import xla_gpu
+    from jaxce._chunked import _running_sums
+
+    opts = RUNNING_SUMS[case]
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((6, 13)) * 3 + opts.get("shift", 0.0)
+    z[:, opts.get("masked", slice(0))] = -np.inf
+    m = np.full(6, -np.inf) if opts.get("first") else rng.standard_normal(6)
+    s = np.zeros(6) if opts.get("first") else rng.uniform(1, 5, 6)
+    z, m, s = (np.float32(a).astype(np.float64) for a in (z, m, s))  # the inputs, as run
+    # float64 reference: m' = max(m, max z); s e^{m - m'} + sum e^{z - m'} (shift 0 at -inf)
+    want_m = np.maximum(m, z.max(axis=1))
+    shift = np.where(np.isneginf(want_m), 0.0, want_m)
+    want_s = s * np.exp(m - shift) + np.exp(z - shift[:, None]).sum(axis=1)
+    args = [jnp.asarray(a, jnp.float32) for a in (z, m, s)]
+    for spelling in (_running_sums, xla_gpu.running_sums):
+        got_m, got_s = jax.jit(spelling)(*args)
+        np.testing.assert_array_equal(got_m, want_m.astype(np.float32))
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-6, atol=0)
 
 
 def test_chunk_logits_held_row_major_on_tpu_only():
@@ -465,3 +520,52 @@ def test_platform_chunk_widths_over_a_vocabulary_parallel_mesh(implementation, m
     # Each device's chunk blocks: 8 tokens by the width that ran.
     text = jax.jit(jax.value_and_grad(ours, (0, 1))).lower(h, k).as_text()
     assert f"tensor<8x{16 if implementation is None else 40}xf64>" in text
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_gpu"])
+@pytest.mark.parametrize("strategy", ["min_memory", "min_work"])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2)], ids=["one device", "2x2 mesh"])
+def test_one_pass_statistics_compute_the_float64_loss(implementation, strategy, mesh_shape):
+    # XLA:GPU's one-pass row statistics (xla_gpu.running_sums for min_memory's chunks,
+    # xla_gpu.block_sums for min_work's blocks, over the vocabulary axis on a mesh),
+    # executed here, against the float64 formula: smoothing, an ignored token, a class
+    # weight and, on the mesh, 201 classes over two devices (101 + 100: a padding column,
+    # whose logit is -inf, on the second).
+    rng = rng_for("one-pass statistics")
+    n, d, v = 16, 8, 201
+    h = jnp.asarray(rng.standard_normal((n, d)))
+    k = jnp.asarray(rng.standard_normal((d, v)) * 0.5)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, v))
+    y = rng.integers(0, v, n)
+    y[5] = -100
+    y = jnp.asarray(y)
+    options = dict(label_smoothing=0.1, strategy=strategy, chunk_size=32)
+    if strategy == "min_work":
+        options["block_size"] = 4
+
+    def ours(h, k):
+        if mesh_shape is None:
+            return jaxce.linear_cross_entropy(h, k, y, w, implementation=implementation, **options)
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(mesh_shape), ("b", "v"))
+        k = jax.lax.with_sharding_constraint(k, jax.sharding.NamedSharding(mesh, P(None, "v")))
+        return jaxce.sharded_linear_cross_entropy(
+            h, k, y, w, mesh=mesh, vocab_axis="v", batch_axis="b",
+            implementation=implementation, **options,
+        )  # fmt: skip
+
+    def reference(h, k):
+        return plain_cross_entropy(h @ k, y, w, label_smoothing=0.1)
+
+    value, grads = jax.jit(jax.value_and_grad(ours, (0, 1)))(h, k)
+    ref_value, ref_grads = jax.value_and_grad(reference, (0, 1))(h, k)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-13)
+    # Forward mode over the hidden states differentiates the statistics' loop itself
+    # (the one-pass reduction's own JVP under "xla_gpu").
+    tangent = jnp.asarray(rng.standard_normal((n, d)))
+
+    def hvp(loss):
+        return jax.jvp(lambda h: jax.grad(loss)(h, k), (h,), (tangent,))[1]
+
+    np.testing.assert_allclose(jax.jit(partial(hvp, ours))(), hvp(reference), rtol=1e-9, atol=1e-12)

@@ -37,7 +37,13 @@ platform runs (a GPU run's numerics on a CPU, say). Only the automatic choice is
 Derivatives are always the portable spelling's: each chosen spelling is a
 ``jax.custom_jvp`` whose rule differentiates the portable function (forward mode, and
 through it reverse mode and every higher order), so a spelling needs no derivative of its
-own and every implementation has identical derivative programs.
+own and every implementation has identical derivative programs. One exception: inside
+the fused loss's chunk and block loops the rule does not survive the loop's partial
+evaluation (``_chunked._spelled_loop``), so forward mode there differentiates the spelling
+itself. Those spellings are plain differentiable JAX of the same math (dots, layout
+identities, and XLA:GPU's one-pass row statistics, whose variadic reduction JAX
+differentiates through its combiner; ``tests/test_implementations.py`` checks their
+Hessian-vector products against float64).
 
 The passes a backend may respell (same arguments, same values, same output structure),
 the one list; each backend module says why, with its measurement:
@@ -57,6 +63,10 @@ pass (portable)                      what it computes                         re
                                      (portable: unchanged)
 ``_chunked._lay_out``                 a chunk's logits (portable: unchanged)   xla_tpu
 ``_token_blocks.add_kernel_grad``    min_work's ``dk += h.T @ dz`` per block  xla_cpu
+``_token_blocks._block_sums``        min_work's row max and shifted sum of    xla_gpu
+                                     exponentials per block
+``_chunked._running_sums``           a forward chunk's running max and        xla_gpu
+                                     shifted sum of exponentials
 ``_chunked.vocab_loop``'s width      the fused loss's default chunk width     xla_gpu, xla_tpu
                                      (``chunk_width``; not ``chunk_size=``)
 ``_chunked.grad_step``               a backward chunk's logits, ``dz``, and   pallas_tpu
