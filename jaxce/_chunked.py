@@ -425,6 +425,20 @@ def _running_sums(z, m, s):
     return new_m, s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
 
 
+def _target_logit(z, local, hit):
+    """The logit of each row's target in a chunk ``z`` ``[N, w]``: ``z[n, local[n]]`` where
+    ``hit`` (the target is in the chunk), else 0. A gather, not a masked sum over the
+    chunk (as _rows.pick_class). Measured (jax 0.12.0.1, libtpu 0.0.52; MiB of temporaries,
+    gather / masked sum, 256-column chunks): XLA:CPU materialises the masked sum (forward
+    at 16384 x 4096 x 131072 bf16: 18 / 32); TPU v5p then preferred the gather (forward 17
+    / 32, value_and_grad 267 / 273), v5e and v6e the masked sum (forward 0.2 / 0.2 on v5e,
+    17 / 0.2 on v6e; value_and_grad on v5e 273 / 257); the H100 does not care. At the TPUs'
+    own 1,024-column chunks every generation takes the masked sum
+    (``xla_tpu.chunk_target_logit``, with its measurement)."""
+    picked = jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[1] - 1)[:, None], axis=1)[:, 0]
+    return jnp.where(hit, picked, jnp.zeros_like(picked))
+
+
 def chunk_stats(
     hidden,
     kernel,
@@ -485,6 +499,9 @@ def chunk_stats(
 
     one_pass = xla_gpu.running_sums if ONE_PASS_JVP else None
     running_sums = spelled(_running_sums, {}, opts.implementation, xla_gpu=one_pass)
+    target_logit = spelled(
+        _target_logit, {}, opts.implementation, xla_tpu=xla_tpu.chunk_target_logit
+    )
 
     def body(start, size, carry, hidden, kernel, probs):
         m, s, z_y, wz, tz, wt, top, arg, u = carry
@@ -505,17 +522,9 @@ def chunk_stats(
         else:
             new_m, s = running_sums(z, m, s)
         if idx is not None:
-            # A gather, not a masked sum over the chunk (as _rows.pick_class). Measured
-            # (jax 0.12.0.1, libtpu 0.0.52; MiB of temporaries, gather / masked sum):
-            # XLA:CPU materialises the masked sum (forward at 16384 x 4096 x 131072 bf16:
-            # 18 / 32); TPU v5p prefers the gather (forward 17 / 32, value_and_grad 267 /
-            # 273), v5e and v6e the masked sum (forward 0.2 / 0.2 on v5e, 17 / 0.2 on v6e;
-            # value_and_grad on v5e 273 / 257); H100 does not care. One TPU spelling
-            # serves every generation: the gather stays the portable one.
             local = idx - start
             hit = here & (local >= 0) & (local < size)
-            picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
-            z_y = z_y + jnp.where(hit, picked, jnp.zeros_like(picked))
+            z_y = z_y + target_logit(z, local, hit)
         if with_wz:
             wz = wz + jnp.sum(mask_columns(weight_chunk(w, start, size) * z, real, 0), axis=1)
         if probs is not None:

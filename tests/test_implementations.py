@@ -522,12 +522,13 @@ def test_platform_chunk_widths_over_a_vocabulary_parallel_mesh(implementation, m
     assert f"tensor<8x{16 if implementation is None else 40}xf64>" in text
 
 
-@pytest.mark.parametrize("implementation", ["xla", "xla_gpu"])
+@pytest.mark.parametrize("implementation", ["xla", "xla_gpu", "xla_tpu"])
 @pytest.mark.parametrize("strategy", ["min_memory", "min_work"])
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2)], ids=["one device", "2x2 mesh"])
 def test_one_pass_statistics_compute_the_float64_loss(implementation, strategy, mesh_shape):
     # XLA:GPU's one-pass row statistics (xla_gpu.running_sums for min_memory's chunks,
-    # xla_gpu.block_sums for min_work's blocks, over the vocabulary axis on a mesh),
+    # xla_gpu.block_sums for min_work's blocks, over the vocabulary axis on a mesh) and
+    # the TPU's masked-sum target logit (xla_tpu.chunk_target_logit, min_memory's chunks),
     # executed here, against the float64 formula: smoothing, an ignored token, a class
     # weight and, on the mesh, 201 classes over two devices (101 + 100: a padding column,
     # whose logit is -inf, on the second).

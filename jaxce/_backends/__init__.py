@@ -67,6 +67,7 @@ pass (portable)                      what it computes                         re
                                      exponentials per block
 ``_chunked._running_sums``           a forward chunk's running max and        xla_gpu
                                      shifted sum of exponentials
+``_chunked._target_logit``           a forward chunk's target logit           xla_tpu
 ``_chunked.vocab_loop``'s width      the fused loss's default chunk width     xla_gpu, xla_tpu
                                      (``chunk_width``; not ``chunk_size=``)
 ``_chunked.grad_step``               a backward chunk's logits, ``dz``, and   pallas_tpu
