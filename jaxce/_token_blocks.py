@@ -44,8 +44,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce._backends import spelled, xla_cpu, xla_gpu
-from jaxce._chunked import chunk_classes, chunk_loop, chunks, mask_columns, real_columns
+from jaxce._backends import spelled, xla_cpu, xla_gpu, xla_tpu
+from jaxce._chunked import (
+    _target_logit,
+    chunk_classes,
+    chunk_loop,
+    chunks,
+    mask_columns,
+    real_columns,
+)
 from jaxce._compat import ONE_PASS_JVP, cast_varying, row_major, varying_axes
 from jaxce._derivatives import is_present
 from jaxce._options import Options, checked_eps, checked_z, compute_dtype
@@ -263,6 +270,10 @@ def _run(
         _block_sums, {"axis_name": axis_name}, opts.implementation, xla_gpu=one_pass
     )
 
+    target_logit = spelled(
+        _target_logit, {}, opts.implementation, xla_tpu=xla_tpu.chunk_target_logit
+    )
+
     def body(start, size, carry, hidden, kernel, probs):
         held, total, stats, grads, extra = carry
         h = lax.dynamic_slice_in_dim(hidden, start, size, axis=0)
@@ -287,11 +298,11 @@ def _run(
             gap = jnp.where(jnp.isneginf(z), jnp.zeros_like(z), m[:, None] - z)
             partial_sums = {"s": jnp.sum(e, axis=1), "u": jnp.sum(e * gap, axis=1)}
         if idx is not None:
-            # The target logit, picked with a gather (no [rows, V] mask is formed).
+            # The target logit: a gather (no [rows, V] mask is formed), on TPUs a masked sum
+            # fused into the Σ exp pass (jaxce/_backends/xla_tpu.py::chunk_target_logit).
             i_b = lax.dynamic_slice_in_dim(idx, start, size)
             hit = lax.dynamic_slice_in_dim(here, start, size)
-            picked = jnp.take_along_axis(z, i_b[:, None], axis=1)[:, 0]
-            partial_sums["zy"] = jnp.where(hit, picked, jnp.zeros_like(picked))
+            partial_sums["zy"] = target_logit(z, i_b, hit)
         if cb.wz is not None:
             partial_sums["wz"] = jnp.sum(z0 if w is None else w * z0, axis=1)
         if t is not None:

@@ -528,7 +528,7 @@ def test_platform_chunk_widths_over_a_vocabulary_parallel_mesh(implementation, m
 def test_one_pass_statistics_compute_the_float64_loss(implementation, strategy, mesh_shape):
     # XLA:GPU's one-pass row statistics (xla_gpu.running_sums for min_memory's chunks,
     # xla_gpu.block_sums for min_work's blocks, over the vocabulary axis on a mesh) and
-    # the TPU's masked-sum target logit (xla_tpu.chunk_target_logit, min_memory's chunks),
+    # the TPU's masked-sum target logit (xla_tpu.chunk_target_logit, chunks and blocks),
     # executed here, against the float64 formula: smoothing, an ignored token, a class
     # weight and, on the mesh, 201 classes over two devices (101 + 100: a padding column,
     # whose logit is -inf, on the second).

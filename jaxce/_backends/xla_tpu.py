@@ -71,7 +71,12 @@ def chunk_target_logit(z, local, hit):
     not know how the TPU lays a gather out) and temporaries, gather -> masked sum: v5p
     191.8 -> 184.8 ms (1.415x -> 1.36x the materialised loss), 329.2 -> 328.8 MiB; v6e
     140.1 -> 129.7 ms (1.76x -> 1.62x), 320.9 -> 320.7 MiB; v5e 432.0 -> 420.8 ms (1.39x ->
-    1.36x), 320.9 -> 320.8 MiB. The fused loss's TPU budgets (tests/test_budgets.py) hold.
+    1.36x), 320.9 -> 320.8 MiB. ``strategy="min_work"``'s blocks pick their target logit
+    with it too (``_token_blocks``), default 1,024-row blocks, float32 / 16-bit
+    accumulation: v5p 1.023x / 1.014x -> 0.998x / 0.989x, v6e 1.37x / 1.10x -> 1.30x /
+    1.03x, v5e 1.068x / 1.055x -> 1.032x / 1.019x, temporaries unchanged; 8192 x 2048 x
+    131072 f32: v5p 1.052x -> 1.003x, v6e 1.25x -> 1.148x, v5e 1.10x -> 1.03x. The fused
+    loss's TPU budgets (tests/test_budgets.py) hold.
     What the TPU really pays for the offloaded gather is not known here; the masked sum
     adds only vector work to a pass that is bound by reading the chunk. (With 256-column chunks, before the TPU's wide default, v5p
     preferred the gather: forward 17 / 32 MiB of temporaries.)
