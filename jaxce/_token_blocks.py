@@ -57,7 +57,7 @@ from jaxce._compat import ONE_PASS_JVP, cast_varying, row_major, varying_axes
 from jaxce._derivatives import is_present
 from jaxce._options import Options, checked_eps, checked_z, compute_dtype
 from jaxce._reduction import finish_loss, index_stats, undefined_mean
-from jaxce._rows import softcap, softcap_slope, times_slope
+from jaxce._rows import row_shift, softcap, softcap_slope, times_slope
 from jaxce._targets import batch_total, counted_sum
 
 # Why ``auto`` may keep ``min_memory``: the fused loss is chosen for its memory, so
@@ -236,9 +236,7 @@ def _block_max(z, *, axis_name):
     """The row max of a block's logits ``z`` ``[rows, V]``, over ``axis_name``'s devices
     too, 0 where it is -inf (no derivative)."""
     m = lax.stop_gradient(jnp.max(z, axis=1))
-    if axis_name is not None:
-        m = lax.pmax(m, axis_name)
-    return jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
+    return row_shift(m if axis_name is None else lax.pmax(m, axis_name), None)
 
 
 def _block_sums(z, *, axis_name):

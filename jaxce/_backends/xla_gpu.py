@@ -95,9 +95,7 @@ def block_sums(z, *, axis_name):
     n = z.shape[0]
     lowest = jnp.full((n,), -jnp.inf, z.dtype)
     local_m, local_s = running_sums(z, lowest, jnp.zeros((n,), z.dtype))
-    m = local_m if axis_name is None else lax.pmax(local_m, axis_name)
-    m = lax.stop_gradient(m)
-    shift = jnp.where(jnp.isneginf(m), jnp.zeros_like(m), m)
+    shift = _rows.row_shift(local_m if axis_name is None else lax.pmax(local_m, axis_name), None)
     if axis_name is not None:  # a device whose columns are all masked has local_s = 0
         local_s = local_s * jnp.exp(local_m - shift)
     return shift, local_s
